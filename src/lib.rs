@@ -1,0 +1,5 @@
+//! wick: train, fine-tune and run neural networks on candle, on CPU and CUDA.
+
+pub mod data;
+pub mod device;
+pub mod nn;
