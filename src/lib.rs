@@ -3,3 +3,7 @@
 pub mod data;
 pub mod device;
 pub mod nn;
+pub mod train;
+
+#[path = "../models/mod.rs"]
+pub mod models;

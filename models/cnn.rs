@@ -1,0 +1,143 @@
+//! Convolutional networks for images: LeNet-5 (LeCun et al. 1998, with ReLU and max pooling as
+//! it is trained today) and a configurable stack of conv → batch norm → ReLU → max-pool blocks.
+//! Tensor names follow the PyTorch modules of the same shape (`conv1`, `blocks.0.bn`, ...).
+
+use candle_core::{Result, Tensor};
+use candle_nn::{batch_norm, conv2d, conv2d_no_bias, linear, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, Module, ModuleT, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeNetConfig {
+    pub in_channels: usize,
+    /// Height = width of the input images (28 for MNIST).
+    pub image_size: usize,
+    pub num_classes: usize,
+}
+
+impl Default for LeNetConfig {
+    fn default() -> Self {
+        Self { in_channels: 1, image_size: 28, num_classes: 10 }
+    }
+}
+
+/// conv1 6@5×5 (padding 2) → pool → conv2 16@5×5 → pool → fc1 120 → fc2 84 → fc3 classes.
+pub struct LeNet5 {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+    fc3: Linear,
+}
+
+impl LeNet5 {
+    pub fn load(vb: VarBuilder, cfg: &LeNetConfig) -> Result<Self> {
+        let side = (cfg.image_size / 2).checked_sub(4).map(|s| s / 2).filter(|s| *s > 0);
+        let Some(side) = side else {
+            candle_core::bail!("LeNet-5 needs images of at least 12×12, got {}", cfg.image_size)
+        };
+        let padded = Conv2dConfig { padding: 2, ..Default::default() };
+        Ok(Self {
+            conv1: conv2d(cfg.in_channels, 6, 5, padded, vb.pp("conv1"))?,
+            conv2: conv2d(6, 16, 5, Default::default(), vb.pp("conv2"))?,
+            fc1: linear(16 * side * side, 120, vb.pp("fc1"))?,
+            fc2: linear(120, 84, vb.pp("fc2"))?,
+            fc3: linear(84, cfg.num_classes, vb.pp("fc3"))?,
+        })
+    }
+}
+
+impl ModuleT for LeNet5 {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let x = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
+        let x = self.conv2.forward(&x)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
+        let x = self.fc1.forward(&x)?.relu()?;
+        let x = self.fc2.forward(&x)?.relu()?;
+        self.fc3.forward(&x)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConvNetConfig {
+    pub in_channels: usize,
+    pub image_size: usize,
+    /// Output channels of each block; every block halves the image side.
+    pub channels: Vec<usize>,
+    pub kernel_size: usize,
+    pub batch_norm: bool,
+    /// Width of a hidden fully-connected layer before the classifier (`fc`), if any.
+    pub hidden: Option<usize>,
+    pub dropout: f64,
+    pub num_classes: usize,
+}
+
+impl Default for ConvNetConfig {
+    /// The MNIST network of the `train_mnist` example.
+    fn default() -> Self {
+        Self { in_channels: 1, image_size: 28, channels: vec![32, 64], kernel_size: 3, batch_norm: true, hidden: Some(128), dropout: 0.25, num_classes: 10 }
+    }
+}
+
+struct ConvBlock {
+    conv: Conv2d,
+    bn: Option<BatchNorm>,
+}
+
+pub struct ConvNet {
+    blocks: Vec<ConvBlock>,
+    fc: Option<Linear>,
+    head: Linear,
+    dropout: f64,
+}
+
+impl ConvNet {
+    pub fn load(vb: VarBuilder, cfg: &ConvNetConfig) -> Result<Self> {
+        if cfg.kernel_size % 2 == 0 {
+            candle_core::bail!("ConvNet kernel size must be odd (same padding), got {}", cfg.kernel_size)
+        }
+        let conv_cfg = Conv2dConfig { padding: cfg.kernel_size / 2, ..Default::default() };
+        let mut blocks = Vec::new();
+        let (mut c_in, mut side) = (cfg.in_channels, cfg.image_size);
+        for (i, &c_out) in cfg.channels.iter().enumerate() {
+            let vb = vb.pp(format!("blocks.{i}"));
+            // A bias before batch norm would be cancelled by its mean subtraction.
+            let block = if cfg.batch_norm {
+                let bn = batch_norm(c_out, BatchNormConfig { eps: 1e-5, momentum: 0.1, ..Default::default() }, vb.pp("bn"))?;
+                ConvBlock { conv: conv2d_no_bias(c_in, c_out, cfg.kernel_size, conv_cfg, vb.pp("conv"))?, bn: Some(bn) }
+            } else {
+                ConvBlock { conv: conv2d(c_in, c_out, cfg.kernel_size, conv_cfg, vb.pp("conv"))?, bn: None }
+            };
+            blocks.push(block);
+            c_in = c_out;
+            side /= 2;
+            if side == 0 {
+                candle_core::bail!("{} blocks pool a {}-pixel image away to nothing", cfg.channels.len(), cfg.image_size)
+            }
+        }
+        let flat = c_in * side * side;
+        let (fc, head_in) = match cfg.hidden {
+            Some(h) => (Some(linear(flat, h, vb.pp("fc"))?), h),
+            None => (None, flat),
+        };
+        Ok(Self { blocks, fc, head: linear(head_in, cfg.num_classes, vb.pp("head"))?, dropout: cfg.dropout })
+    }
+}
+
+impl ModuleT for ConvNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = block.conv.forward(&x)?;
+            if let Some(bn) = &block.bn {
+                x = bn.forward_t(&x, train)?;
+            }
+            x = x.relu()?.max_pool2d(2)?;
+        }
+        let mut x = x.flatten_from(1)?;
+        if let Some(fc) = &self.fc {
+            x = crate::nn::dropout(&x, self.dropout, train)?;
+            x = fc.forward(&x)?.relu()?;
+        }
+        x = crate::nn::dropout(&x, self.dropout, train)?;
+        self.head.forward(&x)
+    }
+}

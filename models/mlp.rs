@@ -1,0 +1,58 @@
+//! A multilayer perceptron: Linear layers `layers.0 .. layers.N` with an activation and dropout
+//! between them (none after the last), the layout of a PyTorch `nn.ModuleList` of `nn.Linear`.
+
+use super::Activation;
+use candle_core::{Result, Tensor};
+use candle_nn::{linear, Linear, Module, ModuleT, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    pub input: usize,
+    pub hidden: Vec<usize>,
+    pub output: usize,
+    #[serde(default)]
+    pub activation: Activation,
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+impl MlpConfig {
+    /// `input -> hidden... -> output` with ReLU and no dropout.
+    pub fn new(input: usize, hidden: &[usize], output: usize) -> Self {
+        Self { input, hidden: hidden.to_vec(), output, activation: Activation::Relu, dropout: 0.0 }
+    }
+}
+
+pub struct Mlp {
+    layers: Vec<Linear>,
+    activation: Activation,
+    dropout: f64,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, cfg: &MlpConfig) -> Result<Self> {
+        let widths: Vec<usize> = std::iter::once(cfg.input).chain(cfg.hidden.iter().copied()).chain([cfg.output]).collect();
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, activation: cfg.activation, dropout: cfg.dropout })
+    }
+}
+
+impl ModuleT for Mlp {
+    /// (batch, ...) is flattened to (batch, input); returns (batch, output) logits.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.flatten_from(1)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x)?;
+            if i + 1 < self.layers.len() {
+                x = self.activation.apply(&x)?;
+                x = crate::nn::dropout(&x, self.dropout, train)?;
+            }
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,262 @@
+//! Recurrent networks: multi-layer LSTM and GRU with PyTorch's `nn.LSTM`/`nn.GRU` weights
+//! (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, ..., gate order i,f,g,o for the
+//! LSTM and r,z,n for the GRU), batch-first; a character-level language model and a sequence
+//! classifier on top.
+//!
+//! The input projection of a whole layer is one matrix product over all time steps; only the
+//! recurrent product runs step by step.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Init, Linear, Module, ModuleT, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    Lstm,
+    Gru,
+}
+
+impl Cell {
+    fn gates(&self) -> usize {
+        match self {
+            Cell::Lstm => 4,
+            Cell::Gru => 3,
+        }
+    }
+}
+
+impl std::str::FromStr for Cell {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lstm" => Ok(Cell::Lstm),
+            "gru" => Ok(Cell::Gru),
+            other => anyhow::bail!("unknown cell {other:?}: expected lstm or gru"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RnnConfig {
+    pub cell: Cell,
+    pub input_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Dropout on the outputs of every layer but the last, in training (PyTorch's `dropout`).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+struct Layer {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+/// Final hidden state `h` (layers, batch, hidden), and for the LSTM the cell state `c`.
+#[derive(Clone, Debug)]
+pub struct RnnState {
+    pub h: Tensor,
+    pub c: Option<Tensor>,
+}
+
+pub struct Rnn {
+    cfg: RnnConfig,
+    layers: Vec<Layer>,
+}
+
+impl Rnn {
+    pub fn load(vb: VarBuilder, cfg: &RnnConfig) -> Result<Self> {
+        if cfg.num_layers == 0 || cfg.hidden_size == 0 {
+            candle_core::bail!("an RNN needs at least one layer and a hidden size above 0")
+        }
+        let (h, g) = (cfg.hidden_size, cfg.cell.gates());
+        // PyTorch's initialisation: U(-1/sqrt(hidden), 1/sqrt(hidden)) for every tensor.
+        let bound = 1.0 / (h as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let layers = (0..cfg.num_layers)
+            .map(|k| {
+                let input = if k == 0 { cfg.input_size } else { h };
+                Ok(Layer {
+                    w_ih: vb.get_with_hints((g * h, input), &format!("weight_ih_l{k}"), init)?,
+                    w_hh: vb.get_with_hints((g * h, h), &format!("weight_hh_l{k}"), init)?,
+                    b_ih: vb.get_with_hints(g * h, &format!("bias_ih_l{k}"), init)?,
+                    b_hh: vb.get_with_hints(g * h, &format!("bias_hh_l{k}"), init)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { cfg: cfg.clone(), layers })
+    }
+
+    pub fn config(&self) -> &RnnConfig {
+        &self.cfg
+    }
+
+    /// Runs `x` (batch, time, input) from `state` (zeros when `None`); returns the last layer's
+    /// outputs (batch, time, hidden) and the final state of every layer.
+    pub fn forward(&self, x: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
+        let (b, t, _) = x.dims3()?;
+        let hs = self.cfg.hidden_size;
+        let zeros = || Tensor::zeros((b, hs), x.dtype(), x.device());
+        let mut x = x.clone();
+        let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
+        for (k, layer) in self.layers.iter().enumerate() {
+            let mut h = match state {
+                Some(s) => s.h.get(k)?,
+                None => zeros()?,
+            };
+            let mut c = match (self.cfg.cell, state.and_then(|s| s.c.as_ref())) {
+                (Cell::Lstm, Some(c)) => Some(c.get(k)?),
+                (Cell::Lstm, None) => Some(zeros()?),
+                (Cell::Gru, _) => None,
+            };
+            // (time, batch, gates*hidden): each step's slice is contiguous.
+            let projected = x.transpose(0, 1)?.contiguous()?.broadcast_matmul(&layer.w_ih.t()?)?;
+            let projected = match self.cfg.cell {
+                Cell::Lstm => projected.broadcast_add(&(&layer.b_ih + &layer.b_hh)?)?,
+                Cell::Gru => projected.broadcast_add(&layer.b_ih)?,
+            };
+            let w_hh_t = layer.w_hh.t()?;
+            let mut outputs = Vec::with_capacity(t);
+            for step in 0..t {
+                let xw = projected.get(step)?;
+                let hw = h.matmul(&w_hh_t)?;
+                match self.cfg.cell {
+                    Cell::Lstm => {
+                        let gates = (xw + hw)?;
+                        let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hs)?)?;
+                        let f = candle_nn::ops::sigmoid(&gates.narrow(1, hs, hs)?)?;
+                        let g = gates.narrow(1, 2 * hs, hs)?.tanh()?;
+                        let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hs, hs)?)?;
+                        let c_next = ((f * c.as_ref().unwrap())? + (i * g)?)?;
+                        h = (o * c_next.tanh()?)?;
+                        c = Some(c_next);
+                    }
+                    Cell::Gru => {
+                        let hw = hw.broadcast_add(&layer.b_hh)?;
+                        let rz = candle_nn::ops::sigmoid(&(xw.narrow(1, 0, 2 * hs)? + hw.narrow(1, 0, 2 * hs)?)?)?;
+                        let (r, z) = (rz.narrow(1, 0, hs)?, rz.narrow(1, hs, hs)?);
+                        let n = (xw.narrow(1, 2 * hs, hs)? + (r * hw.narrow(1, 2 * hs, hs)?)?)?.tanh()?;
+                        // h' = (1 - z) * n + z * h = n + z * (h - n)
+                        h = (&n + (z * (h - &n)?)?)?;
+                    }
+                }
+                outputs.push(h.clone());
+            }
+            x = Tensor::stack(&outputs, 1)?;
+            if k + 1 < self.layers.len() {
+                x = crate::nn::dropout(&x, self.cfg.dropout, train)?;
+            }
+            h_n.push(h);
+            if let Some(c) = c {
+                c_n.push(c);
+            }
+        }
+        let c = if c_n.is_empty() { None } else { Some(Tensor::stack(&c_n, 0)?) };
+        Ok((x, RnnState { h: Tensor::stack(&h_n, 0)?, c }))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CharRnnConfig {
+    pub vocab_size: usize,
+    pub embedding_size: usize,
+    pub rnn: RnnConfig,
+    /// Dropout on the RNN's outputs before the head, in training.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+impl CharRnnConfig {
+    pub fn new(cell: Cell, vocab_size: usize, embedding_size: usize, hidden_size: usize, num_layers: usize) -> Self {
+        let rnn = RnnConfig { cell, input_size: embedding_size, hidden_size, num_layers, dropout: 0.0 };
+        Self { vocab_size, embedding_size, rnn, dropout: 0.0 }
+    }
+}
+
+/// `embedding` → `rnn` → `head`: next-character logits (batch, time, vocab).
+pub struct CharRnn {
+    embedding: Embedding,
+    rnn: Rnn,
+    head: Linear,
+    dropout: f64,
+}
+
+impl CharRnn {
+    pub fn load(vb: VarBuilder, cfg: &CharRnnConfig) -> Result<Self> {
+        Ok(Self {
+            embedding: embedding(cfg.vocab_size, cfg.embedding_size, vb.pp("embedding"))?,
+            rnn: Rnn::load(vb.pp("rnn"), &cfg.rnn)?,
+            head: linear(cfg.rnn.hidden_size, cfg.vocab_size, vb.pp("head"))?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// Logits for every position and the state to continue from (for sampling).
+    pub fn forward_with_state(&self, ids: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
+        let x = self.embedding.forward(ids)?;
+        let (out, state) = self.rnn.forward(&x, state, train)?;
+        let out = crate::nn::dropout(&out, self.dropout, train)?;
+        Ok((self.head.forward(&out)?, state))
+    }
+
+    /// Samples `len` characters after `prompt` (ids) with temperature `temperature`, drawing
+    /// from `rng`; returns the new ids.
+    pub fn sample(&self, prompt: &[u32], len: usize, temperature: f64, rng: &mut impl rand::Rng) -> anyhow::Result<Vec<u32>> {
+        if prompt.is_empty() {
+            anyhow::bail!("sampling needs a prompt of at least one character");
+        }
+        let device = self.head.weight().device();
+        let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
+        let (mut logits, mut state) = self.forward_with_state(&ids, None, false)?;
+        let mut out = Vec::with_capacity(len);
+        for _ in 0..len {
+            let last = logits.get(0)?.get(logits.dim(1)? - 1)?.to_dtype(DType::F32)?;
+            let next = if temperature <= 0.0 {
+                last.argmax(D::Minus1)?.to_scalar::<u32>()?
+            } else {
+                let probs = candle_nn::ops::softmax(&(last / temperature)?, D::Minus1)?.to_vec1::<f32>()?;
+                let dist = rand::distr::weighted::WeightedIndex::new(&probs)?;
+                rng.sample(dist) as u32
+            };
+            out.push(next);
+            let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
+            (logits, state) = self.forward_with_state(&ids, Some(&state), false)?;
+        }
+        Ok(out)
+    }
+}
+
+impl ModuleT for CharRnn {
+    fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_state(ids, None, train)?.0)
+    }
+}
+
+/// `embedding` → `rnn` → `head` on the last layer's final hidden state: class logits.
+pub struct RnnClassifier {
+    embedding: Embedding,
+    rnn: Rnn,
+    head: Linear,
+}
+
+impl RnnClassifier {
+    pub fn load(vb: VarBuilder, vocab_size: usize, rnn: &RnnConfig, num_classes: usize) -> Result<Self> {
+        Ok(Self {
+            embedding: embedding(vocab_size, rnn.input_size, vb.pp("embedding"))?,
+            rnn: Rnn::load(vb.pp("rnn"), rnn)?,
+            head: linear(rnn.hidden_size, num_classes, vb.pp("head"))?,
+        })
+    }
+}
+
+impl ModuleT for RnnClassifier {
+    fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.embedding.forward(ids)?;
+        let (_, state) = self.rnn.forward(&x, None, train)?;
+        let last = state.h.get(state.h.dim(0)? - 1)?;
+        self.head.forward(&last)
+    }
+}

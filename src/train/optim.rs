@@ -1,0 +1,327 @@
+//! Optimizers with state that can be saved and restored: SGD (momentum, weight decay) and
+//! AdamW (decoupled weight decay; Adam is AdamW with no decay). Updates follow
+//! `torch.optim.SGD` / `torch.optim.AdamW` step for step, and tests hold them to PyTorch's numbers.
+//!
+//! On the CPU with f32 parameters the update runs in place, in one pass per state tensor
+//! (candle's tensor ops would allocate a new tensor for each of a dozen elementwise steps,
+//! which costs more than the forward pass of a small model); elsewhere it uses candle ops.
+
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+use candle_nn::VarMap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// One trainable tensor, its checkpoint name, and whether weight decay applies to it.
+#[derive(Clone)]
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub decay: bool,
+}
+
+/// The usual exclusion from weight decay: biases and normalisation layers' scales and shifts.
+pub fn is_bias_or_norm(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.ends_with("bias") || n.ends_with(".beta") || n.ends_with(".gamma") || n.contains("layernorm")
+        || n.contains("layer_norm") || n.contains(".ln_") || n.starts_with("ln_") || n.contains(".bn.") || n.contains("norm.")
+}
+
+/// Buffers live in the VarMap beside parameters (batch-norm running statistics) but are not trained.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked")
+}
+
+/// Every trainable variable of `varmap`, sorted by name (a stable order for state files);
+/// `no_decay` picks the ones weight decay must skip.
+pub fn params(varmap: &VarMap, no_decay: impl Fn(&str) -> bool) -> Vec<Param> {
+    let data = varmap.data().lock().unwrap();
+    let mut out: Vec<Param> = data
+        .iter()
+        .filter(|(name, _)| !is_buffer(name))
+        .map(|(name, var)| Param { name: name.clone(), var: var.clone(), decay: !no_decay(name) })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    Sgd { momentum: f64, weight_decay: f64 },
+    AdamW { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+}
+
+impl OptimizerConfig {
+    pub fn sgd() -> Self {
+        Self::Sgd { momentum: 0.0, weight_decay: 0.0 }
+    }
+    /// PyTorch's `Adam` defaults (AdamW with no weight decay is the same update).
+    pub fn adam() -> Self {
+        Self::adamw(0.0)
+    }
+    pub fn adamw(weight_decay: f64) -> Self {
+        Self::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
+    pub fn build(&self, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
+        Ok(match *self {
+            Self::Sgd { momentum, weight_decay } => Box::new(Sgd::new(params, momentum, weight_decay)?),
+            Self::AdamW { beta1, beta2, eps, weight_decay } => Box::new(AdamW::new(params, beta1, beta2, eps, weight_decay)?),
+        })
+    }
+}
+
+pub trait Optimizer {
+    /// Applies one update with learning rate `lr`; `grads[i]` belongs to `params()[i]`, and a
+    /// parameter without a gradient is left alone.
+    fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()>;
+    fn params(&self) -> &[Param];
+    /// Named state tensors (for a safetensors file) and the number of steps taken.
+    fn state(&self) -> Vec<(String, Tensor)>;
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// Elementwise updates that run in place on contiguous f32 CPU storage.
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("in-place optimizer update needs contiguous f32 storage"),
+    }
+}
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("in-place optimizer update needs contiguous f32 storage"),
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+/// `dst = f(dst, a)` elementwise, in parallel chunks.
+struct Update2<F: Fn(f32, f32) -> f32 + Sync>(F);
+impl<F: Fn(f32, f32) -> f32 + Sync> candle_core::InplaceOp2 for Update2<F> {
+    fn name(&self) -> &'static str {
+        "optimizer-update2"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (dst, a) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
+        dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(d, a)| {
+            d.iter_mut().zip(a).for_each(|(d, &a)| *d = (self.0)(*d, a));
+        });
+        Ok(())
+    }
+}
+
+/// `dst = f(dst, a, b)` elementwise, in parallel chunks.
+struct Update3<F: Fn(f32, f32, f32) -> f32 + Sync>(F);
+impl<F: Fn(f32, f32, f32) -> f32 + Sync> candle_core::InplaceOp3 for Update3<F> {
+    fn name(&self) -> &'static str {
+        "optimizer-update3"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
+        let (dst, a, b) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((d, a), b)| {
+            for i in 0..d.len() {
+                d[i] = (self.0)(d[i], a[i], b[i]);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Whether this parameter can take the in-place CPU path.
+fn in_place(var: &Var) -> bool {
+    var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() && !force_generic()
+}
+
+/// Tests set this to check that the candle-ops path gives the same numbers.
+fn force_generic() -> bool {
+    std::env::var_os("WICK_GENERIC_OPTIM").is_some()
+}
+
+/// The gradients of `params` from a backward pass, in the same order.
+pub fn grads_of(params: &[Param], store: &GradStore) -> Vec<Option<Tensor>> {
+    params.iter().map(|p| store.get(p.var.as_tensor()).cloned()).collect()
+}
+
+fn grad_for(grads: &[Option<Tensor>], i: usize, p: &Param) -> Result<Option<Tensor>> {
+    match grads.get(i).and_then(Option::as_ref) {
+        None => Ok(None),
+        Some(g) if g.dims() != p.var.dims() => bail!("gradient of {} has shape {:?}, the parameter {:?}", p.name, g.dims(), p.var.dims()),
+        Some(g) => Ok(Some(g.to_dtype(p.var.dtype())?.contiguous()?)),
+    }
+}
+
+fn load_named(state: &HashMap<String, Tensor>, key: &str, like: &Var) -> Result<Tensor> {
+    let t = state.get(key).with_context(|| format!("optimizer state has no {key:?}"))?;
+    if t.dims() != like.dims() {
+        bail!("optimizer state {key:?} has shape {:?}, the parameter {:?}", t.dims(), like.dims());
+    }
+    Ok(t.to_device(like.device())?.to_dtype(like.dtype())?)
+}
+
+fn step_tensor(t: u64) -> Result<Tensor> {
+    Ok(Tensor::new(&[t as f64], &candle_core::Device::Cpu)?)
+}
+
+fn step_from(state: &HashMap<String, Tensor>) -> Result<u64> {
+    let t = state.get("step").context("optimizer state has no step count")?;
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0] as u64)
+}
+
+pub struct Sgd {
+    params: Vec<Param>,
+    momentum: f64,
+    weight_decay: f64,
+    buffers: Vec<Var>,
+}
+
+impl Sgd {
+    pub fn new(params: Vec<Param>, momentum: f64, weight_decay: f64) -> Result<Self> {
+        if momentum < 0.0 || weight_decay < 0.0 {
+            bail!("SGD momentum and weight decay must be non-negative");
+        }
+        let buffers = params.iter().map(|p| Var::zeros(p.var.shape(), p.var.dtype(), p.var.device())).collect::<candle_core::Result<_>>()?;
+        Ok(Self { params, momentum, weight_decay, buffers })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let (mu, wd) = (self.momentum, self.weight_decay);
+        for (i, (p, buf)) in self.params.iter().zip(&self.buffers).enumerate() {
+            let Some(g) = grad_for(grads, i, p)? else { continue };
+            let wd = if p.decay { wd } else { 0.0 };
+            if in_place(&p.var) {
+                let (lr, mu, wdf) = (lr as f32, mu as f32, wd as f32);
+                if mu == 0.0 {
+                    p.var.inplace_op2(&g, &Update2(move |w, g| w - lr * (g + wdf * w)))?;
+                } else {
+                    buf.inplace_op3(&g, &p.var, &Update3(move |b, g, w| mu * b + g + wdf * w))?;
+                    p.var.inplace_op2(buf, &Update2(move |w, b| w - lr * b))?;
+                }
+            } else {
+                let g = if wd > 0.0 { (g + (p.var.as_tensor() * wd)?)? } else { g };
+                let update = if mu == 0.0 {
+                    g
+                } else {
+                    buf.set(&((buf.as_tensor() * mu)? + g)?)?;
+                    buf.as_tensor().clone()
+                };
+                p.var.set(&(p.var.as_tensor() - (update * lr)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().zip(&self.buffers).map(|(p, b)| (format!("momentum.{}", p.name), b.as_tensor().copy().unwrap())).collect()
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for (p, b) in self.params.iter().zip(&self.buffers) {
+            b.set(&load_named(state, &format!("momentum.{}", p.name), &p.var)?)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct AdamW {
+    params: Vec<Param>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    /// First and second moment estimates, one pair per parameter.
+    moments: Vec<(Var, Var)>,
+    step_count: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<Param>, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
+            bail!("AdamW betas must be in [0, 1), got ({beta1}, {beta2})");
+        }
+        if eps <= 0.0 || weight_decay < 0.0 {
+            bail!("AdamW eps must be positive and weight decay non-negative");
+        }
+        let zeros = |p: &Param| Var::zeros(p.var.shape(), p.var.dtype(), p.var.device());
+        let moments = params.iter().map(|p| Ok((zeros(p)?, zeros(p)?))).collect::<candle_core::Result<_>>()?;
+        Ok(Self { params, beta1, beta2, eps, weight_decay, moments, step_count: 0 })
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_count += 1;
+        let t = self.step_count as i32;
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let bias1 = 1.0 - b1.powi(t);
+        let sqrt_bias2 = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        for (i, (p, (m, v))) in self.params.iter().zip(&self.moments).enumerate() {
+            let Some(g) = grad_for(grads, i, p)? else { continue };
+            let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
+            if in_place(&p.var) {
+                let (b1, b2, eps, decay, step_size, sqrt_bias2) = (b1 as f32, b2 as f32, eps as f32, decay as f32, step_size as f32, sqrt_bias2 as f32);
+                m.inplace_op2(&g, &Update2(move |m, g| b1 * m + (1.0 - b1) * g))?;
+                v.inplace_op2(&g, &Update2(move |v, g| b2 * v + (1.0 - b2) * g * g))?;
+                p.var.inplace_op3(m, v, &Update3(move |w, m, v| w * decay - step_size * m / (v.sqrt() / sqrt_bias2 + eps)))?;
+            } else {
+                m.set(&((m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?)?;
+                v.set(&((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?)?;
+                let denom = ((v.as_tensor().sqrt()? / sqrt_bias2)? + eps)?;
+                let w = (p.var.as_tensor() * decay)?;
+                p.var.set(&(w - ((m.as_tensor() / denom)? * step_size)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("step".to_string(), step_tensor(self.step_count).unwrap())];
+        for (p, (m, v)) in self.params.iter().zip(&self.moments) {
+            out.push((format!("exp_avg.{}", p.name), m.as_tensor().copy().unwrap()));
+            out.push((format!("exp_avg_sq.{}", p.name), v.as_tensor().copy().unwrap()));
+        }
+        out
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.step_count = step_from(state)?;
+        for (p, (m, v)) in self.params.iter().zip(&self.moments) {
+            m.set(&load_named(state, &format!("exp_avg.{}", p.name), &p.var)?)?;
+            v.set(&load_named(state, &format!("exp_avg_sq.{}", p.name), &p.var)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The global L2 norm of all gradients, and (when `max_norm` is given and exceeded) the
+/// gradients scaled by `max_norm / (norm + 1e-6)`, as `torch.nn.utils.clip_grad_norm_` does.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: Option<f64>) -> Result<f64> {
+    let squares = grads.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
+    }
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    if let Some(max) = max_norm {
+        let coef = max / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
