@@ -3,7 +3,8 @@
 //! Tensor names follow the PyTorch modules of the same shape (`conv1`, `blocks.0.bn`, ...).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{batch_norm, conv2d, conv2d_no_bias, linear, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, Module, ModuleT, VarBuilder};
+use crate::ops::conv::Conv2d;
+use candle_nn::{batch_norm, linear, BatchNorm, BatchNormConfig, Linear, Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,10 +36,9 @@ impl LeNet5 {
         let Some(side) = side else {
             candle_core::bail!("LeNet-5 needs images of at least 12×12, got {}", cfg.image_size)
         };
-        let padded = Conv2dConfig { padding: 2, ..Default::default() };
         Ok(Self {
-            conv1: conv2d(cfg.in_channels, 6, 5, padded, vb.pp("conv1"))?,
-            conv2: conv2d(6, 16, 5, Default::default(), vb.pp("conv2"))?,
+            conv1: Conv2d::load(vb.pp("conv1"), cfg.in_channels, 6, 5, 2, 1, true)?,
+            conv2: Conv2d::load(vb.pp("conv2"), 6, 16, 5, 0, 1, true)?,
             fc1: linear(16 * side * side, 120, vb.pp("fc1"))?,
             fc2: linear(120, 84, vb.pp("fc2"))?,
             fc3: linear(84, cfg.num_classes, vb.pp("fc3"))?,
@@ -94,7 +94,7 @@ impl ConvNet {
         if cfg.kernel_size % 2 == 0 {
             candle_core::bail!("ConvNet kernel size must be odd (same padding), got {}", cfg.kernel_size)
         }
-        let conv_cfg = Conv2dConfig { padding: cfg.kernel_size / 2, ..Default::default() };
+        let (k, pad) = (cfg.kernel_size, cfg.kernel_size / 2);
         let mut blocks = Vec::new();
         let (mut c_in, mut side) = (cfg.in_channels, cfg.image_size);
         for (i, &c_out) in cfg.channels.iter().enumerate() {
@@ -102,9 +102,9 @@ impl ConvNet {
             // A bias before batch norm would be cancelled by its mean subtraction.
             let block = if cfg.batch_norm {
                 let bn = batch_norm(c_out, BatchNormConfig { eps: 1e-5, momentum: 0.1, ..Default::default() }, vb.pp("bn"))?;
-                ConvBlock { conv: conv2d_no_bias(c_in, c_out, cfg.kernel_size, conv_cfg, vb.pp("conv"))?, bn: Some(bn) }
+                ConvBlock { conv: Conv2d::load(vb.pp("conv"), c_in, c_out, k, pad, 1, false)?, bn: Some(bn) }
             } else {
-                ConvBlock { conv: conv2d(c_in, c_out, cfg.kernel_size, conv_cfg, vb.pp("conv"))?, bn: None }
+                ConvBlock { conv: Conv2d::load(vb.pp("conv"), c_in, c_out, k, pad, 1, true)?, bn: None }
             };
             blocks.push(block);
             c_in = c_out;

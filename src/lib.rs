@@ -1,8 +1,10 @@
 //! wick: train, fine-tune and run neural networks on candle, on CPU and CUDA.
 
+pub mod cli;
 pub mod data;
 pub mod device;
 pub mod nn;
+pub mod ops;
 pub mod train;
 
 #[path = "../models/mod.rs"]

@@ -1,0 +1,210 @@
+//! 2-D convolution for training on the CPU as im2col + one matrix product.
+//!
+//! candle's own CPU conv2d is fine forwards, but its backward pass goes through a direct
+//! `conv_transpose2d` loop that is several times slower than the forward. Here the patches are
+//! unfolded by [`Im2Col`] (whose backward is the matching fold, [`Col2Im`]) and the product runs
+//! in candle's GEMM, so the backward pass is two GEMMs and a fold. Other devices use candle's
+//! conv2d, which has real kernels there.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    channels: usize,
+    h: usize,
+    w: usize,
+    k_h: usize,
+    k_w: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Geometry {
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.k_h) / self.stride + 1
+    }
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.k_w) / self.stride + 1
+    }
+    fn rows(&self) -> usize {
+        self.channels * self.k_h * self.k_w
+    }
+    /// For every (kernel row i, output row oh), the input row read, or None in the padding.
+    fn source(&self, i: usize, o: usize, size: usize) -> Option<usize> {
+        (o * self.stride + i).checked_sub(self.padding).filter(|&r| r < size)
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what} needs contiguous f32 input"),
+    }
+}
+
+/// (batch, C, H, W) → (batch, C·kh·kw, out_h·out_w): each column holds one output pixel's patch.
+struct Im2Col(Geometry);
+/// The adjoint of [`Im2Col`]: sums every column entry back into the pixel it was read from.
+struct Col2Im(Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "wick-im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(s, l, "im2col")?;
+        let batch = l.dims()[0];
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut cols = vec![0f32; batch * g.rows() * oh * ow];
+        // One task per (image, channel): it owns kh·kw consecutive rows of the output.
+        cols.par_chunks_mut(g.k_h * g.k_w * oh * ow).enumerate().for_each(|(bc, out)| {
+            let img = &x[bc * g.h * g.w..(bc + 1) * g.h * g.w];
+            for i in 0..g.k_h {
+                for j in 0..g.k_w {
+                    let row = &mut out[(i * g.k_w + j) * oh * ow..][..oh * ow];
+                    for y in 0..oh {
+                        let Some(sy) = g.source(i, y, g.h) else { continue };
+                        for xo in 0..ow {
+                            if let Some(sx) = g.source(j, xo, g.w) {
+                                row[y * ow + xo] = img[sy * g.w + sx];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(cols), Shape::from((batch, g.rows(), oh * ow))))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "wick-col2im"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = contiguous_f32(s, l, "col2im")?;
+        let batch = l.dims()[0];
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut x = vec![0f32; batch * g.channels * g.h * g.w];
+        x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(bc, img)| {
+            let src = &cols[bc * g.k_h * g.k_w * oh * ow..];
+            for i in 0..g.k_h {
+                for j in 0..g.k_w {
+                    let row = &src[(i * g.k_w + j) * oh * ow..][..oh * ow];
+                    for y in 0..oh {
+                        let Some(sy) = g.source(i, y, g.h) else { continue };
+                        for xo in 0..ow {
+                            if let Some(sx) = g.source(j, xo, g.w) {
+                                img[sy * g.w + sx] += row[y * ow + xo];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(x), Shape::from((batch, g.channels, g.h, g.w))))
+    }
+}
+
+/// Convolution of `x` (batch, C, H, W) with `kernel` (O, C, kh, kw), plus an optional bias (O),
+/// with equal padding on every side and a stride. Differentiable in all its inputs.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let out = if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let (batch, channels, h, w) = x.dims4()?;
+        let (o, c, k_h, k_w) = kernel.dims4()?;
+        if c != channels {
+            candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {c}")
+        }
+        if h + 2 * padding < k_h || w + 2 * padding < k_w || stride == 0 {
+            candle_core::bail!("conv2d: a {k_h}×{k_w} kernel does not fit a {h}×{w} input with padding {padding}")
+        }
+        let g = Geometry { channels, h, w, k_h, k_w, padding, stride };
+        let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
+        let y = kernel.reshape((o, g.rows()))?.broadcast_matmul(&cols)?;
+        y.reshape((batch, o, g.out_h(), g.out_w()))?
+    } else {
+        x.conv2d(kernel, padding, stride, 1, 1)?
+    };
+    match bias {
+        Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
+/// A conv layer with candle-nn's `Conv2d` parameter names (`weight`, `bias`) and our conv2d.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out), with PyTorch's default init.
+    pub fn load(vb: candle_nn::VarBuilder, c_in: usize, c_out: usize, k: usize, padding: usize, stride: usize, bias: bool) -> Result<Self> {
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?;
+        let bias = if bias { Some(vb.get_with_hints(c_out, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?) } else { None };
+        Ok(Self { weight, bias, padding, stride })
+    }
+}
+
+impl candle_nn::Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn matches_candle_conv2d_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c, h, w, o, k, pad, stride) in [(3, 9, 7, 4, 3, 1, 1), (2, 8, 8, 5, 5, 2, 1), (6, 5, 5, 2, 5, 0, 1)] {
+            let x = Var::randn(0f32, 1.0, (2, c, h, w), &dev)?;
+            let k_ = Var::randn(0f32, 1.0, (o, c, k, k), &dev)?;
+            let b = Var::randn(0f32, 1.0, o, &dev)?;
+            let ours = conv2d(&x, &k_, Some(&b), pad, stride)?;
+            let theirs = x.conv2d(&k_, pad, stride, 1, 1)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(max_diff(&ours, &theirs) < 1e-4);
+            let probe = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
+            let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+            let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &k_, &b] {
+                let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(d < 1e-3, "grad diff {d} for shape {:?}", v.dims());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fold_is_the_adjoint_of_unfold_with_stride() -> Result<()> {
+        // <im2col(x), c> == <x, col2im(c)> for any x, c: what makes col2im the right gradient.
+        let dev = Device::Cpu;
+        let g = Geometry { channels: 2, h: 10, w: 11, k_h: 3, k_w: 3, padding: 1, stride: 2 };
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 10, 11), &dev)?;
+        let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
+        let c = Tensor::randn(0f32, 1.0, cols.shape(), &dev)?;
+        let lhs = (&cols * &c)?.sum_all()?.to_scalar::<f32>()?;
+        let rhs = (&x * c.apply_op1_no_bwd(&Col2Im(g))?)?.sum_all()?.to_scalar::<f32>()?;
+        assert!((lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        assert_eq!(cols.dims(), &[2, 18, 5 * 6]);
+        Ok(())
+    }
+}

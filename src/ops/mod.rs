@@ -1,0 +1,3 @@
+//! Custom operations with CPU implementations of our own (and, with `--features cuda`, kernels).
+
+pub mod conv;
