@@ -7,7 +7,7 @@ use anyhow::Result;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::DType;
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use wick::models::cnn::{ConvNet, ConvNetConfig, LeNet5, LeNetConfig};
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
         None => mnist.train,
     };
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.common.seed);
     let config = TrainerConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,

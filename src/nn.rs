@@ -1,6 +1,8 @@
 //! Layers and losses that candle lacks, or has only in forms that cut the autograd graph.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Shape, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+use std::sync::Mutex;
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 
@@ -88,6 +90,69 @@ pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1()
 }
 
+/// A `VarBuilder` over `varmap` whose new variables are drawn from a generator seeded with
+/// `seed` (candle's own initialisers use an unseedable CPU generator), so the same seed gives the
+/// same initial model. Variables already in the map are returned as they are.
+pub fn var_builder(varmap: &VarMap, dtype: DType, device: &Device, seed: u64) -> VarBuilder<'static> {
+    let backend = SeededVarMap { varmap: varmap.clone(), rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)) };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+struct SeededVarMap {
+    varmap: VarMap,
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl SeededVarMap {
+    fn sample(&self, init: Init, shape: &Shape) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let mut rng = self.rng.lock().unwrap();
+        let uniform = |rng: &mut rand::rngs::StdRng, lo: f64, up: f64| -> Vec<f32> { (0..n).map(|_| rng.random_range(lo..=up) as f32).collect() };
+        let normal = |rng: &mut rand::rngs::StdRng, mean: f64, std: f64| -> Result<Vec<f32>> {
+            let d = rand_distr::Normal::new(mean, std).map_err(|e| candle_core::Error::Msg(format!("bad init: {e}")))?;
+            Ok((0..n).map(|_| rng.sample(d) as f32).collect())
+        };
+        let values = match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform { lo, up } => uniform(&mut rng, lo, up),
+            Init::Randn { mean, stdev } => normal(&mut rng, mean, stdev)?,
+            Init::Kaiming { dist, fan, non_linearity } => {
+                let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+                match dist {
+                    candle_nn::init::NormalOrUniform::Uniform => uniform(&mut rng, -(3f64.sqrt()) * std, 3f64.sqrt() * std),
+                    candle_nn::init::NormalOrUniform::Normal => normal(&mut rng, 0.0, std)?,
+                }
+            }
+        };
+        Tensor::from_vec(values, shape, &Device::Cpu)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
+    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
+        if let Some(var) = self.varmap.data().lock().unwrap().get(name) {
+            if var.shape() != &shape {
+                candle_core::bail!("variable {name} has shape {:?}, asked for {shape:?}", var.dims())
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let var = Var::from_tensor(&self.sample(init, &shape)?.to_dtype(dtype)?.to_device(device)?)?;
+        self.varmap.data().lock().unwrap().insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self.varmap.data().lock().unwrap().get(name) {
+            Some(v) => v.as_tensor().to_dtype(dtype)?.to_device(device),
+            None => candle_core::bail!("no variable named {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.data().lock().unwrap().contains_key(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +200,22 @@ mod tests {
         for v in [&x, &w, &b] {
             assert!(grads.get(v).is_some());
         }
+        Ok(())
+    }
+
+    #[test]
+    fn seeded_var_builder_is_reproducible() -> Result<()> {
+        let make = |seed| -> Result<Vec<f32>> {
+            let vm = VarMap::new();
+            let vb = var_builder(&vm, DType::F32, &Device::Cpu, seed);
+            let l = candle_nn::linear(4, 3, vb.pp("l"))?;
+            let again = vb.pp("l").get((3, 4), "weight")?;
+            assert_eq!(again.flatten_all()?.to_vec1::<f32>()?, l.weight().flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(vm.all_vars().len(), 2);
+            l.weight().flatten_all()?.to_vec1()
+        };
+        assert_eq!(make(1)?, make(1)?);
+        assert_ne!(make(1)?, make(2)?);
         Ok(())
     }
 }

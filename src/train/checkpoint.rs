@@ -45,11 +45,16 @@ pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
 /// mismatch is an error naming the tensor.
 pub fn load_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
     let tensors = read_safetensors(path, &Device::Cpu)?;
+    set_varmap(varmap, &tensors).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Sets every variable of `varmap` from `tensors` (by name), converting device and dtype.
+pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let data = varmap.data().lock().unwrap();
     for (name, var) in data.iter() {
-        let t = tensors.get(name).with_context(|| format!("{} has no tensor {name:?}", path.display()))?;
+        let t = tensors.get(name).with_context(|| format!("no tensor {name:?}"))?;
         if t.dims() != var.dims() {
-            bail!("{}: tensor {name:?} has shape {:?}, the model expects {:?}", path.display(), t.dims(), var.dims());
+            bail!("tensor {name:?} has shape {:?}, the model expects {:?}", t.dims(), var.dims());
         }
         var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }

@@ -136,9 +136,21 @@ fn in_place(var: &Var) -> bool {
     var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() && !force_generic()
 }
 
-/// Tests set this to check that the candle-ops path gives the same numbers.
+thread_local! {
+    static GENERIC_UPDATES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the in-place CPU path turned off on this thread, so tests can check that the
+/// candle-ops path (the one other devices take) gives the same numbers.
+pub fn with_generic_updates<T>(f: impl FnOnce() -> T) -> T {
+    GENERIC_UPDATES.with(|g| g.set(true));
+    let out = f();
+    GENERIC_UPDATES.with(|g| g.set(false));
+    out
+}
+
 fn force_generic() -> bool {
-    std::env::var_os("WICK_GENERIC_OPTIM").is_some()
+    GENERIC_UPDATES.with(|g| g.get())
 }
 
 /// The gradients of `params` from a backward pass, in the same order.

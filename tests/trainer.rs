@@ -1,0 +1,182 @@
+//! The shared training loop: it learns, it resumes exactly, it stops cleanly on bad losses.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use wick::data::TensorDataset;
+use wick::models::mlp::{Mlp, MlpConfig};
+use wick::train::tasks::Classifier;
+use wick::train::{checkpoint, optim, MetricGoal, OptimizerConfig, Schedule, TrainReport, Trainer, TrainerConfig};
+
+/// Two Gaussian blobs per class in 8 dimensions, 4 classes: learnable, not trivial.
+fn blobs(n: usize, seed: u64) -> Result<TensorDataset> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut xs = Vec::with_capacity(n * 8);
+    let mut ys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let class = rng.random_range(0..4u32);
+        for d in 0..8 {
+            let center = if d % 4 == class as usize { 2.0 } else { 0.0 };
+            xs.push(center + rng.random::<f32>() * 2.0 - 1.0);
+        }
+        ys.push(class);
+    }
+    Ok(TensorDataset::new(Tensor::from_vec(xs, (n, 8), &Device::Cpu)?, Tensor::from_vec(ys, n, &Device::Cpu)?)?)
+}
+
+fn model(varmap: &VarMap, dropout: f64) -> Result<Classifier<Mlp>> {
+    let device = wick::device::test_device()?;
+    let vb = wick::nn::var_builder(varmap, DType::F32, &device, 0);
+    let cfg = MlpConfig { dropout, ..MlpConfig::new(8, &[32, 16], 4) };
+    Ok(Classifier { net: Mlp::load(vb, &cfg)?, num_classes: 4 })
+}
+
+fn train(config: TrainerConfig, dropout: f64, data: &TensorDataset, eval: Option<&TensorDataset>) -> Result<(TrainReport, VarMap)> {
+    let varmap = VarMap::new();
+    let m = model(&varmap, dropout)?;
+    let opt = OptimizerConfig::adamw(0.01).build(optim::params(&varmap, optim::is_bias_or_norm))?;
+    let mut trainer = Trainer::new(TrainerConfig { progress: false, ..config }, varmap.clone(), opt, wick::device::test_device()?);
+    Ok((trainer.fit(&m, data, eval)?, varmap))
+}
+
+#[test]
+fn learns_a_synthetic_task() -> Result<()> {
+    let (data, eval) = (blobs(512, 1)?, blobs(256, 2)?);
+    let cfg = TrainerConfig { epochs: 8, batch_size: 32, lr: 1e-2, schedule: Schedule::LinearWarmup { warmup: 10 }, ..Default::default() };
+    let (report, _) = train(cfg, 0.1, &data, Some(&eval))?;
+    let first = report.train_losses[0].1;
+    let m = report.last_eval().unwrap();
+    assert!(first > 1.2, "initial loss {first} should be near ln 4");
+    assert!(m["loss"] < 0.25, "eval loss {} after training", m["loss"]);
+    assert!(m["accuracy"] > 0.93, "eval accuracy {}", m["accuracy"]);
+    assert_eq!(report.steps, 8 * 16);
+    assert_eq!(report.evals.len(), 8);
+    Ok(())
+}
+
+#[test]
+fn resume_continues_the_same_loss_curve() -> Result<()> {
+    let data = blobs(200, 3)?;
+    let base = TrainerConfig {
+        epochs: 3,
+        batch_size: 16,
+        grad_accum: 2,
+        lr: 5e-3,
+        max_grad_norm: Some(1.0),
+        schedule: Schedule::CosineWarmup { warmup: 3, min_ratio: 0.1 },
+        seed: 11,
+        ..Default::default()
+    };
+    let full_dir = tempfile::tempdir()?;
+    let (full, full_vars) = train(TrainerConfig { output_dir: Some(full_dir.path().into()), ..base.clone() }, 0.2, &data, None)?;
+
+    // Interrupted in the middle of epoch 2 (steps per epoch: 13 batches / 2 = 7), then resumed.
+    let dir = tempfile::tempdir()?;
+    let first_cfg = TrainerConfig { output_dir: Some(dir.path().into()), halt_at_step: Some(9), ..base.clone() };
+    let (first, _) = train(first_cfg, 0.2, &data, None)?;
+    assert!(first.halted);
+    assert_eq!(first.steps, 9);
+    let (second, resumed_vars) = train(TrainerConfig { output_dir: Some(dir.path().into()), resume: true, ..base }, 0.2, &data, None)?;
+    assert_eq!(second.resumed_from, Some(9));
+    let stitched: Vec<(usize, f64)> = first.train_losses.iter().chain(&second.train_losses).copied().collect();
+    assert_eq!(stitched, full.train_losses, "resumed losses differ from the uninterrupted run");
+    let (a, b) = (checkpoint::varmap_tensors(&full_vars)?, checkpoint::varmap_tensors(&resumed_vars)?);
+    for (name, t) in &a {
+        let diff = (t - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name} differs after resume");
+    }
+    // The metrics log holds one curve: each step once.
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl"))?;
+    let steps: Vec<u64> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "log steps {steps:?}");
+    assert!(dir.path().join("loss_curve.svg").is_file());
+    Ok(())
+}
+
+#[test]
+fn gradient_accumulation_equals_one_big_batch() -> Result<()> {
+    let data = blobs(64, 4)?;
+    let base = TrainerConfig { epochs: 1, max_steps: Some(3), lr: 1e-2, seed: 5, ..Default::default() };
+    let (big, vars_big) = train(TrainerConfig { batch_size: 16, ..base.clone() }, 0.0, &data, None)?;
+    let (small, vars_small) = train(TrainerConfig { batch_size: 4, grad_accum: 4, ..base }, 0.0, &data, None)?;
+    for ((_, a), (_, b)) in big.train_losses.iter().zip(&small.train_losses) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let (a, b) = (checkpoint::varmap_tensors(&vars_big)?, checkpoint::varmap_tensors(&vars_small)?);
+    for (name, t) in &a {
+        let diff = (t - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+    Ok(())
+}
+
+#[test]
+fn nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint() -> Result<()> {
+    let data = blobs(64, 5)?;
+    // A learning rate of 1e30 sends the weights to ~1e30 in one step: the next loss overflows.
+    let dir = tempfile::tempdir()?;
+    let cfg = TrainerConfig { epochs: 2, batch_size: 8, lr: 1e30, save_every: Some(1), keep_last: 1, output_dir: Some(dir.path().into()), ..Default::default() };
+    let err = train(cfg, 0.0, &data, None).err().expect("a NaN loss must stop training").to_string();
+    assert!(err.contains("loss is") && err.contains("at step 2"), "{err}");
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let (step, last) = checkpoint::list(dir.path())?.pop().expect("a checkpoint before the NaN");
+    assert!(err.contains(&format!("step {}", step + 1)), "{err} / checkpoint {step}");
+    assert_eq!(step, 1);
+    // The checkpoint is whole and loads.
+    let varmap = VarMap::new();
+    let _m = model(&varmap, 0.0)?;
+    checkpoint::load_varmap(&varmap, &last.join("model.safetensors"))?;
+    Ok(())
+}
+
+#[test]
+fn keeps_the_last_k_and_the_best_checkpoint_and_stops_early() -> Result<()> {
+    let (data, eval) = (blobs(64, 6)?, blobs(32, 7)?);
+    let dir = tempfile::tempdir()?;
+    // A learning rate this small changes nothing measurable: the first evaluation stays best.
+    let cfg = TrainerConfig {
+        epochs: 20,
+        batch_size: 16,
+        lr: 1e-12,
+        goal: Some(MetricGoal::minimize("loss")),
+        early_stopping_patience: Some(3),
+        eval_every: Some(2),
+        eval_each_epoch: false,
+        save_every: Some(1),
+        keep_last: 2,
+        output_dir: Some(dir.path().into()),
+        ..Default::default()
+    };
+    let (report, _) = train(cfg, 0.0, &data, Some(&eval))?;
+    assert!(report.stopped_early);
+    let steps: Vec<usize> = checkpoint::list(dir.path())?.into_iter().map(|(s, _)| s).collect();
+    let best = report.best.unwrap().0;
+    assert!(steps.contains(&best), "best step {best} not kept: {steps:?}");
+    assert!(steps.len() <= 3, "{steps:?}");
+    assert!(report.best_checkpoint.is_some());
+    // No temporary folders are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty());
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() -> Result<()> {
+    let data = blobs(16, 8)?;
+    let empty = data.take(0)?;
+    let err = train(TrainerConfig::default(), 0.0, &empty, None).err().unwrap().to_string();
+    assert!(err.contains("empty"), "{err}");
+    let err = train(TrainerConfig { lr: f64::NAN, ..Default::default() }, 0.0, &data, None).err().unwrap().to_string();
+    assert!(err.contains("learning rate"), "{err}");
+    let err = train(TrainerConfig { resume: true, ..Default::default() }, 0.0, &data, None).err().unwrap().to_string();
+    assert!(err.contains("output directory"), "{err}");
+    // A corrupt checkpoint is a clear error on resume.
+    let dir = tempfile::tempdir()?;
+    train(TrainerConfig { output_dir: Some(dir.path().into()), ..Default::default() }, 0.0, &data, None)?;
+    let (_, last) = checkpoint::list(dir.path())?.pop().unwrap();
+    std::fs::write(last.join("model.safetensors"), b"not a safetensors file")?;
+    let err = format!("{:#}", train(TrainerConfig { output_dir: Some(dir.path().into()), resume: true, ..Default::default() }, 0.0, &data, None).err().unwrap());
+    assert!(err.contains("model.safetensors"), "{err}");
+    Ok(())
+}
