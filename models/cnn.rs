@@ -1,8 +1,10 @@
 //! Convolutional networks for images: LeNet-5 (LeCun et al. 1998, with ReLU and max pooling as
 //! it is trained today) and a configurable stack of conv → batch norm → ReLU → max-pool blocks.
 //! Tensor names follow the PyTorch modules of the same shape (`conv1`, `blocks.0.bn`, ...).
+//! Pooling is `wick::nn::max_pool2d`: candle's has a wrong gradient.
 
 use candle_core::{Result, Tensor};
+use crate::nn::max_pool2d;
 use crate::ops::conv::Conv2d;
 use candle_nn::{batch_norm, linear, BatchNorm, BatchNormConfig, Linear, Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -48,8 +50,8 @@ impl LeNet5 {
 
 impl ModuleT for LeNet5 {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let x = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
-        let x = self.conv2.forward(&x)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
+        let x = max_pool2d(&self.conv1.forward(x)?.relu()?, 2)?;
+        let x = max_pool2d(&self.conv2.forward(&x)?.relu()?, 2)?.flatten_from(1)?;
         let x = self.fc1.forward(&x)?.relu()?;
         let x = self.fc2.forward(&x)?.relu()?;
         self.fc3.forward(&x)
@@ -130,7 +132,7 @@ impl ModuleT for ConvNet {
             if let Some(bn) = &block.bn {
                 x = bn.forward_t(&x, train)?;
             }
-            x = x.relu()?.max_pool2d(2)?;
+            x = max_pool2d(&x.relu()?, 2)?;
         }
         let mut x = x.flatten_from(1)?;
         if let Some(fc) = &self.fc {

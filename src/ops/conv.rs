@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn matches_candle_conv2d_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        for (c, h, w, o, k, pad, stride) in [(3, 9, 7, 4, 3, 1, 1), (2, 8, 8, 5, 5, 2, 1), (6, 5, 5, 2, 5, 0, 1)] {
+        for (c, h, w, o, k, pad, stride) in [(3, 9, 7, 4, 3, 1, 1), (2, 8, 8, 5, 5, 2, 1), (6, 5, 5, 2, 5, 0, 1), (1, 12, 12, 4, 3, 1, 1), (1, 28, 28, 6, 5, 2, 1), (6, 14, 14, 16, 5, 0, 1), (4, 6, 6, 8, 3, 1, 1)] {
             let x = Var::randn(0f32, 1.0, (2, c, h, w), &dev)?;
             let k_ = Var::randn(0f32, 1.0, (o, c, k, k), &dev)?;
             let b = Var::randn(0f32, 1.0, o, &dev)?;
@@ -190,6 +190,21 @@ mod tests {
                 assert!(d < 1e-3, "grad diff {d} for shape {:?}", v.dims());
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn kernel_gradient_with_an_untracked_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 12, 12), &dev)?;
+        let k_ = Var::randn(0f32, 1.0, (4, 1, 3, 3), &dev)?;
+        let ours = conv2d(&x, &k_, None, 1, 1)?;
+        let theirs = x.conv2d(&k_, 1, 1, 1, 1)?;
+        let probe = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
+        let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+        let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+        let d = max_diff(g1.get(&k_).unwrap(), g2.get(&k_).unwrap());
+        assert!(d < 1e-3, "grad diff {d}");
         Ok(())
     }
 
