@@ -4,9 +4,9 @@
 //! Pooling is `wick::nn::max_pool2d`: candle's has a wrong gradient.
 
 use candle_core::{Result, Tensor};
-use crate::nn::max_pool2d;
+use crate::nn::{max_pool2d, BatchNorm2d};
 use crate::ops::conv::Conv2d;
-use candle_nn::{batch_norm, linear, BatchNorm, BatchNormConfig, Linear, Module, ModuleT, VarBuilder};
+use candle_nn::{linear, Linear, Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ impl Default for ConvNetConfig {
 
 struct ConvBlock {
     conv: Conv2d,
-    bn: Option<BatchNorm>,
+    bn: Option<BatchNorm2d>,
 }
 
 pub struct ConvNet {
@@ -103,7 +103,7 @@ impl ConvNet {
             let vb = vb.pp(format!("blocks.{i}"));
             // A bias before batch norm would be cancelled by its mean subtraction.
             let block = if cfg.batch_norm {
-                let bn = batch_norm(c_out, BatchNormConfig { eps: 1e-5, momentum: 0.1, ..Default::default() }, vb.pp("bn"))?;
+                let bn = BatchNorm2d::load(vb.pp("bn"), c_out, 1e-5, 0.1)?;
                 ConvBlock { conv: Conv2d::load(vb.pp("conv"), c_in, c_out, k, pad, 1, false)?, bn: Some(bn) }
             } else {
                 ConvBlock { conv: Conv2d::load(vb.pp("conv"), c_in, c_out, k, pad, 1, true)?, bn: None }

@@ -99,6 +99,63 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     x.reshape((b, c, oh, k, ow, k))?.max(5)?.max(3)
 }
 
+/// Batch normalisation over (batch, H, W) for (batch, C, H, W) inputs, as PyTorch's
+/// `BatchNorm2d`: batch statistics in training (biased variance to normalise, unbiased for the
+/// running update), running statistics in evaluation. Statistics are computed in f32 whatever
+/// the input's dtype (candle-nn's version fails in f16/bf16 training).
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// `weight`, `bias`, `running_mean`, `running_var`: PyTorch's names.
+    pub fn load(vb: VarBuilder, channels: usize, eps: f64, momentum: f64) -> Result<Self> {
+        let get = |name: &str, value: f64| vb.get_with_hints(channels, name, Init::Const(value));
+        Ok(Self {
+            weight: get("weight", 1.0)?,
+            bias: get("bias", 0.0)?,
+            running_mean: Var::from_tensor(&get("running_mean", 0.0)?)?,
+            running_var: Var::from_tensor(&get("running_var", 1.0)?)?,
+            eps,
+            momentum,
+        })
+    }
+}
+
+impl candle_nn::ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let per_channel = (1, c, 1, 1);
+        let (centered, var) = if train {
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+            let n = (b * h * w) as f64;
+            let m = self.momentum;
+            let update = |running: &Var, batch: Tensor| -> Result<()> {
+                let old = running.as_tensor().to_dtype(DType::F32)?;
+                running.set(&((old * (1.0 - m))? + (batch.detach().flatten_all()? * m)?)?.to_dtype(running.dtype())?)
+            };
+            update(&self.running_mean, mean)?;
+            update(&self.running_var, (&var * (n / (n - 1.0).max(1.0)))?)?;
+            (centered, var)
+        } else {
+            let mean = self.running_mean.as_tensor().to_dtype(DType::F32)?.reshape(per_channel)?;
+            let var = self.running_var.as_tensor().to_dtype(DType::F32)?.reshape(per_channel)?;
+            (x.broadcast_sub(&mean)?, var)
+        };
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight.reshape(per_channel)?)?.broadcast_add(&self.bias.reshape(per_channel)?)
+    }
+}
+
 /// Indices of the largest value along the last dimension, as u32 on the CPU.
 pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1()
