@@ -3,8 +3,6 @@
 //! LSTM and r,z,n for the GRU), batch-first; a character-level language model and a sequence
 //! classifier on top.
 //!
-//! The input projection of a whole layer is one matrix product over all time steps; only the
-//! recurrent product runs step by step.
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Init, Linear, Module, ModuleT, VarBuilder};
@@ -97,10 +95,22 @@ impl Rnn {
     /// Runs `x` (batch, time, input) from `state` (zeros when `None`); returns the last layer's
     /// outputs (batch, time, hidden) and the final state of every layer.
     pub fn forward(&self, x: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
-        let (b, t, _) = x.dims3()?;
+        let steps = (0..x.dim(1)?).map(|t| x.narrow(1, t, 1)?.squeeze(1)).collect::<Result<Vec<_>>>()?;
+        let (outputs, state) = self.forward_steps(steps, state, train)?;
+        Ok((Tensor::stack(&outputs, 1)?, state))
+    }
+
+    /// The same on a sequence given as one (batch, input) tensor per time step.
+    ///
+    /// Time steps stay separate tensors all the way through: candle's backward pass of a slice
+    /// materialises a gradient the size of the whole sliced tensor, so slicing one (time, ...)
+    /// tensor per step would cost O(time²) memory traffic in the backward pass.
+    pub fn forward_steps(&self, inputs: Vec<Tensor>, state: Option<&RnnState>, train: bool) -> Result<(Vec<Tensor>, RnnState)> {
+        let Some(first) = inputs.first() else { candle_core::bail!("an RNN needs at least one time step") };
+        let (b, dtype, device) = (first.dim(0)?, first.dtype(), first.device().clone());
         let hs = self.cfg.hidden_size;
-        let zeros = || Tensor::zeros((b, hs), x.dtype(), x.device());
-        let mut x = x.clone();
+        let zeros = || Tensor::zeros((b, hs), dtype, &device);
+        let mut xs = inputs;
         let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
         for (k, layer) in self.layers.iter().enumerate() {
             let mut h = match state {
@@ -112,20 +122,18 @@ impl Rnn {
                 (Cell::Lstm, None) => Some(zeros()?),
                 (Cell::Gru, _) => None,
             };
-            // (time, batch, gates*hidden): each step's slice is contiguous.
-            let projected = x.transpose(0, 1)?.contiguous()?.broadcast_matmul(&layer.w_ih.t()?)?;
-            let projected = match self.cfg.cell {
-                Cell::Lstm => projected.broadcast_add(&(&layer.b_ih + &layer.b_hh)?)?,
-                Cell::Gru => projected.broadcast_add(&layer.b_ih)?,
+            let (w_ih_t, w_hh_t) = (layer.w_ih.t()?, layer.w_hh.t()?);
+            let lstm_bias = match self.cfg.cell {
+                Cell::Lstm => Some((&layer.b_ih + &layer.b_hh)?),
+                Cell::Gru => None,
             };
-            let w_hh_t = layer.w_hh.t()?;
-            let mut outputs = Vec::with_capacity(t);
-            for step in 0..t {
-                let xw = projected.get(step)?;
+            let mut outputs = Vec::with_capacity(xs.len());
+            for x in &xs {
+                let xw = x.matmul(&w_ih_t)?;
                 let hw = h.matmul(&w_hh_t)?;
                 match self.cfg.cell {
                     Cell::Lstm => {
-                        let gates = (xw + hw)?;
+                        let gates = (xw + hw)?.broadcast_add(lstm_bias.as_ref().unwrap())?;
                         let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hs)?)?;
                         let f = candle_nn::ops::sigmoid(&gates.narrow(1, hs, hs)?)?;
                         let g = gates.narrow(1, 2 * hs, hs)?.tanh()?;
@@ -135,6 +143,7 @@ impl Rnn {
                         c = Some(c_next);
                     }
                     Cell::Gru => {
+                        let xw = xw.broadcast_add(&layer.b_ih)?;
                         let hw = hw.broadcast_add(&layer.b_hh)?;
                         let rz = candle_nn::ops::sigmoid(&(xw.narrow(1, 0, 2 * hs)? + hw.narrow(1, 0, 2 * hs)?)?)?;
                         let (r, z) = (rz.narrow(1, 0, hs)?, rz.narrow(1, hs, hs)?);
@@ -145,18 +154,23 @@ impl Rnn {
                 }
                 outputs.push(h.clone());
             }
-            x = Tensor::stack(&outputs, 1)?;
             if k + 1 < self.layers.len() {
-                x = crate::nn::dropout(&x, self.cfg.dropout, train)?;
+                outputs = outputs.iter().map(|o| crate::nn::dropout(o, self.cfg.dropout, train)).collect::<Result<_>>()?;
             }
+            xs = outputs;
             h_n.push(h);
             if let Some(c) = c {
                 c_n.push(c);
             }
         }
         let c = if c_n.is_empty() { None } else { Some(Tensor::stack(&c_n, 0)?) };
-        Ok((x, RnnState { h: Tensor::stack(&h_n, 0)?, c }))
+        Ok((xs, RnnState { h: Tensor::stack(&h_n, 0)?, c }))
     }
+}
+
+/// One embedding lookup per time step of `ids` (batch, time): see [`Rnn::forward_steps`].
+fn embed_steps(embedding: &Embedding, ids: &Tensor) -> Result<Vec<Tensor>> {
+    (0..ids.dim(1)?).map(|t| embedding.forward(&ids.narrow(1, t, 1)?.squeeze(1)?)).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,9 +210,8 @@ impl CharRnn {
 
     /// Logits for every position and the state to continue from (for sampling).
     pub fn forward_with_state(&self, ids: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
-        let x = self.embedding.forward(ids)?;
-        let (out, state) = self.rnn.forward(&x, state, train)?;
-        let out = crate::nn::dropout(&out, self.dropout, train)?;
+        let (steps, state) = self.rnn.forward_steps(embed_steps(&self.embedding, ids)?, state, train)?;
+        let out = crate::nn::dropout(&Tensor::stack(&steps, 1)?, self.dropout, train)?;
         Ok((self.head.forward(&out)?, state))
     }
 
@@ -254,8 +267,7 @@ impl RnnClassifier {
 
 impl ModuleT for RnnClassifier {
     fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.embedding.forward(ids)?;
-        let (_, state) = self.rnn.forward(&x, None, train)?;
+        let (_, state) = self.rnn.forward_steps(embed_steps(&self.embedding, ids)?, None, train)?;
         let last = state.h.get(state.h.dim(0)? - 1)?;
         self.head.forward(&last)
     }
