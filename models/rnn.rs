@@ -134,12 +134,8 @@ impl Rnn {
                 match self.cfg.cell {
                     Cell::Lstm => {
                         let gates = (xw + hw)?.broadcast_add(lstm_bias.as_ref().unwrap())?;
-                        let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hs)?)?;
-                        let f = candle_nn::ops::sigmoid(&gates.narrow(1, hs, hs)?)?;
-                        let g = gates.narrow(1, 2 * hs, hs)?.tanh()?;
-                        let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hs, hs)?)?;
-                        let c_next = ((f * c.as_ref().unwrap())? + (i * g)?)?;
-                        h = (o * c_next.tanh()?)?;
+                        let (h_next, c_next) = crate::ops::lstm::lstm_cell(&gates, c.as_ref().unwrap())?;
+                        h = h_next;
                         c = Some(c_next);
                     }
                     Cell::Gru => {
