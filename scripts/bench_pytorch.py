@@ -38,38 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# MLP / LeNet are shared with the fixture generator (importing it has no side effects).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                os.pardir, "tests", "fixtures"))
+from make_fixtures import LeNet, MLP  # noqa: E402
+
 MIN_STEPS = 10
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(784, 512), nn.Linear(512, 256), nn.Linear(256, 10)])
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i + 1 < len(self.layers):
-                x = F.relu(x)
-        return x
-
-
-class LeNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(400, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.flatten(1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class CharLSTM(nn.Module):
@@ -88,7 +62,7 @@ def make_workload(name, device):
     """Returns (model, optimizer, inputs, targets, batch_size, loss_fn)."""
     g = torch.Generator().manual_seed(0)
     if name == "mlp":
-        model, bs = MLP(), 128
+        model, bs = MLP((784, 512, 256, 10)), 128
         x = torch.randn(bs, 784, generator=g)
         y = torch.randint(0, 10, (bs,), generator=g)
         lr = 1e-3

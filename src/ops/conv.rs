@@ -36,17 +36,36 @@ impl Geometry {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what} needs contiguous f32 input"),
+/// (batch, C, H, W) → (batch·out_h·out_w, C·kh·kw): row `n` holds the patch output pixel `n` reads.
+/// Patch-major rows make the convolution one tall matrix product for the whole batch, and its
+/// kernel gradient one product with a long inner dimension: both shapes GEMM runs well, where
+/// per-image products with `out_channels` rows (6 for LeNet's first layer) do not.
+struct Im2Col(Geometry);
+/// The adjoint of [`Im2Col`]: sums every patch entry back into the pixel it was read from.
+struct Col2Im(Geometry);
+
+impl Geometry {
+    /// Calls `f(patch index, pixel index)` for every patch entry of one image that reads a real
+    /// pixel (not padding); both indices are relative to that image.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
+        let (oh, ow, rows) = (self.out_h(), self.out_w(), self.rows());
+        for y in 0..oh {
+            for x in 0..ow {
+                let patch = (y * ow + x) * rows;
+                for c in 0..self.channels {
+                    for i in 0..self.k_h {
+                        let Some(sy) = self.source(i, y, self.h) else { continue };
+                        for j in 0..self.k_w {
+                            if let Some(sx) = self.source(j, x, self.w) {
+                                f(patch + (c * self.k_h + i) * self.k_w + j, (c * self.h + sy) * self.w + sx);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
-
-/// (batch, C, H, W) → (batch, C·kh·kw, out_h·out_w): each column holds one output pixel's patch.
-struct Im2Col(Geometry);
-/// The adjoint of [`Im2Col`]: sums every column entry back into the pixel it was read from.
-struct Col2Im(Geometry);
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
@@ -54,28 +73,16 @@ impl CustomOp1 for Im2Col {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = contiguous_f32(s, l, "im2col")?;
+        let x = super::cpu_f32(s, l, "im2col")?;
         let batch = l.dims()[0];
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let mut cols = vec![0f32; batch * g.rows() * oh * ow];
-        // One task per (image, channel): it owns kh·kw consecutive rows of the output.
-        cols.par_chunks_mut(g.k_h * g.k_w * oh * ow).enumerate().for_each(|(bc, out)| {
-            let img = &x[bc * g.h * g.w..(bc + 1) * g.h * g.w];
-            for i in 0..g.k_h {
-                for j in 0..g.k_w {
-                    let row = &mut out[(i * g.k_w + j) * oh * ow..][..oh * ow];
-                    for y in 0..oh {
-                        let Some(sy) = g.source(i, y, g.h) else { continue };
-                        for xo in 0..ow {
-                            if let Some(sx) = g.source(j, xo, g.w) {
-                                row[y * ow + xo] = img[sy * g.w + sx];
-                            }
-                        }
-                    }
-                }
-            }
+        let pixels = g.out_h() * g.out_w();
+        let mut cols = vec![0f32; batch * pixels * g.rows()];
+        let image = g.channels * g.h * g.w;
+        cols.par_chunks_mut(pixels * g.rows()).enumerate().for_each(|(b, out)| {
+            let img = &x[b * image..(b + 1) * image];
+            g.for_each_tap(|dst, src| out[dst] = img[src]);
         });
-        Ok((CpuStorage::F32(cols), Shape::from((batch, g.rows(), oh * ow))))
+        Ok((CpuStorage::F32(cols), Shape::from((batch * pixels, g.rows()))))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
@@ -88,25 +95,14 @@ impl CustomOp1 for Col2Im {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let cols = contiguous_f32(s, l, "col2im")?;
-        let batch = l.dims()[0];
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let mut x = vec![0f32; batch * g.channels * g.h * g.w];
-        x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(bc, img)| {
-            let src = &cols[bc * g.k_h * g.k_w * oh * ow..];
-            for i in 0..g.k_h {
-                for j in 0..g.k_w {
-                    let row = &src[(i * g.k_w + j) * oh * ow..][..oh * ow];
-                    for y in 0..oh {
-                        let Some(sy) = g.source(i, y, g.h) else { continue };
-                        for xo in 0..ow {
-                            if let Some(sx) = g.source(j, xo, g.w) {
-                                img[sy * g.w + sx] += row[y * ow + xo];
-                            }
-                        }
-                    }
-                }
-            }
+        let cols = super::cpu_f32(s, l, "col2im")?;
+        let per_image = g.out_h() * g.out_w() * g.rows();
+        let batch = l.dims()[0] * l.dims()[1] / per_image;
+        let image = g.channels * g.h * g.w;
+        let mut x = vec![0f32; batch * image];
+        x.par_chunks_mut(image).enumerate().for_each(|(b, img)| {
+            let src = &cols[b * per_image..(b + 1) * per_image];
+            g.for_each_tap(|from, to| img[to] += src[from]);
         });
         Ok((CpuStorage::F32(x), Shape::from((batch, g.channels, g.h, g.w))))
     }
@@ -126,8 +122,8 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, padding: usize
         }
         let g = Geometry { channels, h, w, k_h, k_w, padding, stride };
         let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
-        let y = kernel.reshape((o, g.rows()))?.broadcast_matmul(&cols)?;
-        y.reshape((batch, o, g.out_h(), g.out_w()))?
+        let y = cols.matmul(&kernel.reshape((o, g.rows()))?.t()?)?; // (batch·pixels, O)
+        y.reshape((batch, g.out_h() * g.out_w(), o))?.transpose(1, 2)?.reshape((batch, o, g.out_h(), g.out_w()))?
     } else {
         x.conv2d(kernel, padding, stride, 1, 1)?
     };
@@ -219,7 +215,7 @@ mod tests {
         let lhs = (&cols * &c)?.sum_all()?.to_scalar::<f32>()?;
         let rhs = (&x * c.apply_op1_no_bwd(&Col2Im(g))?)?.sum_all()?.to_scalar::<f32>()?;
         assert!((lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
-        assert_eq!(cols.dims(), &[2, 18, 5 * 6]);
+        assert_eq!(cols.dims(), &[2 * 5 * 6, 18]);
         Ok(())
     }
 }

@@ -13,10 +13,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("lstm cell needs contiguous f32 tensors"),
-    }
+    super::cpu_f32(s, l, "lstm cell")
 }
 
 /// (gates (B, 4H), c_prev (B, H)) → (B, 2H) holding [h | c].

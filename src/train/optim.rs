@@ -85,16 +85,10 @@ pub trait Optimizer {
 
 /// Elementwise updates that run in place on contiguous f32 CPU storage.
 fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("in-place optimizer update needs contiguous f32 storage"),
-    }
+    crate::ops::cpu_f32_mut(s, l, "in-place optimizer update")
 }
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("in-place optimizer update needs contiguous f32 storage"),
-    }
+    crate::ops::cpu_f32(s, l, "in-place optimizer update")
 }
 
 const CHUNK: usize = 1 << 14;
