@@ -5,6 +5,10 @@
 //! that backwards; at char-RNN sizes (batch 32, hidden 256) each op costs more in dispatch and
 //! allocation than in arithmetic. Here it is one pass forwards and one backwards (CPU, f32);
 //! other devices and dtypes use the candle-ops formulation, [`lstm_cell_ops`].
+//!
+//! The forward pass keeps the activated gates and tanh(c) beside h and c (B × 7H), so the
+//! backward pass is arithmetic only: the transcendental functions (libm's tanhf above all) were
+//! the largest cost of the cell when the backward pass recomputed them.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -12,13 +16,19 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// tanh through one `exp` (libm's `tanhf` is several times slower); exact to ~1e-7 absolute,
+/// and ±1 without overflow trouble at the extremes (exp → ∞ or 0).
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * x).exp() + 1.0)
+}
+
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     super::cpu_f32(s, l, "lstm cell")
 }
 
-/// (gates (B, 4H), c_prev (B, H)) → (B, 2H) holding [h | c].
+/// (gates (B, 4H), c_prev (B, H)) → (B, 7H) holding [h | c | i | f | g | o | tanh c].
 struct LstmCell;
-/// (gates, c_prev, d[h | c]) → (B, 5H) holding [d gates | d c_prev].
+/// (saved (B, 7H), c_prev, d[h | c] (B, 2H)) → (B, 5H) holding [d gates | d c_prev].
 struct LstmCellBackward;
 
 impl CustomOp2 for LstmCell {
@@ -30,23 +40,28 @@ impl CustomOp2 for LstmCell {
         let (gates, c_prev) = (slice(s1, l1)?, slice(s2, l2)?);
         let (b, h4) = l1.shape().dims2()?;
         let h = h4 / 4;
-        let mut out = vec![0f32; b * 2 * h];
+        let mut out = vec![0f32; b * 7 * h];
         for r in 0..b {
             let g = &gates[r * h4..(r + 1) * h4];
             let cp = &c_prev[r * h..(r + 1) * h];
-            let (ho, co) = out[r * 2 * h..(r + 1) * 2 * h].split_at_mut(h);
+            let row = &mut out[r * 7 * h..(r + 1) * 7 * h];
             for j in 0..h {
-                let c = sigmoid(g[h + j]) * cp[j] + sigmoid(g[j]) * g[2 * h + j].tanh();
-                co[j] = c;
-                ho[j] = sigmoid(g[3 * h + j]) * c.tanh();
+                let (i, f, gg, o) = (sigmoid(g[j]), sigmoid(g[h + j]), tanh(g[2 * h + j]), sigmoid(g[3 * h + j]));
+                let c = f * cp[j] + i * gg;
+                let tc = tanh(c);
+                for (k, v) in [o * tc, c, i, f, gg, o, tc].into_iter().enumerate() {
+                    row[k * h + j] = v;
+                }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, 2 * h))))
+        Ok((CpuStorage::F32(out), Shape::from((b, 7 * h))))
     }
 
-    fn bwd(&self, gates: &Tensor, c_prev: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _gates: &Tensor, c_prev: &Tensor, saved: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let h = c_prev.dim(1)?;
-        let d = gates.apply_op3_no_bwd(c_prev, &grad.contiguous()?, &LstmCellBackward)?;
+        // Only h and c are used downstream: the rest of `saved` gets no gradient.
+        let grad = grad.narrow(1, 0, 2 * h)?.contiguous()?;
+        let d = saved.apply_op3_no_bwd(c_prev, &grad, &LstmCellBackward)?;
         Ok((Some(d.narrow(1, 0, 4 * h)?), Some(d.narrow(1, 4 * h, h)?)))
     }
 }
@@ -57,24 +72,23 @@ impl CustomOp3 for LstmCellBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (gates, c_prev, grad) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (b, h4) = l1.shape().dims2()?;
-        let h = h4 / 4;
+        let (saved, c_prev, grad) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (b, h7) = l1.shape().dims2()?;
+        let h = h7 / 7;
         let mut out = vec![0f32; b * 5 * h];
         for r in 0..b {
-            let g = &gates[r * h4..(r + 1) * h4];
+            let sv = &saved[r * h7..(r + 1) * h7];
+            let (i, f, gg, o, tc) = (&sv[2 * h..3 * h], &sv[3 * h..4 * h], &sv[4 * h..5 * h], &sv[5 * h..6 * h], &sv[6 * h..7 * h]);
             let cp = &c_prev[r * h..(r + 1) * h];
             let (dh, dc_out) = grad[r * 2 * h..(r + 1) * 2 * h].split_at(h);
             let (dg, dcp) = out[r * 5 * h..(r + 1) * 5 * h].split_at_mut(4 * h);
             for j in 0..h {
-                let (i, f, gg, o) = (sigmoid(g[j]), sigmoid(g[h + j]), g[2 * h + j].tanh(), sigmoid(g[3 * h + j]));
-                let tc = (f * cp[j] + i * gg).tanh();
-                let dc = dc_out[j] + dh[j] * o * (1.0 - tc * tc);
-                dg[j] = dc * gg * i * (1.0 - i);
-                dg[h + j] = dc * cp[j] * f * (1.0 - f);
-                dg[2 * h + j] = dc * i * (1.0 - gg * gg);
-                dg[3 * h + j] = dh[j] * tc * o * (1.0 - o);
-                dcp[j] = dc * f;
+                let dc = dc_out[j] + dh[j] * o[j] * (1.0 - tc[j] * tc[j]);
+                dg[j] = dc * gg[j] * i[j] * (1.0 - i[j]);
+                dg[h + j] = dc * cp[j] * f[j] * (1.0 - f[j]);
+                dg[2 * h + j] = dc * i[j] * (1.0 - gg[j] * gg[j]);
+                dg[3 * h + j] = dh[j] * tc[j] * o[j] * (1.0 - o[j]);
+                dcp[j] = dc * f[j];
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, 5 * h))))
@@ -96,8 +110,8 @@ pub fn lstm_cell_ops(gates: &Tensor, c_prev: &Tensor) -> Result<(Tensor, Tensor)
 pub fn lstm_cell(gates: &Tensor, c_prev: &Tensor) -> Result<(Tensor, Tensor)> {
     if gates.device().is_cpu() && gates.dtype() == DType::F32 && c_prev.dtype() == DType::F32 {
         let h = c_prev.dim(1)?;
-        let hc = gates.contiguous()?.apply_op2(&c_prev.contiguous()?, LstmCell)?;
-        Ok((hc.narrow(1, 0, h)?, hc.narrow(1, h, h)?))
+        let saved = gates.contiguous()?.apply_op2(&c_prev.contiguous()?, LstmCell)?;
+        Ok((saved.narrow(1, 0, h)?, saved.narrow(1, h, h)?))
     } else {
         lstm_cell_ops(gates, c_prev)
     }
