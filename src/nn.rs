@@ -85,19 +85,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     }
 }
 
-/// Max pooling over non-overlapping `k`×`k` windows (stride `k`, remainder rows/columns dropped,
-/// as PyTorch's default floor mode does). candle's `max_pool2d` backward scales the gradient by
-/// the fraction of maxima in the window (1/k² for a unique maximum) instead of passing it
-/// through; this version is two max-reductions whose gradients candle computes correctly.
-pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (oh, ow) = (h / k, w / k);
-    if oh == 0 || ow == 0 {
-        candle_core::bail!("max_pool2d: a {k}×{k} window does not fit a {h}×{w} input")
-    }
-    let x = if h % k != 0 || w % k != 0 { x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)? } else { x.clone() };
-    x.reshape((b, c, oh, k, ow, k))?.max(5)?.max(3)
-}
+pub use crate::ops::pool::max_pool2d;
 
 /// Batch normalisation over (batch, H, W) for (batch, C, H, W) inputs, as PyTorch's
 /// `BatchNorm2d`: batch statistics in training (biased variance to normalise, unbiased for the
@@ -287,21 +275,6 @@ mod tests {
         };
         assert_eq!(make(1)?, make(1)?);
         assert_ne!(make(1)?, make(2)?);
-        Ok(())
-    }
-
-    #[test]
-    fn max_pool_matches_candle_forward_and_passes_the_whole_gradient() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (2, 3, 9, 8), &dev)?;
-        let ours = max_pool2d(&x, 2)?;
-        let theirs = x.max_pool2d(2)?;
-        assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, theirs.flatten_all()?.to_vec1::<f32>()?);
-        let g = ours.sum_all()?.backward()?;
-        let g = g.get(&x).unwrap();
-        // One 1 per window (random inputs have unique maxima), 0 elsewhere.
-        assert_eq!(g.sum_all()?.to_scalar::<f32>()?, (2 * 3 * 4 * 4) as f32);
-        assert_eq!(g.max_all()?.to_scalar::<f32>()?, 1.0);
         Ok(())
     }
 }

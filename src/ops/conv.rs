@@ -18,6 +18,9 @@ struct Geometry {
     k_w: usize,
     padding: usize,
     stride: usize,
+    /// A last column of ones per patch, so the bias rides in the matrix product (and its
+    /// gradient comes out of the kernel-gradient product instead of a slow strided reduction).
+    ones_column: bool,
 }
 
 impl Geometry {
@@ -27,8 +30,13 @@ impl Geometry {
     fn out_w(&self) -> usize {
         (self.w + 2 * self.padding - self.k_w) / self.stride + 1
     }
-    fn rows(&self) -> usize {
+    /// Kernel entries per patch.
+    fn taps(&self) -> usize {
         self.channels * self.k_h * self.k_w
+    }
+    /// Values stored per patch: the taps and, with `ones_column`, a 1.
+    fn rows(&self) -> usize {
+        self.taps() + self.ones_column as usize
     }
     /// For every (kernel row i, output row oh), the input row read, or None in the padding.
     fn source(&self, i: usize, o: usize, size: usize) -> Option<usize> {
@@ -81,6 +89,9 @@ impl CustomOp1 for Im2Col {
         cols.par_chunks_mut(pixels * g.rows()).enumerate().for_each(|(b, out)| {
             let img = &x[b * image..(b + 1) * image];
             g.for_each_tap(|dst, src| out[dst] = img[src]);
+            if g.ones_column {
+                out.chunks_mut(g.rows()).for_each(|patch| patch[g.taps()] = 1.0);
+            }
         });
         Ok((CpuStorage::F32(cols), Shape::from((batch * pixels, g.rows()))))
     }
@@ -111,26 +122,29 @@ impl CustomOp1 for Col2Im {
 /// Convolution of `x` (batch, C, H, W) with `kernel` (O, C, kh, kw), plus an optional bias (O),
 /// with equal padding on every side and a stride. Differentiable in all its inputs.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let out = if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let (batch, channels, h, w) = x.dims4()?;
-        let (o, c, k_h, k_w) = kernel.dims4()?;
-        if c != channels {
-            candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {c}")
-        }
-        if h + 2 * padding < k_h || w + 2 * padding < k_w || stride == 0 {
-            candle_core::bail!("conv2d: a {k_h}×{k_w} kernel does not fit a {h}×{w} input with padding {padding}")
-        }
-        let g = Geometry { channels, h, w, k_h, k_w, padding, stride };
-        let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
-        let y = cols.matmul(&kernel.reshape((o, g.rows()))?.t()?)?; // (batch·pixels, O)
-        y.reshape((batch, g.out_h() * g.out_w(), o))?.transpose(1, 2)?.reshape((batch, o, g.out_h(), g.out_w()))?
-    } else {
-        x.conv2d(kernel, padding, stride, 1, 1)?
-    };
-    match bias {
-        Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
-        None => Ok(out),
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && kernel.dtype() == DType::F32) {
+        let out = x.conv2d(kernel, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(out),
+        };
     }
+    let (batch, channels, h, w) = x.dims4()?;
+    let (o, c, k_h, k_w) = kernel.dims4()?;
+    if c != channels {
+        candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {c}")
+    }
+    if h + 2 * padding < k_h || w + 2 * padding < k_w || stride == 0 {
+        candle_core::bail!("conv2d: a {k_h}×{k_w} kernel does not fit a {h}×{w} input with padding {padding}")
+    }
+    let g = Geometry { channels, h, w, k_h, k_w, padding, stride, ones_column: bias.is_some() };
+    let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
+    let mut weights = kernel.reshape((o, g.taps()))?.t()?; // (taps, O)
+    if let Some(b) = bias {
+        weights = Tensor::cat(&[&weights, &b.reshape((1, o))?], 0)?;
+    }
+    let y = cols.matmul(&weights)?; // (batch·pixels, O)
+    y.reshape((batch, g.out_h() * g.out_w(), o))?.transpose(1, 2)?.reshape((batch, o, g.out_h(), g.out_w()))
 }
 
 /// A conv layer with candle-nn's `Conv2d` parameter names (`weight`, `bias`) and our conv2d.
@@ -208,7 +222,7 @@ mod tests {
     fn fold_is_the_adjoint_of_unfold_with_stride() -> Result<()> {
         // <im2col(x), c> == <x, col2im(c)> for any x, c: what makes col2im the right gradient.
         let dev = Device::Cpu;
-        let g = Geometry { channels: 2, h: 10, w: 11, k_h: 3, k_w: 3, padding: 1, stride: 2 };
+        let g = Geometry { channels: 2, h: 10, w: 11, k_h: 3, k_w: 3, padding: 1, stride: 2, ones_column: false };
         let x = Tensor::randn(0f32, 1.0, (2, 2, 10, 11), &dev)?;
         let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
         let c = Tensor::randn(0f32, 1.0, cols.shape(), &dev)?;

@@ -2,6 +2,7 @@
 
 pub mod conv;
 pub mod lstm;
+pub mod pool;
 
 use candle_core::{CpuStorage, Layout, Result};
 
