@@ -20,7 +20,7 @@ use wick::train::{optim, MetricGoal, OptimizerConfig, Schedule, Trainer, Trainer
 
 /// Train a character-level RNN language model on a text file and sample from it.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// A plain-text corpus (e.g. tinyshakespeare's input.txt); the last 10% is the validation set.
     #[arg(long)]
@@ -34,15 +34,19 @@ struct Args {
     /// Stop early, with a checkpoint, after this many minutes of training.
     #[arg(long)]
     minutes: Option<f64>,
+    /// Sequences per optimizer step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Characters per training sequence (truncated backpropagation length).
     #[arg(long, default_value_t = 100)]
     seq_len: usize,
+    /// Width of the character embedding.
     #[arg(long, default_value_t = 64)]
     embedding: usize,
+    /// Hidden (and cell) state size of each recurrent layer.
     #[arg(long, default_value_t = 256)]
     hidden: usize,
+    /// Stacked recurrent layers.
     #[arg(long, default_value_t = 1)]
     layers: usize,
     /// Dropout between layers and before the output layer.

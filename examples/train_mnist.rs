@@ -27,7 +27,7 @@ enum ModelKind {
 
 /// Train a digit classifier on MNIST (IDX files, gzipped or not) and evaluate on its test set.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Which network to train.
     #[arg(long, value_enum, default_value = "cnn")]
@@ -35,8 +35,10 @@ struct Args {
     /// Folder with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-*.
     #[arg(long)]
     data: PathBuf,
+    /// Passes over the training set.
     #[arg(long, default_value_t = 5)]
     epochs: usize,
+    /// Images per optimizer step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Peak learning rate of Adam(W); it decays along a cosine to 0.

@@ -24,7 +24,7 @@ features=""
 cargo build --release --bench train_step $features >&2
 bench_bin=$(ls -t target/release/deps/train_step-* | grep -v '\.d$' | head -1)
 wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --seconds "$seconds" --device "$device")
-torch_out=$(OMP_NUM_THREADS=$threads OMP_WAIT_POLICY=PASSIVE "$python" scripts/bench_pytorch.py --threads "$threads" --seconds "$seconds" --device "$device")
+torch_out=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_pytorch.py --threads "$threads" --seconds "$seconds" --device "$device")
 "$python" - "$wick_out" "$torch_out" <<'PY'
 import json, sys
 wick = {r["name"]: r for r in map(json.loads, sys.argv[1].splitlines())}

@@ -26,15 +26,6 @@ pub struct TrainerState {
     pub train_seconds: f64,
 }
 
-/// Writes `tensors` to `path` through a temporary file and a rename.
-pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
 /// The tensors of a VarMap by name (copies, so later training does not change them).
 pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
     let data = varmap.data().lock().unwrap();

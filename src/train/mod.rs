@@ -262,11 +262,7 @@ impl Trainer {
                     improved = self.track_best(&mut state, &metrics)?;
                     let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("eval_{k} {v:.4}")).collect();
                     bar.println(format!("step {} epoch {}: {}", state.step, epoch + 1, shown.join(" ")));
-                    let mut record = serde_json::json!({"type": "eval", "step": state.step, "epoch": epoch + 1});
-                    for (k, v) in &metrics {
-                        record[format!("eval_{k}")] = (*v).into();
-                    }
-                    log.write(record)?;
+                    log.write_eval(state.step, epoch + 1, &metrics)?;
                     report.evals.push((state.step, metrics));
                     window.1 += t.elapsed();
                 }
@@ -304,11 +300,7 @@ impl Trainer {
         // An evaluation of the final weights, unless the last step was just evaluated.
         if let (Some(eval), false) = (eval, last_eval_step == Some(state.step) || report.halted) {
             let metrics = self.evaluate(model, eval)?;
-            let mut record = serde_json::json!({"type": "eval", "step": state.step, "epoch": state.epoch});
-            for (k, v) in &metrics {
-                record[format!("eval_{k}")] = (*v).into();
-            }
-            log.write(record)?;
+            log.write_eval(state.step, state.epoch, &metrics)?;
             report.evals.push((state.step, metrics));
         }
         report.steps = state.step;
@@ -423,6 +415,15 @@ impl MetricsLog {
             writeln!(f, "{record}")?;
         }
         Ok(())
+    }
+
+    /// An evaluation record: `eval_loss`, `eval_accuracy`, ... at `step`.
+    fn write_eval(&mut self, step: usize, epoch: usize, metrics: &Metrics) -> Result<()> {
+        let mut record = serde_json::json!({"type": "eval", "step": step, "epoch": epoch});
+        for (k, v) in metrics {
+            record[format!("eval_{k}")] = (*v).into();
+        }
+        self.write(record)
     }
 
     fn plot(&self, svg: &Path) -> Result<()> {
