@@ -12,16 +12,25 @@ pub struct Classifier<M> {
     pub num_classes: usize,
 }
 
+/// Cross-entropy of the logits `net` gives for `x` against the class ids `y` (any leading shape).
+fn cross_entropy_loss(net: &impl ModuleT, (x, y): &(Tensor, Tensor), train: bool) -> Result<Tensor> {
+    Ok(crate::nn::cross_entropy(&net.forward_t(x, train)?, y)?)
+}
+
+fn evaluate_logits(net: &impl ModuleT, (x, y): &(Tensor, Tensor)) -> Result<EvalBatch> {
+    EvalBatch::from_logits(&net.forward_t(x, false)?, y)
+}
+
 impl<M: ModuleT> TrainModel for Classifier<M> {
     type Batch = (Tensor, Tensor);
     fn task(&self) -> Task {
         Task::Classification { num_classes: self.num_classes }
     }
-    fn loss(&self, (x, y): &Self::Batch, train: bool) -> Result<Tensor> {
-        Ok(crate::nn::cross_entropy(&self.net.forward_t(x, train)?, y)?)
+    fn loss(&self, batch: &Self::Batch, train: bool) -> Result<Tensor> {
+        cross_entropy_loss(&self.net, batch, train)
     }
-    fn evaluate(&self, (x, y): &Self::Batch) -> Result<EvalBatch> {
-        EvalBatch::from_logits(&self.net.forward_t(x, false)?, y)
+    fn evaluate(&self, batch: &Self::Batch) -> Result<EvalBatch> {
+        evaluate_logits(&self.net, batch)
     }
 }
 
@@ -53,10 +62,10 @@ impl<M: ModuleT> TrainModel for LanguageModel<M> {
     fn task(&self) -> Task {
         Task::LanguageModel
     }
-    fn loss(&self, (x, y): &Self::Batch, train: bool) -> Result<Tensor> {
-        Ok(crate::nn::cross_entropy(&self.net.forward_t(x, train)?, y)?)
+    fn loss(&self, batch: &Self::Batch, train: bool) -> Result<Tensor> {
+        cross_entropy_loss(&self.net, batch, train)
     }
-    fn evaluate(&self, (x, y): &Self::Batch) -> Result<EvalBatch> {
-        EvalBatch::from_logits(&self.net.forward_t(x, false)?, y)
+    fn evaluate(&self, batch: &Self::Batch) -> Result<EvalBatch> {
+        evaluate_logits(&self.net, batch)
     }
 }
