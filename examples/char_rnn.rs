@@ -78,6 +78,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = args.common.device()?;
     let corpus = CharCorpus::from_file(&args.data)?;
+    // Checked before training, so a prompt the corpus cannot spell fails at once.
+    let prompt = corpus.encode(&args.prompt)?;
     let (train_ids, val_ids) = corpus.split(0.1);
     let train = TokenWindows::new(train_ids, args.seq_len)?;
     let val = TokenWindows::new(val_ids, args.seq_len)?;
@@ -120,7 +122,6 @@ fn main() -> Result<()> {
     let val_loss = val_metrics["loss"];
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.common.seed);
-    let prompt = corpus.encode(&args.prompt)?;
     let sample = corpus.decode(&model.net.sample(&prompt, args.sample_len, args.temperature, &mut rng)?);
     if !args.common.json {
         println!("{}{}", args.prompt, sample);

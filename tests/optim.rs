@@ -127,3 +127,21 @@ fn schedules_match_transformers() -> Result<()> {
     assert!(Schedule::parse("exp", 0).is_err());
     Ok(())
 }
+
+#[test]
+fn half_precision_parameters_keep_f32_state_and_stay_finite() -> Result<()> {
+    // In f16, eps = 1e-8 and (1e-4)² round to zero: state kept in f16 would divide 0 by 0.
+    let device = wick::device::test_device()?;
+    let var = candle_core::Var::ones(4, DType::F16, &device)?;
+    let params = vec![optim::Param { name: "w".into(), var: var.clone(), decay: true }];
+    let mut opt = OptimizerConfig::adamw(0.01).build(params)?;
+    let g = Tensor::new(&[0f32, 1e-4, 1.0, -1.0], &device)?.to_dtype(DType::F16)?;
+    for _ in 0..3 {
+        opt.step(&[Some(g.clone())], 1e-2)?;
+    }
+    let w = var.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    assert!(w.iter().all(|v| v.is_finite()), "{w:?}");
+    assert!((w[2] - (1.0 - 0.03)).abs() < 2e-3 && (w[3] - (1.0 + 0.03)).abs() < 2e-3, "{w:?}");
+    assert!(opt.state().iter().all(|(_, t)| t.dtype() == DType::F32 || t.dtype() == DType::F64));
+    Ok(())
+}

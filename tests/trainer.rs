@@ -171,6 +171,14 @@ fn bad_input_is_an_error_not_a_panic() -> Result<()> {
     assert!(err.contains("learning rate"), "{err}");
     let err = train(TrainerConfig { resume: true, ..Default::default() }, 0.0, &data, None).err().unwrap().to_string();
     assert!(err.contains("output directory"), "{err}");
+    for (cfg, name) in [
+        (TrainerConfig { batch_size: 0, ..Default::default() }, "batch_size"),
+        (TrainerConfig { eval_every: Some(0), ..Default::default() }, "eval_every"),
+        (TrainerConfig { save_every: Some(0), ..Default::default() }, "save_every"),
+    ] {
+        let err = train(cfg, 0.0, &data, None).err().unwrap().to_string();
+        assert!(err.contains(name) && err.contains("at least 1"), "{err}");
+    }
     // A corrupt checkpoint is a clear error on resume.
     let dir = tempfile::tempdir()?;
     train(TrainerConfig { output_dir: Some(dir.path().into()), ..Default::default() }, 0.0, &data, None)?;
@@ -178,5 +186,23 @@ fn bad_input_is_an_error_not_a_panic() -> Result<()> {
     std::fs::write(last.join("model.safetensors"), b"not a safetensors file")?;
     let err = format!("{:#}", train(TrainerConfig { output_dir: Some(dir.path().into()), resume: true, ..Default::default() }, 0.0, &data, None).err().unwrap());
     assert!(err.contains("model.safetensors"), "{err}");
+    // A new run never overwrites or prunes an earlier run's checkpoints.
+    let err = train(TrainerConfig { output_dir: Some(dir.path().into()), ..Default::default() }, 0.0, &data, None).err().unwrap().to_string();
+    assert!(err.contains("already holds checkpoints"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn resuming_a_finished_run_trains_no_further() -> Result<()> {
+    let (data, eval) = (blobs(64, 9)?, blobs(32, 10)?);
+    let dir = tempfile::tempdir()?;
+    let cfg = TrainerConfig { epochs: 2, batch_size: 16, output_dir: Some(dir.path().into()), ..Default::default() };
+    let (done, _) = train(cfg.clone(), 0.0, &data, Some(&eval))?;
+    let log_before = std::fs::read_to_string(dir.path().join("metrics.jsonl"))?;
+    let (again, _) = train(TrainerConfig { resume: true, ..cfg }, 0.0, &data, Some(&eval))?;
+    assert_eq!(again.resumed_from, Some(done.steps));
+    assert!(again.train_losses.is_empty());
+    assert_eq!(again.last_eval().unwrap()["loss"], done.last_eval().unwrap()["loss"]);
+    assert_eq!(std::fs::read_to_string(dir.path().join("metrics.jsonl"))?, log_before);
     Ok(())
 }

@@ -157,11 +157,13 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out), with PyTorch's default init.
+    /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out).
     pub fn load(vb: candle_nn::VarBuilder, c_in: usize, c_out: usize, k: usize, padding: usize, stride: usize, bias: bool) -> Result<Self> {
+        // PyTorch's Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
-        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?;
-        let bias = if bias { Some(vb.get_with_hints(c_out, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?) } else { None };
+        let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+        let bias = if bias { Some(vb.get_with_hints(c_out, "bias", init)?) } else { None };
         Ok(Self { weight, bias, padding, stride })
     }
 }

@@ -91,7 +91,8 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(MaxPool { k });
     }
-    // Elsewhere: two max-reductions, whose gradients candle computes correctly (ties share it).
+    // Elsewhere: two max-reductions. candle passes the gradient whole to every tied maximum
+    // (PyTorch: to the first only); with continuous inputs ties are rare.
     let x = if h % k != 0 || w % k != 0 { x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)? } else { x.clone() };
     x.reshape((b, c, oh, k, ow, k))?.max(5)?.max(3)
 }

@@ -169,8 +169,10 @@ impl Trainer {
         D: Dataset<Batch = M::Batch>,
     {
         let cfg = self.config.clone();
-        if cfg.grad_accum == 0 || cfg.log_every == 0 {
-            bail!("grad_accum and log_every must be at least 1");
+        let zero = [("batch_size", Some(cfg.batch_size)), ("eval_batch_size", Some(cfg.eval_batch_size)), ("grad_accum", Some(cfg.grad_accum)),
+            ("log_every", Some(cfg.log_every)), ("eval_every", cfg.eval_every), ("save_every", cfg.save_every)];
+        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == Some(0)) {
+            bail!("{name} must be at least 1");
         }
         if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
             bail!("learning rate must be a positive number, got {}", cfg.lr);
@@ -187,13 +189,19 @@ impl Trainer {
             bail!("the training set ({} items) is smaller than one batch of {} with drop_last", train.len(), cfg.batch_size);
         }
         let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum);
-        let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        let total_steps = cfg.max_steps.unwrap_or_else(|| cfg.epochs.saturating_mul(steps_per_epoch));
         if total_steps == 0 {
             bail!("nothing to train: 0 epochs / 0 steps");
         }
 
         let mut state = TrainerState { seed: cfg.seed, ..Default::default() };
         let mut report = TrainReport::default();
+        if let (Some(out), false) = (cfg.output_dir.as_deref(), cfg.resume) {
+            // A new run would prune the old run's checkpoints and mix its curve into the log.
+            if let Some((step, _)) = checkpoint::list(out)?.last() {
+                bail!("{} already holds checkpoints (up to step {step}): resume from them, or choose another output folder", out.display());
+            }
+        }
         if cfg.resume {
             let out = cfg.output_dir.as_deref().context("resume needs an output directory")?;
             if let Some(dir) = checkpoint::latest(out)? {
@@ -217,7 +225,10 @@ impl Trainer {
         // Time spent in optimizer steps only (not evaluation or checkpoints), for samples/s.
         let (mut train_time, mut samples_this_call) = (Duration::ZERO, 0u64);
         let mut window = (0u64, Instant::now());
-        'training: while state.step < total_steps {
+        let patience_spent = |s: &TrainerState| cfg.early_stopping_patience.is_some_and(|p| s.evals_since_best >= p);
+        // A resumed run that had already stopped early stays stopped.
+        report.stopped_early = patience_spent(&state);
+        'training: while state.step < total_steps && !report.stopped_early {
             let epoch = state.step / steps_per_epoch;
             let batches = plan.epoch(train.len(), epoch)?;
             let groups: Vec<&[Vec<usize>]> = batches.chunks(cfg.grad_accum).collect();
@@ -268,7 +279,7 @@ impl Trainer {
                 }
                 let halt = cfg.halt_at_step.is_some_and(|h| state.step >= h)
                     || cfg.time_limit.is_some_and(|t| started.elapsed() >= t);
-                let stop_early = cfg.early_stopping_patience.is_some_and(|p| state.evals_since_best >= p);
+                let stop_early = patience_spent(&state);
                 let wants_save = improved
                     || cfg.save_every.is_some_and(|n| state.step % n == 0)
                     || (epoch_done && cfg.save_each_epoch)
@@ -297,10 +308,13 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
-        // An evaluation of the final weights, unless the last step was just evaluated.
+        // An evaluation of the final weights, unless the last step was just evaluated (logged
+        // once: a resumed run that had finished finds it in the log already).
         if let (Some(eval), false) = (eval, last_eval_step == Some(state.step) || report.halted) {
             let metrics = self.evaluate(model, eval)?;
-            log.write_eval(state.step, state.epoch, &metrics)?;
+            if log.last_eval_step != Some(state.step) {
+                log.write_eval(state.step, state.epoch, &metrics)?;
+            }
             report.evals.push((state.step, metrics));
         }
         report.steps = state.step;
@@ -388,13 +402,14 @@ fn progress_bar(show: bool, total: usize, position: usize) -> ProgressBar {
 struct MetricsLog {
     path: Option<PathBuf>,
     file: Option<std::fs::File>,
+    last_eval_step: Option<usize>,
 }
 
 impl MetricsLog {
     /// Opens the log for appending; after a resume from step `s`, records past `s` (written
     /// after that checkpoint by the interrupted run) are dropped so the curve stays one curve.
     fn open(output: Option<&Path>, resumed_from: Option<usize>) -> Result<Self> {
-        let Some(out) = output else { return Ok(Self { path: None, file: None }) };
+        let Some(out) = output else { return Ok(Self { path: None, file: None, last_eval_step: None }) };
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let path = out.join("metrics.jsonl");
         let kept: String = match (resumed_from, std::fs::read_to_string(&path)) {
@@ -405,9 +420,16 @@ impl MetricsLog {
                 .collect(),
             _ => String::new(),
         };
-        std::fs::write(&path, kept).with_context(|| format!("writing {}", path.display()))?;
+        let last_eval_step = kept
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "eval")
+            .filter_map(|v| v["step"].as_u64())
+            .last()
+            .map(|s| s as usize);
+        std::fs::write(&path, &kept).with_context(|| format!("writing {}", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { path: Some(path), file: Some(file) })
+        Ok(Self { path: Some(path), file: Some(file), last_eval_step })
     }
 
     fn write(&mut self, record: serde_json::Value) -> Result<()> {
@@ -419,6 +441,7 @@ impl MetricsLog {
 
     /// An evaluation record: `eval_loss`, `eval_accuracy`, ... at `step`.
     fn write_eval(&mut self, step: usize, epoch: usize, metrics: &Metrics) -> Result<()> {
+        self.last_eval_step = Some(step);
         let mut record = serde_json::json!({"type": "eval", "step": step, "epoch": epoch});
         for (k, v) in metrics {
             record[format!("eval_{k}")] = (*v).into();

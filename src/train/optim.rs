@@ -156,8 +156,19 @@ fn grad_for(grads: &[Option<Tensor>], i: usize, p: &Param) -> Result<Option<Tens
     match grads.get(i).and_then(Option::as_ref) {
         None => Ok(None),
         Some(g) if g.dims() != p.var.dims() => bail!("gradient of {} has shape {:?}, the parameter {:?}", p.name, g.dims(), p.var.dims()),
-        Some(g) => Ok(Some(g.to_dtype(p.var.dtype())?.contiguous()?)),
+        Some(g) => Ok(Some(g.to_dtype(DType::F32)?.contiguous()?)),
     }
+}
+
+/// Optimizer state is kept in f32 whatever the parameters' dtype: in f16, eps = 1e-8 and the
+/// squares of small gradients round to 0, and Adam's update becomes 0/0.
+fn f32_zeros(p: &Param) -> candle_core::Result<Var> {
+    Var::zeros(p.var.shape(), DType::F32, p.var.device())
+}
+
+/// Sets a parameter from an f32 value computed by the candle-ops path.
+fn set_param(p: &Param, value: Tensor) -> Result<()> {
+    Ok(p.var.set(&value.to_dtype(p.var.dtype())?)?)
 }
 
 fn load_named(state: &HashMap<String, Tensor>, key: &str, like: &Var) -> Result<Tensor> {
@@ -165,16 +176,7 @@ fn load_named(state: &HashMap<String, Tensor>, key: &str, like: &Var) -> Result<
     if t.dims() != like.dims() {
         bail!("optimizer state {key:?} has shape {:?}, the parameter {:?}", t.dims(), like.dims());
     }
-    Ok(t.to_device(like.device())?.to_dtype(like.dtype())?)
-}
-
-fn step_tensor(t: u64) -> Result<Tensor> {
-    Ok(Tensor::new(&[t as f64], &candle_core::Device::Cpu)?)
-}
-
-fn step_from(state: &HashMap<String, Tensor>) -> Result<u64> {
-    let t = state.get("step").context("optimizer state has no step count")?;
-    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0] as u64)
+    Ok(t.to_device(like.device())?.to_dtype(DType::F32)?)
 }
 
 pub struct Sgd {
@@ -189,7 +191,7 @@ impl Sgd {
         if momentum < 0.0 || weight_decay < 0.0 {
             bail!("SGD momentum and weight decay must be non-negative");
         }
-        let buffers = params.iter().map(|p| Var::zeros(p.var.shape(), p.var.dtype(), p.var.device())).collect::<candle_core::Result<_>>()?;
+        let buffers = params.iter().map(f32_zeros).collect::<candle_core::Result<_>>()?;
         Ok(Self { params, momentum, weight_decay, buffers })
     }
 }
@@ -209,14 +211,15 @@ impl Optimizer for Sgd {
                     p.var.inplace_op2(buf, &Update2(move |w, b| w - lr * b))?;
                 }
             } else {
-                let g = if wd > 0.0 { (g + (p.var.as_tensor() * wd)?)? } else { g };
+                let w = p.var.as_tensor().to_dtype(DType::F32)?;
+                let g = if wd > 0.0 { (g + (&w * wd)?)? } else { g };
                 let update = if mu == 0.0 {
                     g
                 } else {
                     buf.set(&((buf.as_tensor() * mu)? + g)?)?;
                     buf.as_tensor().clone()
                 };
-                p.var.set(&(p.var.as_tensor() - (update * lr)?)?)?;
+                set_param(p, (w - (update * lr)?)?)?;
             }
         }
         Ok(())
@@ -246,7 +249,8 @@ pub struct AdamW {
     weight_decay: f64,
     /// First and second moment estimates, one pair per parameter.
     moments: Vec<(Var, Var)>,
-    step_count: u64,
+    /// Updates each parameter has had (as in PyTorch, a step without a gradient does not count).
+    steps: Vec<u64>,
 }
 
 impl AdamW {
@@ -257,22 +261,21 @@ impl AdamW {
         if eps <= 0.0 || weight_decay < 0.0 {
             bail!("AdamW eps must be positive and weight decay non-negative");
         }
-        let zeros = |p: &Param| Var::zeros(p.var.shape(), p.var.dtype(), p.var.device());
-        let moments = params.iter().map(|p| Ok((zeros(p)?, zeros(p)?))).collect::<candle_core::Result<_>>()?;
-        Ok(Self { params, beta1, beta2, eps, weight_decay, moments, step_count: 0 })
+        let moments = params.iter().map(|p| Ok((f32_zeros(p)?, f32_zeros(p)?))).collect::<candle_core::Result<_>>()?;
+        let steps = vec![0; params.len()];
+        Ok(Self { params, beta1, beta2, eps, weight_decay, moments, steps })
     }
 }
 
 impl Optimizer for AdamW {
     fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        self.step_count += 1;
-        let t = self.step_count as i32;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        let bias1 = 1.0 - b1.powi(t);
-        let sqrt_bias2 = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bias1;
         for (i, (p, (m, v))) in self.params.iter().zip(&self.moments).enumerate() {
             let Some(g) = grad_for(grads, i, p)? else { continue };
+            self.steps[i] += 1;
+            let t = self.steps[i] as i32;
+            let sqrt_bias2 = (1.0 - b2.powi(t)).sqrt();
+            let step_size = lr / (1.0 - b1.powi(t));
             let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
             if in_place(&p.var) {
                 let (b1, b2, eps, decay, step_size, sqrt_bias2) = (b1 as f32, b2 as f32, eps as f32, decay as f32, step_size as f32, sqrt_bias2 as f32);
@@ -283,8 +286,8 @@ impl Optimizer for AdamW {
                 m.set(&((m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?)?;
                 v.set(&((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?)?;
                 let denom = ((v.as_tensor().sqrt()? / sqrt_bias2)? + eps)?;
-                let w = (p.var.as_tensor() * decay)?;
-                p.var.set(&(w - ((m.as_tensor() / denom)? * step_size)?)?)?;
+                let w = (p.var.as_tensor().to_dtype(DType::F32)? * decay)?;
+                set_param(p, (w - ((m.as_tensor() / denom)? * step_size)?)?)?;
             }
         }
         Ok(())
@@ -295,8 +298,9 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("step".to_string(), step_tensor(self.step_count).unwrap())];
-        for (p, (m, v)) in self.params.iter().zip(&self.moments) {
+        let mut out = Vec::new();
+        for ((p, (m, v)), &t) in self.params.iter().zip(&self.moments).zip(&self.steps) {
+            out.push((format!("step.{}", p.name), Tensor::new(&[t as f64], &candle_core::Device::Cpu).unwrap()));
             out.push((format!("exp_avg.{}", p.name), m.as_tensor().copy().unwrap()));
             out.push((format!("exp_avg_sq.{}", p.name), v.as_tensor().copy().unwrap()));
         }
@@ -304,8 +308,10 @@ impl Optimizer for AdamW {
     }
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.step_count = step_from(state)?;
-        for (p, (m, v)) in self.params.iter().zip(&self.moments) {
+        for (i, (p, (m, v))) in self.params.iter().zip(&self.moments).enumerate() {
+            let key = format!("step.{}", p.name);
+            let t = state.get(&key).with_context(|| format!("optimizer state has no {key:?}"))?;
+            self.steps[i] = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0] as u64;
             m.set(&load_named(state, &format!("exp_avg.{}", p.name), &p.var)?)?;
             v.set(&load_named(state, &format!("exp_avg_sq.{}", p.name), &p.var)?)?;
         }
