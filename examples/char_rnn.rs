@@ -107,12 +107,8 @@ fn main() -> Result<()> {
         max_eval_batches: Some(8),
         save_each_epoch: false,
         goal: Some(MetricGoal::minimize("loss")),
-        output_dir: args.common.output.clone(),
-        resume: args.common.resume,
-        seed: args.common.seed,
-        progress: !args.common.json,
         log_every: 10,
-        ..Default::default()
+        ..args.common.trainer_config()
     };
     let mut trainer = Trainer::new(config, varmap.clone(), OptimizerConfig::adam().build(params)?, device.clone());
     let report = trainer.fit(&model, &train, Some(&val))?;

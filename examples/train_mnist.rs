@@ -70,12 +70,8 @@ fn main() -> Result<()> {
         lr: args.lr,
         schedule: Schedule::CosineWarmup { warmup: 100, min_ratio: 0.0 },
         goal: Some(MetricGoal::maximize("accuracy")),
-        output_dir: args.common.output.clone(),
-        resume: args.common.resume,
-        seed: args.common.seed,
-        progress: !args.common.json,
         log_every: 20,
-        ..Default::default()
+        ..args.common.trainer_config()
     };
     let opt = OptimizerConfig::adamw(args.weight_decay);
     let (report, params) = match args.model {

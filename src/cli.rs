@@ -26,4 +26,16 @@ impl CommonArgs {
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
         crate::device::device(&self.device)
     }
+
+    /// The trainer settings these flags decide (output folder, resume, seed, progress bar), on
+    /// top of the defaults; examples fill in the rest with `..args.common.trainer_config()`.
+    pub fn trainer_config(&self) -> crate::train::TrainerConfig {
+        crate::train::TrainerConfig {
+            output_dir: self.output.clone(),
+            resume: self.resume,
+            seed: self.seed,
+            progress: !self.json,
+            ..Default::default()
+        }
+    }
 }
