@@ -1,6 +1,7 @@
 //! The models: one file each, loading the checkpoints of their families by the tensor names
 //! those checkpoints use.
 
+pub mod bert;
 pub mod cnn;
 pub mod mlp;
 pub mod rnn;

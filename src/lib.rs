@@ -3,8 +3,10 @@
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod hub;
 pub mod nn;
 pub mod ops;
+pub mod tokenizer;
 pub mod train;
 
 #[path = "../models/mod.rs"]

@@ -69,9 +69,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&logits, &targets)
 }
 
-/// LayerNorm over the last dimension from plain ops, so every input gets a gradient
-/// (`candle_nn::LayerNorm` on contiguous input uses a fused op without a backward pass).
+/// LayerNorm over the last dimension. When anything in it needs a gradient it is built from plain
+/// ops, so every input gets one (`candle_nn::LayerNorm` on contiguous input uses a fused op with
+/// no backward pass, silently); otherwise (inference) it is candle's fused kernel.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
+    if !tracked && x.is_contiguous() {
+        if let Some(bias) = bias {
+            return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
+        }
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -82,6 +89,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     match bias {
         Some(b) => scaled.broadcast_add(b),
         None => Ok(scaled),
+    }
+}
+
+/// Softmax over the last dimension that keeps the autograd graph when anything needs a gradient
+/// (`candle_nn::ops::softmax_last_dim` has no backward pass) and is the fused kernel otherwise.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
     }
 }
 

@@ -1,0 +1,377 @@
+//! BERT (Devlin et al. 2018) as Hugging Face `transformers` has it: `BertModel` (embeddings with
+//! token types, post-LayerNorm encoder, tanh pooler) and `BertForSequenceClassification` (dropout
+//! and a linear layer on the pooled output). Parameter names are the checkpoint's own, so
+//! `model.safetensors` files load as they are and ours load in transformers.
+//!
+//! Every op on the training path has a gradient: LayerNorm and softmax switch to candle's fused
+//! (gradient-less) kernels only when nothing needs a gradient.
+
+use crate::nn::{dropout, layer_norm};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{embedding, Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// The exact (erf) GELU, transformers' "gelu".
+    #[default]
+    Gelu,
+    /// The tanh approximation.
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    Relu,
+}
+
+impl HiddenAct {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluNew => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+/// `config.json` of a BERT checkpoint (the fields this model reads; others are kept in `extra`
+/// so a saved config round-trips).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_dropout: Option<f64>,
+    /// Class names by id (a JSON object with string keys "0", "1", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Config {
+    /// The number of classes the classifier head has: `id2label`'s size, else `num_labels`, else 2
+    /// (transformers' default).
+    pub fn num_labels(&self) -> usize {
+        match (&self.id2label, self.extra.get("num_labels").and_then(|v| v.as_u64())) {
+            (Some(m), _) if !m.is_empty() => m.len(),
+            (_, Some(n)) => n as usize,
+            _ => 2,
+        }
+    }
+
+    /// Class names in id order (`LABEL_i` where the config names none).
+    pub fn labels(&self) -> Vec<String> {
+        (0..self.num_labels())
+            .map(|i| self.id2label.as_ref().and_then(|m| m.get(&i.to_string()).cloned()).unwrap_or_else(|| format!("LABEL_{i}")))
+            .collect()
+    }
+
+    /// Sets `id2label`/`label2id` (and drops a stale `num_labels`).
+    pub fn set_labels(&mut self, labels: &[String]) {
+        self.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
+        self.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect());
+        self.extra.remove("num_labels");
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.position_embedding_type != "absolute" {
+            candle_core::bail!("position_embedding_type {:?} is not supported (only \"absolute\")", self.position_embedding_type)
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            candle_core::bail!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads)
+        }
+        Ok(())
+    }
+}
+
+/// LayerNorm with transformers' parameter names (`weight`, `bias`).
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
+    }
+}
+
+/// Linear layers initialised as transformers does (normal, std 0.02; zero bias) when new.
+fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Linear> {
+    let weight = vb.get_with_hints((d_out, d_in), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
+    let bias = vb.get_with_hints(d_out, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+struct Embeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            word_embeddings: embedding(cfg.vocab_size, h, vb.pp("word_embeddings"))?,
+            position_embeddings: embedding(cfg.max_position_embeddings, h, vb.pp("position_embeddings"))?,
+            token_type_embeddings: embedding(cfg.type_vocab_size, h, vb.pp("token_type_embeddings"))?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let seq = input_ids.dim(1)?;
+        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
+        let x = self
+            .word_embeddings
+            .forward(input_ids)?
+            .add(&self.token_type_embeddings.forward(token_type_ids)?)?
+            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
+        dropout(&self.layer_norm.forward(&x)?, self.dropout, train)
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: usize,
+    act: HiddenAct,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let (attn, out) = (vb.pp("attention"), vb.pp("output"));
+        Ok(Self {
+            query: dense(attn.pp("self.query"), h, h)?,
+            key: dense(attn.pp("self.key"), h, h)?,
+            value: dense(attn.pp("self.value"), h, h)?,
+            attention_output: dense(attn.pp("output.dense"), h, h)?,
+            attention_norm: LayerNorm::load(attn.pp("output.LayerNorm"), h, eps)?,
+            intermediate: dense(vb.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+            output: dense(out.pp("dense"), cfg.intermediate_size, h)?,
+            output_norm: LayerNorm::load(out.pp("LayerNorm"), h, eps)?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let head_dim = h / self.heads;
+        let split = |l: &Linear| -> Result<Tensor> { l.forward(x)?.reshape((b, t, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
+        let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let context = if train && self.attention_dropout > 0.0 {
+            // Dropout on the attention probabilities needs them materialised.
+            attention_with_dropout(&q, &k, &v, key_mask, scale, self.attention_dropout)?
+        } else {
+            crate::ops::attention::attention(&q, &k, &v, key_mask, scale, false)?
+        };
+        let context = context.transpose(1, 2)?.reshape((b, t, h))?;
+        let attended = dropout(&self.attention_output.forward(&context)?, self.hidden_dropout, train)?;
+        let x = self.attention_norm.forward(&(attended + x)?)?;
+        let inner = self.act.apply(&self.intermediate.forward(&x)?)?;
+        let out = dropout(&self.output.forward(&inner)?, self.hidden_dropout, train)?;
+        self.output_norm.forward(&(out + x)?)
+    }
+}
+
+/// Attention with dropout on the probabilities, as BERT trains (unfused).
+fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, p: f64) -> Result<Tensor> {
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = key_mask {
+        scores = scores.broadcast_add(&additive_mask(mask, scores.dtype())?)?;
+    }
+    let probs = crate::nn::softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+    dropout(&probs, p, true)?.matmul(v)
+}
+
+/// (batch, kv) keep-mask → (batch, 1, 1, kv) additive bias: 0 to attend, a large negative to not.
+fn additive_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, kv) = mask.dims2()?;
+    let keep = mask.ne(0u32)?.to_dtype(DType::F32)?;
+    // -1e4 rather than -inf: finite in f16, and exp(-1e4) is 0 in every float type.
+    ((keep - 1.0)? * 1e4)?.to_dtype(dtype)?.reshape((b, 1, 1, kv))
+}
+
+/// `BertModel`: embeddings, encoder and (optionally) the pooler.
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+    pub config: Config,
+}
+
+/// What [`BertModel::forward`] returns.
+pub struct BertOutput {
+    /// (batch, seq, hidden)
+    pub last_hidden_state: Tensor,
+    /// (batch, hidden): tanh(dense(first token)); `None` without a pooler.
+    pub pooler_output: Option<Tensor>,
+}
+
+impl BertModel {
+    /// Loads from names without the `bert.` prefix (`embeddings.*`, `encoder.layer.N.*`,
+    /// `pooler.dense.*`).
+    pub fn load(vb: VarBuilder, cfg: &Config, with_pooler: bool) -> Result<Self> {
+        cfg.check()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), cfg)).collect::<Result<_>>()?;
+        let pooler = if with_pooler { Some(dense(vb.pp("pooler.dense"), cfg.hidden_size, cfg.hidden_size)?) } else { None };
+        Ok(Self { embeddings: Embeddings::load(vb.pp("embeddings"), cfg)?, layers, pooler, config: cfg.clone() })
+    }
+
+    /// `input_ids`, `attention_mask` (1 = token, 0 = padding) and `token_type_ids`: (batch, seq)
+    /// integer tensors; a missing mask means no padding, missing token types mean all zeros.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>, train: bool) -> Result<BertOutput> {
+        let (_, seq) = input_ids.dims2()?;
+        if seq > self.config.max_position_embeddings {
+            candle_core::bail!("sequence of {seq} tokens is longer than this model's max_position_embeddings ({})", self.config.max_position_embeddings)
+        }
+        let zeros;
+        let token_types = match token_type_ids {
+            Some(t) => t,
+            None => {
+                zeros = input_ids.zeros_like()?;
+                &zeros
+            }
+        };
+        // A mask with no padding changes nothing: skip it.
+        let mask = match attention_mask {
+            Some(m) if m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()? == 0.0 => Some(m.to_dtype(DType::U32)?),
+            _ => None,
+        };
+        let mut x = self.embeddings.forward(input_ids, token_types, train)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, mask.as_ref(), train)?;
+        }
+        let pooler_output = match &self.pooler {
+            Some(dense) => Some(dense.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),
+            None => None,
+        };
+        Ok(BertOutput { last_hidden_state: x, pooler_output })
+    }
+}
+
+/// `BertForSequenceClassification`: `bert.*` and `classifier.*`.
+pub struct BertForSequenceClassification {
+    pub bert: BertModel,
+    classifier: Linear,
+    dropout: f64,
+}
+
+impl BertForSequenceClassification {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let bert = BertModel::load(vb.pp("bert"), cfg, true)?;
+        let classifier = dense(vb.pp("classifier"), cfg.hidden_size, cfg.num_labels())?;
+        Ok(Self { bert, classifier, dropout: cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob) })
+    }
+
+    /// Logits (batch, num_labels).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let out = self.bert.forward(input_ids, attention_mask, token_type_ids, train)?;
+        let pooled = out.pooler_output.expect("BertForSequenceClassification always has a pooler");
+        self.classifier.forward(&dropout(&pooled, self.dropout, train)?)
+    }
+}
+
+/// Mean of the token vectors over the real (unpadded) tokens: sentence-transformers' pooling.
+pub fn mean_pool(last_hidden_state: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(last_hidden_state.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = last_hidden_state.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    summed.broadcast_div(&counts)
+}
+
+/// L2-normalises rows (sentence-transformers' `Normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+/// Renames a checkpoint's tensors to the names this file's models use: legacy LayerNorm
+/// `gamma`/`beta` become `weight`/`bias`, and the `bert.` prefix is added (`with_prefix`, for
+/// [`BertForSequenceClassification`]) or removed (for [`BertModel`]) as needed. Task heads of
+/// other models (`cls.*`) and buffers such as `position_ids` are dropped.
+pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> HashMap<String, Tensor> {
+    let has_prefix = tensors.keys().any(|k| k.starts_with("bert."));
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("cls.") && !k.ends_with("position_ids"))
+        .map(|(k, v)| {
+            let k = if let Some(stem) = k.strip_suffix(".gamma") {
+                format!("{stem}.weight")
+            } else if let Some(stem) = k.strip_suffix(".beta") {
+                format!("{stem}.bias")
+            } else {
+                k
+            };
+            let is_head = k.starts_with("classifier.");
+            let k = match (with_prefix, has_prefix) {
+                (true, false) if !is_head => format!("bert.{k}"),
+                (false, true) => k.strip_prefix("bert.").map(String::from).unwrap_or(k),
+                _ => k,
+            };
+            (k, v)
+        })
+        .collect()
+}
