@@ -40,6 +40,8 @@ pub struct HubOptions {
     pub cache_dir: Option<PathBuf>,
     /// Never touch the network; `None` reads `HF_HUB_OFFLINE`.
     pub offline: Option<bool>,
+    /// The Hub's URL; `HF_ENDPOINT` or `https://huggingface.co` when not given.
+    pub endpoint: Option<String>,
     /// Hide the download progress bar.
     pub quiet: bool,
 }
@@ -285,7 +287,11 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
     if options.is_offline() {
         return cached.ok_or_else(|| not_cached("offline mode is on (HF_HUB_OFFLINE)".into()).into());
     }
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
+    let endpoint = options
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("HF_ENDPOINT").ok())
+        .unwrap_or_else(|| "https://huggingface.co".to_string());
     let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()).or_else(|| cache.token());
     let api = ApiBuilder::from_cache(cache.clone())
         .with_endpoint(endpoint.clone())
