@@ -375,3 +375,19 @@ pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> H
         })
         .collect()
 }
+
+/// Fine-tuning through the shared trainer: cross-entropy on the logits of padded text batches.
+impl crate::train::TrainModel for BertForSequenceClassification {
+    type Batch = crate::data::text::TextBatch;
+    fn task(&self) -> crate::train::Task {
+        crate::train::Task::Classification { num_classes: self.bert.config.num_labels() }
+    }
+    fn loss(&self, b: &Self::Batch, train: bool) -> anyhow::Result<Tensor> {
+        let logits = self.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), train)?;
+        Ok(crate::nn::cross_entropy(&logits, &b.labels)?)
+    }
+    fn evaluate(&self, b: &Self::Batch) -> anyhow::Result<crate::train::EvalBatch> {
+        let logits = self.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), false)?;
+        crate::train::EvalBatch::from_logits(&logits, &b.labels)
+    }
+}

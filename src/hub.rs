@@ -374,3 +374,35 @@ fn cached_snapshot(cache: &Cache, repo_id: &str, revision: &str) -> Option<PathB
     let dir = repo.pointer_path(&commit);
     dir.join(CONFIG).is_file().then_some(dir)
 }
+
+// ------------------------------------------------------------------------------- saving
+
+/// Writes a Hugging Face model folder that `from_pretrained` loads unchanged: `config.json`,
+/// `model.safetensors` (`tensors`, by the checkpoint names transformers uses) and the tokenizer
+/// files found in `tokenizer_from`. Each file is written beside its target and renamed into place,
+/// so an interrupted save never leaves a half-written file where a good one was.
+pub fn save_pretrained(dir: &Path, config: &impl serde::Serialize, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, fill: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fill(&tmp).with_context(|| format!("writing {}", dir.join(name).display()))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    };
+    // Contiguous f32/f16/bf16 copies on the CPU: what safetensors files hold.
+    let cpu: HashMap<String, Tensor> =
+        tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
+    write(SAFETENSORS, &|p| Ok(candle_core::safetensors::save(&cpu, p)?))?;
+    let json = serde_json::to_string_pretty(config)?;
+    write(CONFIG, &|p| Ok(std::fs::write(p, format!("{json}\n"))?))?;
+    if let Some(src) = tokenizer_from {
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.is_file() && src != dir {
+                write(name, &|p| Ok(std::fs::copy(&from, p).map(|_| ())?))?;
+            }
+        }
+    }
+    Ok(())
+}

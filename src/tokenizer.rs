@@ -95,46 +95,59 @@ pub struct EncodedBatch {
     pub truncated: usize,
 }
 
-/// Encodes `texts` with special tokens, cut to `max_len` tokens (keeping the final special token)
-/// and right-padded with `pad_id` to the longest in the batch.
-pub fn encode_batch(tokenizer: &Tokenizer, texts: &[&str], max_len: usize, pad_id: u32, device: &Device) -> Result<EncodedBatch> {
-    if texts.is_empty() {
-        bail!("no texts to encode");
+/// Token ids and token type ids of one text.
+pub type Tokens = (Vec<u32>, Vec<u32>);
+
+/// Encodes `texts` with special tokens, cutting each to `max_len` tokens while keeping the closing
+/// special token (BERT's `[SEP]`) so the model sees a well-formed input. Also returns how many
+/// texts were cut.
+pub fn encode_truncated(tokenizer: &Tokenizer, texts: &[&str], max_len: usize) -> Result<(Vec<Tokens>, usize)> {
+    if max_len < 2 {
+        bail!("max length {max_len} leaves no room for the text between the special tokens");
     }
     let encodings = tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow!("tokenizing: {e}"))?;
     let mut truncated = 0;
-    let rows: Vec<(Vec<u32>, Vec<u32>)> = encodings
+    let rows = encodings
         .iter()
         .map(|e| {
             let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
             if ids.len() > max_len {
                 truncated += 1;
-                // Keep the closing special token ([SEP]) so the model sees a well-formed input.
-                let special = e.get_special_tokens_mask().last() == Some(&1);
-                let last = (*ids.last().unwrap(), *types.last().unwrap());
+                let closing_special = e.get_special_tokens_mask().last() == Some(&1);
+                let last = (ids[ids.len() - 1], types[types.len() - 1]);
                 ids.truncate(max_len);
                 types.truncate(max_len);
-                if special && max_len > 0 {
-                    ids[max_len - 1] = last.0;
-                    types[max_len - 1] = last.1;
+                if closing_special {
+                    (ids[max_len - 1], types[max_len - 1]) = last;
                 }
             }
             (ids, types)
         })
         .collect();
+    Ok((rows, truncated))
+}
+
+/// Right-pads rows to the longest with `pad_id`: (input_ids, attention_mask, token_type_ids).
+pub fn pad_right(rows: &[&Tokens], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
-    let (mut ids, mut mask, mut types) = (vec![], vec![], vec![]);
-    for (row_ids, row_types) in &rows {
+    let n = rows.len() * seq;
+    let (mut ids, mut mask, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (row_ids, row_types) in rows {
         let pad = seq - row_ids.len();
         ids.extend(row_ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
         types.extend(row_types.iter().copied().chain(std::iter::repeat_n(0, pad)));
         mask.extend(std::iter::repeat_n(1u32, row_ids.len()).chain(std::iter::repeat_n(0, pad)));
     }
-    let shape = (texts.len(), seq);
-    Ok(EncodedBatch {
-        input_ids: Tensor::from_vec(ids, shape, device)?,
-        attention_mask: Tensor::from_vec(mask, shape, device)?,
-        token_type_ids: Tensor::from_vec(types, shape, device)?,
-        truncated,
-    })
+    let shape = (rows.len(), seq);
+    Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(mask, shape, device)?, Tensor::from_vec(types, shape, device)?))
+}
+
+/// Encodes `texts` (see [`encode_truncated`]) and right-pads them with `pad_id`.
+pub fn encode_batch(tokenizer: &Tokenizer, texts: &[&str], max_len: usize, pad_id: u32, device: &Device) -> Result<EncodedBatch> {
+    if texts.is_empty() {
+        bail!("no texts to encode");
+    }
+    let (rows, truncated) = encode_truncated(tokenizer, texts, max_len)?;
+    let (input_ids, attention_mask, token_type_ids) = pad_right(&rows.iter().collect::<Vec<_>>(), pad_id, device)?;
+    Ok(EncodedBatch { input_ids, attention_mask, token_type_ids, truncated })
 }

@@ -1,6 +1,8 @@
 //! Text-classification files: TSV (GLUE's `sentence<TAB>label`), CSV, or JSON lines.
 
 use anyhow::{bail, Context, Result};
+use crate::tokenizer::{encode_truncated, pad_right, Tokens};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +143,55 @@ impl LabelSet {
 
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
+    }
+}
+
+/// Tokenized, labelled texts; each batch is padded to its own longest text (dynamic padding).
+pub struct TokenizedTexts {
+    rows: Vec<Tokens>,
+    labels: Vec<u32>,
+    pad_id: u32,
+    /// How many texts were cut to the maximum length.
+    pub truncated: usize,
+}
+
+/// One padded batch of [`TokenizedTexts`]: (batch, seq) u32 tensors and (batch,) labels.
+pub struct TextBatch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub token_type_ids: Tensor,
+    pub labels: Tensor,
+}
+
+impl TokenizedTexts {
+    /// Tokenizes `examples` with special tokens, keeping at most `max_len` tokens (the closing
+    /// special token is kept), and maps their labels through `labels`.
+    pub fn new(tokenizer: &tokenizers::Tokenizer, examples: &[TextExample], labels: &LabelSet, max_len: usize, pad_id: u32) -> Result<Self> {
+        if examples.is_empty() {
+            bail!("no examples to tokenize");
+        }
+        let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+        let (rows, truncated) = encode_truncated(tokenizer, &texts, max_len)?;
+        let labels = examples.iter().map(|e| labels.id(&e.label)).collect::<Result<_>>()?;
+        Ok(Self { rows, labels, pad_id, truncated })
+    }
+
+    /// Mean tokens per text.
+    pub fn mean_len(&self) -> f64 {
+        self.rows.iter().map(|r| r.0.len()).sum::<usize>() as f64 / self.rows.len().max(1) as f64
+    }
+}
+
+impl super::Dataset for TokenizedTexts {
+    type Batch = TextBatch;
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn batch(&self, indices: &[usize], device: &Device) -> Result<TextBatch> {
+        let rows: Vec<&Tokens> = indices.iter().map(|&i| &self.rows[i]).collect();
+        let (input_ids, attention_mask, token_type_ids) = pad_right(&rows, self.pad_id, device)?;
+        let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok(TextBatch { input_ids, attention_mask, token_type_ids, labels: Tensor::from_vec(labels, indices.len(), device)? })
     }
 }
 

@@ -94,6 +94,15 @@ pub struct TrainerConfig {
     pub progress: bool,
 }
 
+impl TrainerConfig {
+    /// Optimizer steps a run over `train_len` items takes (what the LR schedule spans).
+    pub fn total_steps(&self, train_len: usize) -> usize {
+        let plan = Batching { batch_size: self.batch_size, shuffle: true, drop_last: self.drop_last, seed: self.seed };
+        let steps_per_epoch = plan.batches_per_epoch(train_len).div_ceil(self.grad_accum.max(1));
+        self.max_steps.unwrap_or_else(|| self.epochs.saturating_mul(steps_per_epoch))
+    }
+}
+
 impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
@@ -189,7 +198,7 @@ impl Trainer {
             bail!("the training set ({} items) is smaller than one batch of {} with drop_last", train.len(), cfg.batch_size);
         }
         let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum);
-        let total_steps = cfg.max_steps.unwrap_or_else(|| cfg.epochs.saturating_mul(steps_per_epoch));
+        let total_steps = cfg.total_steps(train.len());
         if total_steps == 0 {
             bail!("nothing to train: 0 epochs / 0 steps");
         }
