@@ -80,6 +80,7 @@ fn labels(device: &Device) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     let wanted = |n: &str| args.only.as_deref().is_none_or(|o| o == n);

@@ -8,7 +8,8 @@
 
 use crate::nn::{dropout, layer_norm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, Embedding, Linear, VarBuilder};
+use crate::ops::linear::{Dense as Linear, WeightLayout};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,7 +28,7 @@ pub enum HiddenAct {
 impl HiddenAct {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => crate::ops::activation::gelu_erf(x),
             Self::GeluNew => x.gelu(),
             Self::Relu => x.relu(),
         }
@@ -145,7 +146,7 @@ impl LayerNorm {
 fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Linear> {
     let weight = vb.get_with_hints((d_out, d_in), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
     let bias = vb.get_with_hints(d_out, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(Linear::new(weight, Some(bias), WeightLayout::OutIn))
 }
 
 struct Embeddings {

@@ -69,16 +69,24 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&logits, &targets)
 }
 
-/// LayerNorm over the last dimension. When anything in it needs a gradient it is built from plain
-/// ops, so every input gets one (`candle_nn::LayerNorm` on contiguous input uses a fused op with
-/// no backward pass, silently); otherwise (inference) it is candle's fused kernel.
+/// LayerNorm over the last dimension with a gradient for every input: our fused op on f32 CPU
+/// tensors (one pass forward, one backward), candle's fused kernel when nothing needs a gradient
+/// (`candle_nn::LayerNorm` has no backward pass, silently), plain ops otherwise.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
-    if !tracked && x.is_contiguous() {
-        if let Some(bias) = bias {
+    if let Some(bias) = bias {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return crate::ops::norm::layer_norm(x, weight, bias, eps);
+        }
+        let tracked = x.track_op() || weight.track_op() || bias.track_op();
+        if !tracked && x.is_contiguous() {
             return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
         }
     }
+    layer_norm_plain(x, weight, bias, eps)
+}
+
+/// LayerNorm from plain differentiable ops, statistics in f32 (any device and dtype).
+pub fn layer_norm_plain(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;

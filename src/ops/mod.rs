@@ -1,8 +1,11 @@
 //! Custom operations with CPU implementations of our own (and, with `--features cuda`, kernels).
 
+pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod linear;
 pub mod lstm;
+pub mod norm;
 pub mod pool;
 
 use candle_core::{CpuStorage, Layout, Result};
