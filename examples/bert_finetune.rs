@@ -137,6 +137,7 @@ struct PredictArgs {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Predict(args) => predict(args),

@@ -75,6 +75,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = Args::parse();
     let device = args.common.device()?;
     let corpus = CharCorpus::from_file(&args.data)?;

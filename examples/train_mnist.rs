@@ -55,6 +55,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = Args::parse();
     let device = args.common.device()?;
     let mnist = wick::data::mnist::load_dir(&args.data)?;
