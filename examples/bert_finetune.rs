@@ -229,6 +229,9 @@ fn train(args: TrainArgs) -> Result<()> {
         checkpoint::load_varmap(&varmap, &best.join("model.safetensors"))?;
     }
     let metrics = trainer.evaluate(&model, &eval_set)?;
+    // What transformers' Auto classes read to pick the architecture.
+    cfg.model_type = Some("bert".into());
+    cfg.extra.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
     hub::save_pretrained(&output, &cfg, &checkpoint::varmap_tensors(&varmap)?, Some(&files.dir))?;
     let summary = serde_json::json!({
         "eval_accuracy": metrics["accuracy"],
