@@ -1,5 +1,6 @@
 //! Custom operations with CPU implementations of our own (and, with `--features cuda`, kernels).
 
+pub mod attention;
 pub mod conv;
 pub mod lstm;
 pub mod pool;
