@@ -202,11 +202,19 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
 
 /// The extra memory the fused CPU forward pass allocates beyond its inputs and output, in bytes,
 /// with `threads` tasks in flight: the saved logsumexp (4·batch·heads·q_len) and, per task, one
-/// BR×BC score tile and the running max and sum of BR rows. (f16/bf16 inputs also take an f32
+/// score tile (and on the AVX-512 path the task's packed queries; the running max and sum live
+/// on the stack). (f16/bf16 inputs also take an f32
 /// copy of q, k, v and of the output.)
-pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_len: usize, threads: usize) -> usize {
-    let tile = BR.min(q_len) * BC.min(kv_len) + 2 * BR.min(q_len);
-    4 * (batch * heads * q_len + threads * tile)
+pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize, threads: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(head_dim) {
+        // scale·Qᵀ (BQ × head_dim) and Sᵀ (BK × BQ) per task
+        let task = (avx512::BQ * head_dim + avx512::BK * avx512::BQ) * 4;
+        return 4 * batch * heads * q_len + threads * task;
+    }
+    let _ = head_dim;
+    let task = (BR.min(q_len) * BC.min(kv_len)) * 4;
+    4 * batch * heads * q_len + threads * task
 }
 
 /// The op: q, k, v (contiguous, f32 on the CPU) → the attention output.
@@ -266,9 +274,18 @@ impl CustomOp3 for FusedAttention {
         let mut out = vec![0f32; b * h * lq * d];
         let mut lse = vec![0f32; b * h * lq];
         if lq > 0 && d > 0 {
+            #[cfg(target_arch = "x86_64")]
+            let fast = avx512::usable(d);
+            #[cfg(not(target_arch = "x86_64"))]
+            let fast = false;
+            let br = if fast { avx512::BQ } else { BR };
             out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
-                o.par_chunks_mut(BR * d).zip(l.par_chunks_mut(BR)).enumerate().for_each(|(qb, (o, l))| {
-                    simd::forward_block(&p, bh, qb * BR, o, l);
+                o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        return avx512::forward_block(&p, bh, qb * br, o, l);
+                    }
+                    simd::forward_block(&p, bh, qb * br, o, l);
                 })
             });
         }
@@ -727,5 +744,7 @@ mod simd {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(feature = "cuda")]
 mod cuda;
