@@ -35,6 +35,7 @@ fn cases() -> Vec<Case> {
         (2, 2, 8, 8, 32, false, Some(vec![8, 0])),          // a batch entry fully padded
         (1, 1, 300, 520, 128, true, None),
         (1, 3, 65, 129, 64, false, None),
+        (2, 2, 13, 21, 24, true, Some(vec![21, 7])), // head_dim not a multiple of 16 (portable kernel)
     ]
 }
 

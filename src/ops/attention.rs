@@ -183,14 +183,14 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
                 Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
             };
-            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None) };
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None), portable: false };
             let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
             let out = f32(q)?.apply_op3(&f32(k)?, &f32(v)?, op)?;
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) if matches!(d, 32 | 64 | 128) => {
-            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None) };
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable: false };
             q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         _ => {
@@ -228,6 +228,8 @@ struct FusedAttention {
     /// The logsumexp of every row's scaled scores (+inf for rows that see no key), saved by the
     /// CPU forward pass for the backward pass.
     lse: Mutex<Option<Vec<f32>>>,
+    /// Use the portable CPU kernel even where the AVX-512 one applies (for tests).
+    portable: bool,
 }
 
 /// One attention problem, f32 and contiguous, on the CPU.
@@ -275,9 +277,12 @@ impl CustomOp3 for FusedAttention {
         let mut lse = vec![0f32; b * h * lq];
         if lq > 0 && d > 0 {
             #[cfg(target_arch = "x86_64")]
-            let fast = avx512::usable(d);
+            let fast = !self.portable && avx512::usable(d);
             #[cfg(not(target_arch = "x86_64"))]
-            let fast = false;
+            let fast = {
+                let _ = self.portable;
+                false
+            };
             let br = if fast { avx512::BQ } else { BR };
             out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
                 o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
@@ -746,5 +751,44 @@ mod simd {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The portable CPU kernel (the `gemm` crate's products), which the AVX-512 one replaces
+    /// on this kind of machine, against the reference, forwards and backwards.
+    #[test]
+    fn portable_kernel_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, d, causal, masked) in [(2, 2, 70, 300, 64, true, true), (1, 3, 1, 33, 32, false, true), (2, 1, 9, 5, 24, true, false)] {
+            let q = Var::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let lens = [lk, lk / 2 + 1];
+            let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
+            let mask = masked.then_some(mask);
+            let op = FusedAttention {
+                scale: 0.125,
+                causal,
+                mask: mask.clone(),
+                mask_cpu: mask.as_ref().map(|m| m.flatten_all()?.to_vec1::<f32>()).transpose()?,
+                lse: Mutex::new(None),
+                portable: true,
+            };
+            let fused = q.apply_op3(&k, &v, op)?;
+            let reference = reference_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;
+            let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+            assert!(close(&fused, &reference)? < 1e-5);
+            let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let (g1, g2) = ((&fused * &w)?.sum_all()?.backward()?, (&reference * &w)?.sum_all()?.backward()?);
+            for x in [&q, &k, &v] {
+                assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4);
+            }
+        }
+        Ok(())
+    }
+}
 #[cfg(feature = "cuda")]
 mod cuda;
