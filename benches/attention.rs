@@ -7,6 +7,11 @@
 //!     [--batch 1] [--heads 12] [--dtype f32|f16|bf16] [--device cpu|cuda] [--impls fused,reference]
 //!     [--backward] [--max-ref-seq N]
 //!
+//! `--check IN OUT`: instead of timing, runs `fused_attention` on every case of IN (the format of
+//! tests/fixtures/attention.safetensors: `cases` and `case<i>.{q,k,v,w,scale[,mask]}`, any float
+//! dtype) on `--device`, and writes `case<i>.{out,grad_q,grad_k,grad_v}` (gradients of
+//! sum(out * w)) to OUT; scripts/attention_check.py compares them with PyTorch.
+//!
 //! Threads: RAYON_NUM_THREADS (default: all cores). `extra_bytes` is the peak heap memory the
 //! call allocated beyond its output, measured with a counting allocator (CPU only), next to
 //! `extra_bytes_model`, the fused op's buffers counted from its tile sizes.
@@ -73,6 +78,7 @@ struct Args {
     impls: Vec<String>,
     backward: bool,
     max_ref_seq: usize,
+    check: Option<(String, String)>,
 }
 
 fn list(s: Option<String>) -> Result<Vec<usize>> {
@@ -91,6 +97,7 @@ fn parse_args() -> Result<Args> {
         impls: vec!["fused".into(), "reference".into()],
         backward: false,
         max_ref_seq: 4096,
+        check: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -112,6 +119,7 @@ fn parse_args() -> Result<Args> {
             "--impls" => a.impls = it.next().unwrap_or_default().split(',').map(String::from).collect(),
             "--backward" => a.backward = true,
             "--max-ref-seq" => a.max_ref_seq = it.next().unwrap_or_default().parse()?,
+            "--check" => a.check = Some((it.next().unwrap_or_default(), it.next().unwrap_or_default())),
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other:?}"),
         }
@@ -131,9 +139,37 @@ fn flops(b: usize, h: usize, s: usize, d: usize, causal: bool, backward: bool) -
     }
 }
 
+/// `--check IN OUT` (see the module docs).
+fn check(device: &candle_core::Device, input: &str, output: &str) -> Result<()> {
+    let t = candle_core::safetensors::load(input, device)?;
+    let get = |k: &str| t.get(k).cloned().ok_or_else(|| anyhow::anyhow!("{input} has no {k}"));
+    let cases = get("cases")?.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mut out = std::collections::HashMap::new();
+    for (c, flags) in cases.iter().enumerate() {
+        let p = |n: &str| format!("case{c}.{n}");
+        let (q, k, v) = (Var::from_tensor(&get(&p("q"))?)?, Var::from_tensor(&get(&p("k"))?)?, Var::from_tensor(&get(&p("v"))?)?);
+        let w = get(&p("w"))?;
+        let mask = if flags[1] != 0 { Some(get(&p("mask"))?) } else { None };
+        let scale = get(&p("scale"))?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64;
+        let o = fused_attention(&q, &k, &v, mask.as_ref(), scale, flags[0] != 0)?;
+        let grads = (o.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        out.insert(p("out"), o.to_dtype(DType::F32)?);
+        for (n, x) in [("grad_q", &q), ("grad_k", &k), ("grad_v", &v)] {
+            let g = grads.get(x).ok_or_else(|| anyhow::anyhow!("no gradient for {n}"))?;
+            out.insert(p(n), g.to_dtype(DType::F32)?);
+        }
+    }
+    candle_core::safetensors::save(&out, output)?;
+    eprintln!("wrote {} cases to {output}", cases.len());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
+    if let Some((input, output)) = &args.check {
+        return check(&device, input, output);
+    }
     let threads = candle_core::utils::get_num_threads();
     for &d in &args.head_dims {
         for &s in &args.seqs {

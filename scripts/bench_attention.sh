@@ -5,15 +5,16 @@
 #
 #   scripts/bench_attention.sh [--threads N] [--seconds S] [--seqs 256,1024,4096] [--head-dims 64]
 #                              [--dtype f32|f16|bf16] [--device cpu|cuda] [--backward]
+#                              [--batch 1] [--heads 12]
 #
-# Shapes: batch 1, 12 heads (bench defaults), causal and not. Needs a Python with torch:
+# Shapes: batch 1, 12 heads by default, causal and not. Needs a Python with torch:
 # PYTHON=/path/to/venv/bin/python (default: python3); install with
 #   python3 -m venv venv && venv/bin/pip install torch
 # Run it on an otherwise idle machine: both thread pools degrade badly under load.
 # BENCH_BIN=path skips the cargo build and runs that (already built) bench binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2 seconds=2 seqs=256,1024,4096 head_dims=64 dtype=f32 device=cpu backward=""
+threads=2 seconds=2 seqs=256,1024,4096 head_dims=64 dtype=f32 device=cpu backward="" batch=1 heads=12
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
@@ -23,6 +24,8 @@ while [ $# -gt 0 ]; do
     --dtype) dtype=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --backward) backward=--backward; shift ;;
+    --batch) batch=$2; shift 2 ;;
+    --heads) heads=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -33,7 +36,7 @@ if [ -z "${BENCH_BIN:-}" ]; then
   cargo build --release --bench attention $features >&2
   BENCH_BIN=$(ls -t target/release/deps/attention-* | grep -v '\.d$' | head -1)
 fi
-common=(--seconds "$seconds" --seqs "$seqs" --head-dims "$head_dims" --dtype "$dtype" --device "$device" $backward)
+common=(--seconds "$seconds" --seqs "$seqs" --head-dims "$head_dims" --dtype "$dtype" --device "$device" --batch "$batch" --heads "$heads" $backward)
 wick_out=$(RAYON_NUM_THREADS=$threads "$BENCH_BIN" "${common[@]}")
 torch_out=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_attention.py --threads "$threads" "${common[@]}")
 "$python" - "$wick_out" "$torch_out" <<'PY'

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Checks and benchmarks wick's fused attention on an NVIDIA GPU, on a machine that has the GPU
+# driver, PyTorch (with CUDA) and safetensors but no Rust: the binaries are built elsewhere.
+#
+# 1. On the build machine (CUDA toolkit, no GPU needed):
+#      source /work/cuda-tc/cuda_env.sh   # or scripts/cuda-build.sh's toolchain
+#      export CUDA_COMPUTE_CAP=90 CUDAFORGE_THREADS=2
+#      CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda --tests --benches
+#      scripts/gpu-attention-check.sh --collect /work/target-cuda
+#    which copies the attention test and bench binaries, stripped, to gpu-bin/ (git-ignored:
+#    carry that folder with the repository).
+# 2. On the GPU machine, from anywhere:
+#      scripts/gpu-attention-check.sh [--quick]
+#    a) the Rust tests of tests/attention.rs on CUDA (WICK_TEST_DEVICE=cuda): fused vs the
+#       candle-ops reference (f32 1e-5, gradients 1e-4; f16/bf16 1e-2) and both vs the PyTorch
+#       fixture;
+#    b) scripts/attention_check.py: wick vs torch SDPA on larger random cases (f32 < 1e-5,
+#       bf16 < 1e-2);
+#    c) the TFLOP/s table: our kernel vs candle unfused vs torch SDPA, bf16, head_dim 64 and 128,
+#       seq 512..8192, causal and not, batch 4, 16 heads (scripts/bench_attention.sh; candle
+#       unfused only up to seq 4096, where its (4, 16, seq, seq) f32 scores take 4 GiB each).
+#    --quick: smaller bench (seq 512..2048, 0.5 s per point).
+# PYTHON=/path/to/python picks the Python (default python3). Exit status: nonzero if a check fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=gpu-bin
+
+if [ "${1:-}" = "--collect" ]; then
+  target=${2:?usage: --collect CARGO_TARGET_DIR}
+  mkdir -p "$bin"
+  test_bin="" bench_bin=""
+  # tests/attention.rs and benches/attention.rs both build to deps/attention-<hash>: tell them
+  # apart by whether the binary lists the tests; newest first.
+  for f in $(ls -t "$target"/release/deps/attention-* | grep -v '\.d$'); do
+    [ -x "$f" ] || continue
+    if "$f" --list 2>/dev/null | grep -q both_match_pytorch_sdpa; then
+      [ -z "$test_bin" ] && test_bin=$f
+    else
+      [ -z "$bench_bin" ] && bench_bin=$f
+    fi
+  done
+  [ -n "$test_bin" ] && [ -n "$bench_bin" ] || { echo "no attention test/bench binaries under $target/release/deps" >&2; exit 1; }
+  objcopy --strip-debug "$test_bin" "$bin/attention-test"
+  objcopy --strip-debug "$bench_bin" "$bin/attention-bench"
+  ls -la "$bin"
+  exit 0
+fi
+
+quick=""
+[ "${1:-}" = "--quick" ] && quick=1
+python=${PYTHON:-python3}
+for f in "$bin/attention-test" "$bin/attention-bench"; do
+  [ -x "$f" ] || { echo "missing $f: build and --collect first (see the top of this script)" >&2; exit 1; }
+  if ldd "$f" | grep -q 'not found'; then
+    echo "$f lacks libraries:" >&2; ldd "$f" | grep 'not found' >&2; exit 1
+  fi
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+
+status=0
+echo "== a) Rust attention tests on CUDA"
+WICK_TEST_DEVICE=cuda "$bin/attention-test" --test-threads 1 || status=1
+
+echo "== b) wick vs torch SDPA"
+"$python" scripts/attention_check.py --bench-bin "$bin/attention-bench" --device cuda || status=1
+
+echo "== c) TFLOP/s, bf16"
+if [ -n "$quick" ]; then seqs=512,1024,2048 seconds=0.5; else seqs=512,1024,2048,4096,8192 seconds=1; fi
+BENCH_BIN="$bin/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype bf16 \
+  --head-dims 64,128 --seqs "$seqs" --batch 4 --heads 16 --seconds "$seconds" || status=1
+echo "== c') f32, head_dim 64"
+BENCH_BIN="$bin/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype f32 \
+  --head-dims 64 --seqs 1024,4096 --batch 4 --heads 16 --seconds "$seconds" || status=1
+exit $status
