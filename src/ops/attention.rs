@@ -378,7 +378,12 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
             .for_each(|(bh, ((dq, dk), dv))| {
                 let o = &ov[bh * lq * d..][..lq * d];
                 let g = &gv[bh * lq * d..][..lq * d];
-                simd::backward_head(&p, bh, o, g, &lse[bh * lq..][..lq], dq, dk, dv);
+                let lse = &lse[bh * lq..][..lq];
+                #[cfg(target_arch = "x86_64")]
+                if !op.portable && avx512::usable(d) {
+                    return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+                }
+                simd::backward_head(&p, bh, o, g, lse, dq, dk, dv);
             });
     }
     let dev = Device::Cpu;

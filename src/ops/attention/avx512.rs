@@ -95,56 +95,93 @@ unsafe fn qk_tile<const NR: usize>(k: *const f32, n: usize, d: usize, qt: *const
     }
 }
 
-/// o[i][..16NV] = corr[i]·o[i][..] + Σ_j pt[j][i]·v[j][..] for the R rows i < R, over n keys.
-/// `pt` points at column i0 of Pᵀ, `v` and `o` at column c0.
+/// c[r][..16NV] = base_r + Σ_{t < nt} a[r·ar + t·at]·b[t·ldb ..] for the R rows r < R, where
+/// base_r = corr[r]·c[r][..] (or c[r][..] when `corr` is null: plain accumulation).
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pv<const R: usize, const NV: usize>(pt: *const f32, v: *const f32, n: usize, d: usize, o: *mut f32, corr: *const f32) {
+unsafe fn rank_update<const R: usize, const NV: usize>(a: *const f32, ar: usize, at: usize, b: *const f32, ldb: usize, nt: usize, c: *mut f32, ldc: usize, corr: *const f32) {
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
-    for (r, a) in acc.iter_mut().enumerate() {
-        let c = _mm512_set1_ps(unsafe { *corr.add(r) });
-        for (t, x) in a.iter_mut().enumerate() {
-            *x = _mm512_mul_ps(c, unsafe { _mm512_loadu_ps(o.add(r * d + 16 * t)) });
-        }
-    }
-    for j in 0..n {
-        let mut vv = [_mm512_setzero_ps(); NV];
-        for (t, x) in vv.iter_mut().enumerate() {
-            *x = unsafe { _mm512_loadu_ps(v.add(j * d + 16 * t)) };
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let pb = _mm512_set1_ps(unsafe { *pt.add(j * BQ + r) });
-            for t in 0..NV {
-                a[t] = _mm512_fmadd_ps(pb, vv[t], a[t]);
+    for (r, x) in acc.iter_mut().enumerate() {
+        for (t, y) in x.iter_mut().enumerate() {
+            *y = unsafe { _mm512_loadu_ps(c.add(r * ldc + 16 * t)) };
+            if !corr.is_null() {
+                *y = _mm512_mul_ps(_mm512_set1_ps(unsafe { *corr.add(r) }), *y);
             }
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        for (t, x) in a.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(o.add(r * d + 16 * t), *x) };
+    for t in 0..nt {
+        let mut bv = [_mm512_setzero_ps(); NV];
+        for (u, x) in bv.iter_mut().enumerate() {
+            *x = unsafe { _mm512_loadu_ps(b.add(t * ldb + 16 * u)) };
+        }
+        for (r, x) in acc.iter_mut().enumerate() {
+            let ab = _mm512_set1_ps(unsafe { *a.add(r * ar + t * at) });
+            for u in 0..NV {
+                x[u] = _mm512_fmadd_ps(ab, bv[u], x[u]);
+            }
+        }
+    }
+    for (r, x) in acc.iter().enumerate() {
+        for (t, y) in x.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(c.add(r * ldc + 16 * t), *y) };
         }
     }
 }
 
-/// P·V for `rows` query rows and the NV-vector column chunk at `v`/`o`.
+/// [`rank_update`] for `rows` rows and NV vectors of columns.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pv_chunk<const NV: usize>(pt: *const f32, v: *const f32, n: usize, d: usize, o: *mut f32, corr: *const f32, rows: usize) {
+unsafe fn rank_update_rows<const NV: usize>(a: *const f32, ar: usize, at: usize, b: *const f32, ldb: usize, nt: usize, c: *mut f32, ldc: usize, corr: *const f32, rows: usize) {
     let mut i = 0;
+    let cr = |i: usize| if corr.is_null() { corr } else { unsafe { corr.add(i) } };
     unsafe {
         while i + MR <= rows {
-            pv::<MR, NV>(pt.add(i), v, n, d, o.add(i * d), corr.add(i));
+            rank_update::<MR, NV>(a.add(i * ar), ar, at, b, ldb, nt, c.add(i * ldc), ldc, cr(i));
             i += MR;
         }
-        let (pt, o, corr) = (pt.add(i), o.add(i * d), corr.add(i));
+        let (a, c, corr) = (a.add(i * ar), c.add(i * ldc), cr(i));
         match rows - i {
             0 => {}
-            1 => pv::<1, NV>(pt, v, n, d, o, corr),
-            2 => pv::<2, NV>(pt, v, n, d, o, corr),
-            3 => pv::<3, NV>(pt, v, n, d, o, corr),
-            4 => pv::<4, NV>(pt, v, n, d, o, corr),
-            _ => pv::<5, NV>(pt, v, n, d, o, corr),
+            1 => rank_update::<1, NV>(a, ar, at, b, ldb, nt, c, ldc, corr),
+            2 => rank_update::<2, NV>(a, ar, at, b, ldb, nt, c, ldc, corr),
+            3 => rank_update::<3, NV>(a, ar, at, b, ldb, nt, c, ldc, corr),
+            4 => rank_update::<4, NV>(a, ar, at, b, ldb, nt, c, ldc, corr),
+            _ => rank_update::<5, NV>(a, ar, at, b, ldb, nt, c, ldc, corr),
         }
+    }
+}
+
+/// C (rows × d, row stride d) = corr∘C + A·B, where A(r, t) = a[r·ar + t·at] (t < nt) and B is
+/// nt × d with row stride d; or C += A·B when `corr` is null. d a multiple of 16.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn product(a: *const f32, ar: usize, at: usize, b: *const f32, nt: usize, c: *mut f32, corr: *const f32, rows: usize, d: usize) {
+    let mut c0 = 0;
+    while c0 < d {
+        let (bc, cc) = (unsafe { b.add(c0) }, unsafe { c.add(c0) });
+        match ((d - c0) / 16).min(4) {
+            1 => unsafe { rank_update_rows::<1>(a, ar, at, bc, d, nt, cc, d, corr, rows) },
+            2 => unsafe { rank_update_rows::<2>(a, ar, at, bc, d, nt, cc, d, corr, rows) },
+            3 => unsafe { rank_update_rows::<3>(a, ar, at, bc, d, nt, cc, d, corr, rows) },
+            _ => unsafe { rank_update_rows::<4>(a, ar, at, bc, d, nt, cc, d, corr, rows) },
+        }
+        c0 += 64;
+    }
+}
+
+/// Xᵀ (n × BQ, queries along the lanes) = rows·Pᵀ for the n rows of `rows` (row-major, d
+/// columns) against the packed d × BQ matrix `packed`, with `nr` 16-lane vectors.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn times_packed(rows: *const f32, n: usize, d: usize, packed: *const f32, out: *mut f32, nr: usize) {
+    match nr {
+        1 => unsafe { qk_tile::<1>(rows, n, d, packed, out) },
+        2 => unsafe { qk_tile::<2>(rows, n, d, packed, out) },
+        3 => unsafe { qk_tile::<3>(rows, n, d, packed, out) },
+        _ => unsafe { qk_tile::<4>(rows, n, d, packed, out) },
     }
 }
 
@@ -195,12 +232,7 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
             continue;
         }
         let kt = k[j0 * d..(j0 + n) * d].as_ptr();
-        match nr {
-            1 => unsafe { qk_tile::<1>(kt, n, d, qt.as_ptr(), st.as_mut_ptr()) },
-            2 => unsafe { qk_tile::<2>(kt, n, d, qt.as_ptr(), st.as_mut_ptr()) },
-            3 => unsafe { qk_tile::<3>(kt, n, d, qt.as_ptr(), st.as_mut_ptr()) },
-            _ => unsafe { qk_tile::<4>(kt, n, d, qt.as_ptr(), st.as_mut_ptr()) },
-        }
+        unsafe { times_packed(kt, n, d, qt.as_ptr(), st.as_mut_ptr(), nr) };
         let diagonal = j0 + n > first_full;
         for t in 0..nr {
             let lim = unsafe { _mm512_loadu_si512(limit.as_ptr().add(16 * t) as *const _) };
@@ -238,17 +270,8 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
             }
         }
         let vt = v[j0 * d..(j0 + n) * d].as_ptr();
-        let mut c0 = 0;
-        while c0 < d {
-            let (vc, oc) = (unsafe { vt.add(c0) }, unsafe { o.as_mut_ptr().add(c0) });
-            match ((d - c0) / 16).min(4) {
-                1 => unsafe { pv_chunk::<1>(st.as_ptr(), vc, n, d, oc, corr.as_ptr(), rows) },
-                2 => unsafe { pv_chunk::<2>(st.as_ptr(), vc, n, d, oc, corr.as_ptr(), rows) },
-                3 => unsafe { pv_chunk::<3>(st.as_ptr(), vc, n, d, oc, corr.as_ptr(), rows) },
-                _ => unsafe { pv_chunk::<4>(st.as_ptr(), vc, n, d, oc, corr.as_ptr(), rows) },
-            }
-            c0 += 64;
-        }
+        // O = corr∘O + P·V, P(i, j) = Sᵀ[j][i]
+        unsafe { product(st.as_ptr(), 1, BQ, vt, n, o.as_mut_ptr(), corr.as_ptr(), rows, d) };
         j0 += n;
     }
     for i in 0..rows {
@@ -261,5 +284,112 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
             row.fill(0.0);
             lse[i] = f32::INFINITY;
         }
+    }
+}
+
+/// The gradients of one (batch, head) (flash-attention 2's backward pass with the layouts of the
+/// forward): dq (q_len × d), dk and dv (kv_len × d), zeroed here. Per key tile of [`BK`] and
+/// block of [`BQ`] queries that sees it: Sᵀ = K·(scale·Q)ᵀ, Pᵀ = exp(Sᵀ − lse),
+/// dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = scale·Pᵀ∘(dPᵀ − delta), dQ += dS·K, dK += dSᵀ·Q.
+/// Extra memory: scale·Qᵀ and dOᵀ packed (2·q_len·d), two BK × BQ tiles, three q_len vectors.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_head(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    // SAFETY: as for `forward_block`.
+    unsafe { backward_head_impl(p, bh, o, g, lse, dq, dk, dv) }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn backward_head_impl(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    let (d, lq, lk) = (p.d, p.lq, p.lk);
+    assert!(d % 16 == 0 && o.len() == lq * d && g.len() == lq * d && lse.len() == lq);
+    assert!(dq.len() == lq * d && dk.len() == lk * d && dv.len() == lk * d);
+    let q = &p.q[bh * lq * d..][..lq * d];
+    let k = &p.k[bh * lk * d..][..lk * d];
+    let v = &p.v[bh * lk * d..][..lk * d];
+    let keys = p.keys(bh);
+    dq.fill(0.0);
+    dk.fill(0.0);
+    dv.fill(0.0);
+    let blocks = lq.div_ceil(BQ);
+    let mut qt = vec![0f32; blocks * d * BQ];
+    let mut gt = vec![0f32; blocks * d * BQ];
+    let mut delta = vec![0f32; blocks * BQ];
+    let mut lse_p = vec![f32::INFINITY; blocks * BQ];
+    let mut limit = vec![0i32; blocks * BQ];
+    for i in 0..lq {
+        let (blk, lane) = (i / BQ, i % BQ);
+        let (qi, gi, oi) = (&q[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]);
+        for c in 0..d {
+            qt[(blk * d + c) * BQ + lane] = qi[c] * p.scale;
+            gt[(blk * d + c) * BQ + lane] = gi[c];
+        }
+        delta[i] = gi.iter().zip(oi).map(|(a, b)| a * b).sum();
+        lse_p[i] = lse[i];
+        limit[i] = p.limit(i) as i32;
+    }
+    let mut pt = vec![0f32; BK * BQ];
+    let mut ds = vec![0f32; BK * BQ];
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let scale = _mm512_set1_ps(p.scale);
+    let mut j0 = 0;
+    while j0 < lk {
+        let n = BK.min(lk - j0);
+        let tile_keys = keys.map(|ks| &ks[j0..j0 + n]);
+        // the first query row that sees key j0
+        let first = if p.causal { (j0 + lq).saturating_sub(lk) } else { 0 };
+        if first >= lq || tile_keys.is_some_and(|ks| ks.iter().all(|&x| x == 0.0)) {
+            j0 += n;
+            continue;
+        }
+        let (kt, vt) = (k[j0 * d..].as_ptr(), v[j0 * d..].as_ptr());
+        let (dk_t, dv_t) = (dk[j0 * d..].as_mut_ptr(), dv[j0 * d..].as_mut_ptr());
+        for blk in first / BQ..blocks {
+            let i0 = blk * BQ;
+            let rows = BQ.min(lq - i0);
+            let nr = rows.div_ceil(16);
+            let diagonal = j0 + n > p.limit(i0);
+            unsafe {
+                times_packed(kt, n, d, qt[blk * d * BQ..].as_ptr(), pt.as_mut_ptr(), nr);
+                times_packed(vt, n, d, gt[blk * d * BQ..].as_ptr(), ds.as_mut_ptr(), nr);
+            }
+            for t in 0..nr {
+                let lane0 = i0 + 16 * t;
+                let (l, lim, dl) = unsafe {
+                    (
+                        _mm512_loadu_ps(lse_p.as_ptr().add(lane0)),
+                        _mm512_loadu_si512(limit.as_ptr().add(lane0) as *const _),
+                        _mm512_loadu_ps(delta.as_ptr().add(lane0)),
+                    )
+                };
+                for j in 0..n {
+                    let (pp, dp) = unsafe { (pt.as_mut_ptr().add(j * BQ + 16 * t), ds.as_mut_ptr().add(j * BQ + 16 * t)) };
+                    let pv = if tile_keys.is_some_and(|ks| ks[j] == 0.0) {
+                        _mm512_setzero_ps()
+                    } else {
+                        let mut x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(pp) }, l);
+                        if diagonal {
+                            let seen = _mm512_cmplt_epi32_mask(_mm512_set1_epi32((j0 + j) as i32), lim);
+                            x = _mm512_mask_blend_ps(seen, neg_inf, x);
+                        }
+                        exp(x)
+                    };
+                    let dsv = _mm512_mul_ps(_mm512_mul_ps(pv, scale), _mm512_sub_ps(unsafe { _mm512_loadu_ps(dp) }, dl));
+                    unsafe {
+                        _mm512_storeu_ps(pp, pv);
+                        _mm512_storeu_ps(dp, dsv);
+                    }
+                }
+            }
+            let null = std::ptr::null();
+            unsafe {
+                // dV += Pᵀ·dO, dK += dSᵀ·Q (rows: keys; sum over the block's queries)
+                product(pt.as_ptr(), BQ, 1, g[i0 * d..].as_ptr(), rows, dv_t, null, n, d);
+                product(ds.as_ptr(), BQ, 1, q[i0 * d..].as_ptr(), rows, dk_t, null, n, d);
+                // dQ += dS·K (rows: queries; sum over the tile's keys)
+                product(ds.as_ptr(), 1, BQ, kt, n, dq[i0 * d..].as_mut_ptr(), null, rows, d);
+            }
+        }
+        j0 += n;
     }
 }
