@@ -7,8 +7,8 @@
 #      export CUDA_COMPUTE_CAP=90 CUDAFORGE_THREADS=2
 #      CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda --tests --benches
 #      scripts/gpu-attention-check.sh --collect /work/target-cuda
-#    which copies the attention test and bench binaries, stripped, to gpu-bin/ (git-ignored:
-#    carry that folder with the repository).
+#    which puts the attention test and bench binaries, stripped and gzipped (~13 MB each), in
+#    gpu-bin/ (git-ignored: carry that folder with the repository).
 # 2. On the GPU machine, from anywhere:
 #      scripts/gpu-attention-check.sh [--quick]
 #    a) the Rust tests of tests/attention.rs on CUDA (WICK_TEST_DEVICE=cuda): fused vs the
@@ -30,18 +30,20 @@ if [ "${1:-}" = "--collect" ]; then
   mkdir -p "$bin"
   test_bin="" bench_bin=""
   # tests/attention.rs and benches/attention.rs both build to deps/attention-<hash>: tell them
-  # apart by whether the binary lists the tests; newest first.
+  # apart by the source their .d file names; newest first.
   for f in $(ls -t "$target"/release/deps/attention-* | grep -v '\.d$'); do
-    [ -x "$f" ] || continue
-    if "$f" --list 2>/dev/null | grep -q both_match_pytorch_sdpa; then
+    if grep -q 'tests/attention.rs' "$f.d" 2>/dev/null; then
       [ -z "$test_bin" ] && test_bin=$f
-    else
+    elif grep -q 'benches/attention.rs' "$f.d" 2>/dev/null; then
       [ -z "$bench_bin" ] && bench_bin=$f
     fi
   done
   [ -n "$test_bin" ] && [ -n "$bench_bin" ] || { echo "no attention test/bench binaries under $target/release/deps" >&2; exit 1; }
-  objcopy --strip-debug "$test_bin" "$bin/attention-test"
-  objcopy --strip-debug "$bench_bin" "$bin/attention-bench"
+  # ~120 MB each with candle's kernels: stripped and gzipped they are ~13 MB (carry limit 64 MiB)
+  for pair in "$test_bin:attention-test" "$bench_bin:attention-bench"; do
+    objcopy --strip-all "${pair%%:*}" "$bin/${pair##*:}"
+    gzip -f "$bin/${pair##*:}"
+  done
   ls -la "$bin"
   exit 0
 fi
@@ -49,10 +51,14 @@ fi
 quick=""
 [ "${1:-}" = "--quick" ] && quick=1
 python=${PYTHON:-python3}
-for f in "$bin/attention-test" "$bin/attention-bench"; do
-  [ -x "$f" ] || { echo "missing $f: build and --collect first (see the top of this script)" >&2; exit 1; }
-  if ldd "$f" | grep -q 'not found'; then
-    echo "$f lacks libraries:" >&2; ldd "$f" | grep 'not found' >&2; exit 1
+run=$(mktemp -d)
+trap 'rm -rf "$run"' EXIT
+for name in attention-test attention-bench; do
+  [ -f "$bin/$name.gz" ] || { echo "missing $bin/$name.gz: build and --collect first (see the top of this script)" >&2; exit 1; }
+  gunzip -c "$bin/$name.gz" > "$run/$name"
+  chmod +x "$run/$name"
+  if ldd "$run/$name" | grep -q 'not found'; then
+    echo "$name lacks libraries:" >&2; ldd "$run/$name" | grep 'not found' >&2; exit 1
   fi
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -60,16 +66,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 status=0
 echo "== a) Rust attention tests on CUDA"
-WICK_TEST_DEVICE=cuda "$bin/attention-test" --test-threads 1 || status=1
+WICK_TEST_DEVICE=cuda "$run/attention-test" --test-threads 1 || status=1
 
 echo "== b) wick vs torch SDPA"
-"$python" scripts/attention_check.py --bench-bin "$bin/attention-bench" --device cuda || status=1
+"$python" scripts/attention_check.py --bench-bin "$run/attention-bench" --device cuda || status=1
 
 echo "== c) TFLOP/s, bf16"
 if [ -n "$quick" ]; then seqs=512,1024,2048 seconds=0.5; else seqs=512,1024,2048,4096,8192 seconds=1; fi
-BENCH_BIN="$bin/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype bf16 \
+BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype bf16 \
   --head-dims 64,128 --seqs "$seqs" --batch 4 --heads 16 --seconds "$seconds" || status=1
 echo "== c') f32, head_dim 64"
-BENCH_BIN="$bin/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype f32 \
+BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype f32 \
   --head-dims 64 --seqs 1024,4096 --batch 4 --heads 16 --seconds "$seconds" || status=1
 exit $status

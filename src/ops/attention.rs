@@ -364,9 +364,20 @@ fn recompute_backward(
 fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, lse: &[f32]) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
-    let vec = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
-    let (qv, kv, vv, ov, gv) = (vec(q)?, vec(k)?, vec(v)?, vec(out)?, vec(grad)?);
-    let p = Problem { q: &qv, k: &kv, v: &vv, mask: op.mask_cpu.as_deref(), h, lq, lk, d, scale: op.scale, causal: op.causal };
+    // Borrow the (contiguous f32) storages rather than copying them.
+    let tensors = [q, k, v, out, grad].map(|t| t.to_dtype(DType::F32).and_then(|t| t.contiguous()));
+    let [qt, kt, vt, ot, gt] = tensors;
+    let (qt, kt, vt, ot, gt) = (qt?, kt?, vt?, ot?, gt?);
+    let guards = [&qt, &kt, &vt, &ot, &gt].map(|t| t.storage_and_layout());
+    let mut slices = Vec::with_capacity(5);
+    for (storage, layout) in &guards {
+        match &**storage {
+            candle_core::Storage::Cpu(s) => slices.push(super::cpu_f32(s, layout, "fused attention backward")?),
+            _ => candle_core::bail!("fused attention backward: tensors not on the CPU"),
+        }
+    }
+    let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
+    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), h, lq, lk, d, scale: op.scale, causal: op.causal };
     let mut dq = vec![0f32; b * h * lq * d];
     let mut dk = vec![0f32; b * h * lk * d];
     let mut dv = vec![0f32; b * h * lk * d];
