@@ -11,6 +11,8 @@
 #    gpu-bin/ (git-ignored: carry that folder with the repository).
 # 2. On the GPU machine, from anywhere:
 #      scripts/gpu-attention-check.sh [--quick]
+#    a)-c) run for both CUDA kernels (WICK_ATTENTION_CUDA_KERNEL=simt, the default, and wmma,
+#       the tensor-core one for f16/bf16):
 #    a) the Rust tests of tests/attention.rs on CUDA (WICK_TEST_DEVICE=cuda): fused vs the
 #       candle-ops reference (f32 1e-5, gradients 1e-4; f16/bf16 1e-2) and both vs the PyTorch
 #       fixture;
@@ -65,17 +67,23 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
 
 status=0
-echo "== a) Rust attention tests on CUDA"
-WICK_TEST_DEVICE=cuda "$run/attention-test" --test-threads 1 || status=1
+# Both CUDA kernels: the CUDA-core one (default) and the tensor-core one for f16/bf16 (opt-in).
+for kernel in simt wmma; do
+  export WICK_ATTENTION_CUDA_KERNEL=$kernel
+  echo "== a) Rust attention tests on CUDA (kernel $kernel)"
+  WICK_TEST_DEVICE=cuda "$run/attention-test" --test-threads 1 || status=1
+  echo "== b) wick vs torch SDPA (kernel $kernel)"
+  "$python" scripts/attention_check.py --bench-bin "$run/attention-bench" --device cuda || status=1
+done
 
-echo "== b) wick vs torch SDPA"
-"$python" scripts/attention_check.py --bench-bin "$run/attention-bench" --device cuda || status=1
-
-echo "== c) TFLOP/s, bf16"
 if [ -n "$quick" ]; then seqs=512,1024,2048 seconds=0.5; else seqs=512,1024,2048,4096,8192 seconds=1; fi
-BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype bf16 \
-  --head-dims 64,128 --seqs "$seqs" --batch 4 --heads 16 --seconds "$seconds" || status=1
-echo "== c') f32, head_dim 64"
-BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype f32 \
-  --head-dims 64 --seqs 1024,4096 --batch 4 --heads 16 --seconds "$seconds" || status=1
+for kernel in simt wmma; do
+  export WICK_ATTENTION_CUDA_KERNEL=$kernel
+  echo "== c) TFLOP/s, bf16 (our kernel: $kernel)"
+  BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda --dtype bf16 \
+    --head-dims 64,128 --seqs "$seqs" --batch 4 --heads 16 --seconds "$seconds" || status=1
+done
+echo "== c') f32, head_dim 64 (CUDA-core kernel)"
+WICK_ATTENTION_CUDA_KERNEL=simt BENCH_BIN="$run/attention-bench" PYTHON="$python" scripts/bench_attention.sh --device cuda \
+  --dtype f32 --head-dims 64 --seqs 1024,4096 --batch 4 --heads 16 --seconds "$seconds" || status=1
 exit $status

@@ -1,5 +1,9 @@
 //! The CUDA forward pass: launches our kernel from `src/kernels/fused_attention.cu` (PTX built by
 //! build.rs with nvcc, embedded here, loaded once per device through candle's module cache).
+//!
+//! Two kernels: `fused_attention_*` on CUDA cores (every dtype, head_dim 32/64/128; the default)
+//! and `fused_attention_wmma_*` on tensor cores (f16/bf16, head_dim 64/128), used when
+//! `WICK_ATTENTION_CUDA_KERNEL=wmma` (read once) until it has been checked on a GPU.
 
 use super::FusedAttention;
 use candle_core::backend::BackendStorage;
@@ -9,9 +13,16 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_attention.ptx"));
 const MODULE: &str = "wick_fused_attention";
-/// Query rows per block and threads per block (BR and THREADS in the kernel).
+/// Query rows per block and threads per block (BR, WBR and THREADS in the kernel).
 const BR: u32 = 32;
+const WBR: u32 = 64;
 const THREADS: u32 = 128;
+
+/// Whether f16/bf16 use the tensor-core kernel (WICK_ATTENTION_CUDA_KERNEL=wmma).
+fn use_wmma() -> bool {
+    static WMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WMMA.get_or_init(|| std::env::var("WICK_ATTENTION_CUDA_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("wmma")))
+}
 
 fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("fused attention: {what} is not contiguous")))
@@ -86,7 +97,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     if n == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
-    let func = dev.get_or_load_custom_func(&format!("fused_attention_{suffix}_d{}", a.d), MODULE, PTX)?;
+    let wmma = suffix != "f32" && matches!(a.d, 64 | 128) && use_wmma();
+    let (name, rows) = if wmma { (format!("fused_attention_wmma_{suffix}_d{}", a.d), WBR) } else { (format!("fused_attention_{suffix}_d{}", a.d), BR) };
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (heads, lq, lk) = (a.h as i32, a.lq as i32, a.lk as i32);
     let (causal, has_mask) = (a.causal as i32, mask.is_some() as i32);
     let null = 0u64; // a null device pointer: no logsumexp output (the CUDA backward recomputes)
@@ -106,7 +119,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     builder.arg(&a.scale);
     builder.arg(&causal);
     builder.arg(&has_mask);
-    let cfg = LaunchConfig { grid_dim: ((a.lq as u32).div_ceil(BR), (a.b * a.h) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: ((a.lq as u32).div_ceil(rows), (a.b * a.h) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the argument list matches the kernel's signature (pointers, 5 ints, a float, in order).
     unsafe { builder.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
