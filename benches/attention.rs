@@ -5,7 +5,10 @@
 //!
 //! cargo bench --bench attention -- [--seconds S] [--seqs 256,1024,4096] [--head-dims 64]
 //!     [--batch 1] [--heads 12] [--dtype f32|f16|bf16] [--device cpu|cuda] [--impls fused,reference]
-//!     [--backward] [--max-ref-seq N]
+//!     [--backward] [--max-ref-seq N] [--q-len N]
+//!
+//! `--q-len N`: queries per sequence (default: the sequence length); `--q-len 1` with causal is a
+//! KV-cache decoding step over `seq` cached keys.
 //!
 //! `--check IN OUT`: instead of timing, runs `fused_attention` on every case of IN (the format of
 //! tests/fixtures/attention.safetensors: `cases` and `case<i>.{q,k,v,w,scale[,mask]}`, any float
@@ -79,6 +82,7 @@ struct Args {
     backward: bool,
     max_ref_seq: usize,
     check: Option<(String, String)>,
+    q_len: Option<usize>,
 }
 
 fn list(s: Option<String>) -> Result<Vec<usize>> {
@@ -98,6 +102,7 @@ fn parse_args() -> Result<Args> {
         backward: false,
         max_ref_seq: 4096,
         check: None,
+        q_len: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -119,6 +124,7 @@ fn parse_args() -> Result<Args> {
             "--impls" => a.impls = it.next().unwrap_or_default().split(',').map(String::from).collect(),
             "--backward" => a.backward = true,
             "--max-ref-seq" => a.max_ref_seq = it.next().unwrap_or_default().parse()?,
+            "--q-len" => a.q_len = Some(it.next().unwrap_or_default().parse()?),
             "--check" => a.check = Some((it.next().unwrap_or_default(), it.next().unwrap_or_default())),
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other:?}"),
@@ -128,8 +134,9 @@ fn parse_args() -> Result<Args> {
 }
 
 /// Multiply-adds of QKᵀ and PV counted as 2 flops each, over the (query, key) pairs computed.
-fn flops(b: usize, h: usize, s: usize, d: usize, causal: bool, backward: bool) -> f64 {
-    let pairs = if causal { s * (s + 1) / 2 } else { s * s } as f64;
+fn flops(b: usize, h: usize, lq: usize, s: usize, d: usize, causal: bool, backward: bool) -> f64 {
+    // (query, key) pairs; causal: query i sees keys 0..=i + s - lq
+    let pairs = if causal { (0..lq).map(|i| (i + 1 + s - lq.min(s)).min(s)).sum::<usize>() } else { lq * s } as f64;
     let fwd = 4.0 * (b * h * d) as f64 * pairs;
     // the backward pass: 5 matrix products (with P recomputed) against the forward's 2
     if backward {
@@ -175,10 +182,12 @@ fn main() -> Result<()> {
         for &s in &args.seqs {
             for causal in [false, true] {
                 let shape = (args.batch, args.heads, s, d);
-                let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(args.dtype)?)?;
+                let lq = args.q_len.unwrap_or(s);
+                let q_shape = (args.batch, args.heads, lq, d);
+                let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, q_shape, &device)?.to_dtype(args.dtype)?)?;
                 let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(args.dtype)?)?;
                 let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(args.dtype)?)?;
-                let w = Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(args.dtype)?;
+                let w = Tensor::randn(0f32, 1.0, q_shape, &device)?.to_dtype(args.dtype)?;
                 let scale = 1.0 / (d as f64).sqrt();
                 for name in &args.impls {
                     if name == "reference" && s > args.max_ref_seq {
@@ -220,9 +229,9 @@ fn main() -> Result<()> {
                     let mut row = serde_json::json!({
                         "framework": "wick", "impl": name, "device": wick::device::device_name(&device),
                         "threads": threads, "dtype": format!("{:?}", args.dtype).to_lowercase(),
-                        "batch": args.batch, "heads": args.heads, "seq": s, "head_dim": d, "causal": causal,
+                        "batch": args.batch, "heads": args.heads, "seq": s, "q_len": lq, "head_dim": d, "causal": causal,
                         "backward": args.backward, "ms": median * 1e3, "min_ms": times[0] * 1e3, "runs": times.len(),
-                        "tflops": flops(args.batch, args.heads, s, d, causal, args.backward) / median / 1e12,
+                        "tflops": flops(args.batch, args.heads, lq, s, d, causal, args.backward) / median / 1e12,
                     });
                     if device.is_cpu() {
                         row["extra_bytes"] = extra.into();

@@ -25,6 +25,8 @@ pub const BQ: usize = 64;
 pub const BK: usize = 128;
 /// Keys (for Sᵀ) and query rows (for P·V) per micro-kernel call.
 const MR: usize = 6;
+/// Blocks of at most this many query rows (decoding) compute Sᵀ by dot products.
+const DOT_ROWS: usize = 4;
 
 /// Whether this path applies: AVX-512 on the CPU and head_dim a multiple of 16.
 pub fn usable(d: usize) -> bool {
@@ -172,6 +174,34 @@ unsafe fn product(a: *const f32, ar: usize, at: usize, b: *const f32, nt: usize,
     }
 }
 
+/// Sᵀ[j][i] = scale·q_i·k_j for a few query rows (decoding): dot products along head_dim, four
+/// keys at a time, instead of [`qk_tile`]'s 16-query vectors, which would be mostly empty lanes.
+/// Lanes `rows..16` of Sᵀ are left as they were (finite, never used for output).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn qk_dot(q: *const f32, rows: usize, k: *const f32, n: usize, d: usize, scale: f32, st: *mut f32) {
+    for i in 0..rows {
+        let qi = unsafe { q.add(i * d) };
+        let mut j = 0;
+        while j < n {
+            let u_n = (n - j).min(4);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut c = 0;
+            while c < d {
+                let qv = unsafe { _mm512_loadu_ps(qi.add(c)) };
+                for (u, a) in acc.iter_mut().enumerate().take(u_n) {
+                    *a = _mm512_fmadd_ps(qv, unsafe { _mm512_loadu_ps(k.add((j + u) * d + c)) }, *a);
+                }
+                c += 16;
+            }
+            for (u, a) in acc.iter().enumerate().take(u_n) {
+                unsafe { *st.add((j + u) * BQ + i) = _mm512_reduce_add_ps(*a) * scale };
+            }
+            j += u_n;
+        }
+    }
+}
+
 /// Xᵀ (n × BQ, queries along the lanes) = rows·Pᵀ for the n rows of `rows` (row-major, d
 /// columns) against the packed d × BQ matrix `packed`, with `nr` 16-lane vectors.
 #[inline]
@@ -204,10 +234,12 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
     let v = &p.v[bh * lk * d..][..lk * d];
     let keys = p.keys(bh);
     // scale·Qᵀ, zero in the lanes past `rows`
-    let mut qt = vec![0f32; d * BQ];
-    for i in 0..rows {
-        for c in 0..d {
-            qt[c * BQ + i] = q[i * d + c] * p.scale;
+    let mut qt = vec![0f32; if rows <= DOT_ROWS { 0 } else { d * BQ }];
+    if rows > DOT_ROWS {
+        for i in 0..rows {
+            for c in 0..d {
+                qt[c * BQ + i] = q[i * d + c] * p.scale;
+            }
         }
     }
     let mut st = vec![0f32; BK * BQ];
@@ -232,7 +264,11 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
             continue;
         }
         let kt = k[j0 * d..(j0 + n) * d].as_ptr();
-        unsafe { times_packed(kt, n, d, qt.as_ptr(), st.as_mut_ptr(), nr) };
+        if rows <= DOT_ROWS {
+            unsafe { qk_dot(q.as_ptr(), rows, kt, n, d, p.scale, st.as_mut_ptr()) };
+        } else {
+            unsafe { times_packed(kt, n, d, qt.as_ptr(), st.as_mut_ptr(), nr) };
+        }
         let diagonal = j0 + n > first_full;
         for t in 0..nr {
             let lim = unsafe { _mm512_loadu_si512(limit.as_ptr().add(16 * t) as *const _) };
