@@ -1,41 +1,810 @@
-//! Scaled dot-product attention. (Placeholder until the fused op lands: the reference path.)
+//! Scaled dot-product attention as one fused op (flash attention), with a reference made of
+//! plain candle ops and a process-wide switch between the two.
+//!
+//! Shapes: q is (batch, heads, q_len, head_dim); k and v are (batch, heads, kv_len, head_dim);
+//! `key_mask`, when given, is (batch, kv_len) of any dtype, nonzero where a key may be attended
+//! to and 0 for padding. With `causal`, query i (0-based in q) sees key j iff
+//! `j <= i + (kv_len - q_len)`: a prefill (q_len = kv_len) is the usual lower triangle and a
+//! KV-cache decoding step (q_len = 1) sees every cached key.
+//!
+//! **A query row that sees no key at all** (every key padded, or causal with q_len > kv_len)
+//! **outputs 0** and gets zero gradients, in both implementations (a plain softmax would give NaN
+//! or the mean of V).
+//!
+//! ## The fused op on the CPU
+//!
+//! Flash attention: for each (batch, head, block of [`BR`] query rows), a rayon task walks the
+//! keys in tiles of [`BC`], computes the score tile S = scale·Q·Kᵀ (BR×BC, in cache) with one
+//! GEMM, folds it into a running row maximum m and row sum l (the online softmax: the output
+//! accumulator is rescaled by exp(m_old − m_new) when the maximum grows), and adds P·V with a
+//! second GEMM. The q_len×kv_len matrix is never materialised: the extra memory is one score
+//! tile and the running statistics per task (see [`fused_attention_extra_bytes`]). Tiles that
+//! causality or the padding mask hide entirely are skipped, and on the causal diagonal the GEMM
+//! only covers the keys the block's last row can see. The logsumexp m + ln l of every row is
+//! saved for the backward pass.
+//!
+//! The backward pass is fused too (flash-attention 2's): per (batch, head), for each key tile
+//! and each query block that sees it, P is recomputed from the saved logsumexp and
+//! dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)), dQ += scale·dS·K, dK += scale·dSᵀ·Q,
+//! five GEMMs on tiles, again without any q_len×kv_len buffer.
+//!
+//! The GEMMs are the `gemm` crate's (candle's CPU matrix product, AVX-512/AVX2 picked at run
+//! time); the softmax loops are written in 16-lane chunks with a polynomial exp so they
+//! vectorise, and compiled for AVX-512 or AVX2+FMA, chosen at run time.
+//!
+//! f16 and bf16 inputs are converted to f32 on the CPU (the work is f32 throughout) and the
+//! output converted back.
+//!
+//! ## CUDA
+//!
+//! With `--features cuda`, the forward pass is our kernel in `src/kernels/fused_attention.cu`
+//! (see the comment block there), compiled to PTX by `build.rs`. Its backward pass
+//! recomputes the attention matrix with candle ops (it materialises q_len×kv_len per head: a
+//! fused CUDA backward is future work).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-/// q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); key_mask:
-/// (batch, kv_len), nonzero = attend. Causal: query i sees key j iff j <= i + kv_len - q_len.
+/// Query rows per CPU task (they share every K/V tile load).
+pub const BR: usize = 64;
+/// Keys per CPU tile.
+pub const BC: usize = 256;
+/// Query rows and keys per tile in the CPU backward pass.
+const BWD_BR: usize = 64;
+const BWD_BC: usize = 128;
+
+/// Which implementation [`attention`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// [`fused_attention`] (the default).
+    Fused,
+    /// [`reference_attention`]: plain candle ops.
+    Reference,
+}
+
+static IMPL: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the implementation [`attention`] uses from now on, in the whole process (this overrides
+/// the environment variable `WICK_ATTENTION`).
+pub fn set_attention_impl(which: AttentionImpl) {
+    IMPL.store(if which == AttentionImpl::Fused { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// The implementation [`attention`] uses: the last [`set_attention_impl`], else
+/// `WICK_ATTENTION=fused|reference` (read once), else fused.
+pub fn attention_impl() -> AttentionImpl {
+    static ENV: OnceLock<AttentionImpl> = OnceLock::new();
+    match IMPL.load(Ordering::Relaxed) {
+        1 => AttentionImpl::Fused,
+        2 => AttentionImpl::Reference,
+        _ => *ENV.get_or_init(|| match std::env::var("WICK_ATTENTION") {
+            Ok(s) if s.eq_ignore_ascii_case("reference") => AttentionImpl::Reference,
+            Ok(s) if s.is_empty() || s.eq_ignore_ascii_case("fused") => AttentionImpl::Fused,
+            Ok(s) => {
+                eprintln!("warning: WICK_ATTENTION={s:?} is neither \"fused\" nor \"reference\"; using fused");
+                AttentionImpl::Fused
+            }
+            Err(_) => AttentionImpl::Fused,
+        }),
+    }
+}
+
+/// Attention as models call it: [`fused_attention`] or [`reference_attention`] according to
+/// [`attention_impl`]. Same arguments and result as both.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    reference_attention(q, k, v, key_mask, scale, causal)
+    match attention_impl() {
+        AttentionImpl::Fused => fused_attention(q, k, v, key_mask, scale, causal),
+        AttentionImpl::Reference => reference_attention(q, k, v, key_mask, scale, causal),
+    }
 }
 
-/// The same maths with plain differentiable candle ops.
-pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    let (b, _h, q_len, _d) = q.dims4()?;
-    let kv_len = k.dim(2)?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let mut allowed: Option<Tensor> = None;
-    if let Some(mask) = key_mask {
-        allowed = Some(mask.ne(0u32)?.reshape((b, 1, 1, kv_len))?.broadcast_as((b, 1, q_len, kv_len))?);
+/// (batch, heads, q_len, kv_len, head_dim), after checking every shape and dtype.
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, h, lq, d) = q.dims4()?;
+    let (bk, hk, lk, dk) = k.dims4()?;
+    if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit (batch, heads, len, head_dim)", q.dims(), k.dims(), v.dims());
     }
-    if causal {
-        let offset = kv_len as i64 - q_len as i64;
-        let rows: Vec<u8> = (0..q_len as i64)
-            .flat_map(|i| (0..kv_len as i64).map(move |j| u8::from(j <= i + offset)))
-            .collect();
-        let tri = Tensor::from_vec(rows, (1, 1, q_len, kv_len), q.device())?.broadcast_as((b, 1, q_len, kv_len))?;
-        allowed = Some(match allowed {
-            Some(a) => (a * tri)?,
-            None => tri,
-        });
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!("attention: q, k, v dtypes differ ({:?}, {:?}, {:?})", q.dtype(), k.dtype(), v.dtype());
     }
-    let scores = match allowed {
-        Some(a) => {
-            let neg = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
-            a.broadcast_as(scores.shape())?.where_cond(&scores, &neg)?
+    if let Some(m) = key_mask {
+        if m.dims() != [b, lk] {
+            candle_core::bail!("attention: key_mask is {:?}, expected (batch, kv_len) = ({b}, {lk})", m.dims());
         }
-        None => scores,
-    };
-    let probs = crate::nn::softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
-    let _ = D::Minus1;
-    probs.matmul(&v.contiguous()?)
+    }
+    Ok((b, h, lq, lk, d))
 }
+
+/// How many keys query row `i` sees when causal (keys 0..n): `i + 1 + kv_len - q_len`, clamped.
+fn causal_limit(i: usize, lq: usize, lk: usize) -> usize {
+    (i + 1 + lk).saturating_sub(lq).min(lk)
+}
+
+/// The visibility of every (query, key) as 0/1 f32, broadcastable to (batch, heads, q_len,
+/// kv_len), or None when everything is visible.
+fn visibility(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize, lk: usize, device: &Device) -> Result<Option<Tensor>> {
+    let keys = match key_mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.ne(0f64)?.to_dtype(DType::F32)?.reshape((b, 1, 1, lk))?),
+        None => None,
+    };
+    let tri = if causal {
+        let v: Vec<f32> = (0..lq).flat_map(|i| (0..lk).map(move |j| (j < causal_limit(i, lq, lk)) as u8 as f32)).collect();
+        Some(Tensor::from_vec(v, (1, 1, lq, lk), device)?)
+    } else {
+        None
+    };
+    Ok(match (keys, tri) {
+        (Some(a), Some(t)) => Some(a.broadcast_mul(&t)?),
+        (a, t) => a.or(t),
+    })
+}
+
+/// Attention with plain differentiable candle ops: scale·Q·Kᵀ, −1e30 added where hidden,
+/// `candle_nn::ops::softmax` over the keys, rows that see nothing zeroed, times V. f16 and bf16
+/// are computed in f32 (like the fused op) and the result converted back. Materialises the
+/// (batch, heads, q_len, kv_len) scores.
+pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
+    let (b, _h, lq, lk, _d) = dims(q, k, v, key_mask)?;
+    let dtype = q.dtype();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (qf, kf, vf) = (f32(q)?, f32(k)?, f32(v)?);
+    let s = (qf.matmul(&kf.t()?)? * scale)?;
+    let p = match visibility(key_mask, causal, b, lq, lk, q.device())? {
+        None => candle_nn::ops::softmax(&s, D::Minus1)?,
+        Some(vis) => {
+            let bias = vis.affine(1e30, -1e30)?;
+            let p = candle_nn::ops::softmax(&s.broadcast_add(&bias)?, D::Minus1)?;
+            p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
+        }
+    };
+    p.matmul(&vf)?.to_dtype(dtype)
+}
+
+/// Attention as one op: flash attention on the CPU (and on CUDA with `--features cuda`), with
+/// a fused backward pass on the CPU. f32, f16 and bf16 in (accumulating in f32), the result in
+/// the input dtype. Other devices, and CUDA head sizes other than 32, 64 and 128, fall back to
+/// [`reference_attention`].
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
+    let (_b, _h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        candle_core::bail!("attention: unsupported dtype {dtype:?} (f32, f16, bf16)");
+    }
+    let mask = match key_mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?.detach()),
+        None => None,
+    };
+    match q.device() {
+        Device::Cpu => {
+            let mask_cpu = match &mask {
+                Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None), portable: false };
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+            let out = f32(q)?.apply_op3(&f32(k)?, &f32(v)?, op)?;
+            out.to_dtype(dtype)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if matches!(d, 32 | 64 | 128) => {
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable: false };
+            q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        }
+        _ => {
+            let _ = d;
+            reference_attention(q, k, v, key_mask, scale, causal)
+        }
+    }
+}
+
+/// The extra memory the fused CPU forward pass allocates beyond its inputs and output, in bytes,
+/// with `threads` tasks in flight: the saved logsumexp (4·batch·heads·q_len) and, per task, one
+/// score tile (and on the AVX-512 path the task's packed queries; the running max and sum live
+/// on the stack). (f16/bf16 inputs also take an f32
+/// copy of q, k, v and of the output.)
+pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize, threads: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(head_dim) {
+        // scale·Qᵀ (BQ × head_dim) and Sᵀ (BK × BQ) per task
+        let task = (avx512::BQ * head_dim + avx512::BK * avx512::BQ) * 4;
+        return 4 * batch * heads * q_len + threads * task;
+    }
+    let _ = head_dim;
+    let task = (BR.min(q_len) * BC.min(kv_len)) * 4;
+    4 * batch * heads * q_len + threads * task
+}
+
+/// The op: q, k, v (contiguous, f32 on the CPU) → the attention output.
+struct FusedAttention {
+    scale: f32,
+    causal: bool,
+    /// (batch, kv_len) f32 on the op's device, nonzero = attend.
+    mask: Option<Tensor>,
+    /// The same on the CPU.
+    mask_cpu: Option<Vec<f32>>,
+    /// The logsumexp of every row's scaled scores (+inf for rows that see no key), saved by the
+    /// CPU forward pass for the backward pass.
+    lse: Mutex<Option<Vec<f32>>>,
+    /// Use the portable CPU kernel even where the AVX-512 one applies (for tests).
+    portable: bool,
+}
+
+/// One attention problem, f32 and contiguous, on the CPU.
+#[derive(Clone, Copy)]
+struct Problem<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: Option<&'a [f32]>,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+}
+
+impl Problem<'_> {
+    /// How many leading keys row `i` may see (before the padding mask).
+    fn limit(&self, i: usize) -> usize {
+        if self.causal {
+            causal_limit(i, self.lq, self.lk)
+        } else {
+            self.lk
+        }
+    }
+    /// The padding mask of batch entry `bh / heads`, if any.
+    fn keys(&self, bh: usize) -> Option<&[f32]> {
+        self.mask.map(|m| &m[(bh / self.h) * self.lk..][..self.lk])
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "wick-fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = "fused attention";
+        let (q, k, v) = (super::cpu_f32(s1, l1, name)?, super::cpu_f32(s2, l2, name)?, super::cpu_f32(s3, l3, name)?);
+        let (b, h, lq, d) = l1.shape().dims4()?;
+        let lk = l2.shape().dims4()?.2;
+        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), h, lq, lk, d, scale: self.scale, causal: self.causal };
+        let mut out = vec![0f32; b * h * lq * d];
+        let mut lse = vec![0f32; b * h * lq];
+        if lq > 0 && d > 0 {
+            #[cfg(target_arch = "x86_64")]
+            let fast = !self.portable && avx512::usable(d);
+            #[cfg(not(target_arch = "x86_64"))]
+            let fast = {
+                let _ = self.portable;
+                false
+            };
+            let br = if fast { avx512::BQ } else { BR };
+            out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
+                o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        return avx512::forward_block(&p, bh, qb * br, o, l);
+                    }
+                    simd::forward_block(&p, bh, qb * br, o, l);
+                })
+            });
+        }
+        *self.lse.lock().unwrap() = Some(lse);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap().clone();
+        match (q.device(), lse) {
+            (Device::Cpu, Some(lse)) => {
+                let (dq, dk, dv) = cpu_backward(self, q, k, v, out, grad, &lse)?;
+                Ok((Some(dq), Some(dk), Some(dv)))
+            }
+            _ => {
+                let (dq, dk, dv) = recompute_backward(q, k, v, self.mask.as_ref(), out, grad, self.scale as f64, self.causal)?;
+                Ok((Some(dq), Some(dk), Some(dv)))
+            }
+        }
+    }
+}
+
+/// The backward pass with candle ops, recomputing P (materialises batch·heads·q_len·kv_len
+/// floats); any device. Gradients in the dtype of q.
+#[allow(clippy::too_many_arguments)]
+fn recompute_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    out: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, _h, lq, lk, _d) = dims(q, k, v, mask)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (qf, kf, vf, of, go) = (f32(q)?, f32(k)?, f32(v)?, f32(out)?, f32(grad)?);
+    let s = (qf.matmul(&kf.t()?)? * scale)?;
+    let p = match visibility(mask, causal, b, lq, lk, q.device())? {
+        None => candle_nn::ops::softmax_last_dim(&s)?,
+        Some(vis) => {
+            let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&vis.affine(1e30, -1e30)?)?)?;
+            p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
+        }
+    };
+    let dv = p.t()?.matmul(&go)?;
+    let dp = go.matmul(&vf.t()?)?;
+    let delta = (&go * &of)?.sum_keepdim(D::Minus1)?;
+    let ds = (p * dp.broadcast_sub(&delta)?)?;
+    let dq = (ds.matmul(&kf)? * scale)?;
+    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    let dt = q.dtype();
+    Ok((dq.to_dtype(dt)?, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
+}
+
+/// The fused CPU backward pass (see the module docs); parallel over (batch, head).
+fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, lse: &[f32]) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    // Borrow the (contiguous f32) storages rather than copying them.
+    let tensors = [q, k, v, out, grad].map(|t| t.to_dtype(DType::F32).and_then(|t| t.contiguous()));
+    let [qt, kt, vt, ot, gt] = tensors;
+    let (qt, kt, vt, ot, gt) = (qt?, kt?, vt?, ot?, gt?);
+    let guards = [&qt, &kt, &vt, &ot, &gt].map(|t| t.storage_and_layout());
+    let mut slices = Vec::with_capacity(5);
+    for (storage, layout) in &guards {
+        match &**storage {
+            candle_core::Storage::Cpu(s) => slices.push(super::cpu_f32(s, layout, "fused attention backward")?),
+            _ => candle_core::bail!("fused attention backward: tensors not on the CPU"),
+        }
+    }
+    let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
+    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), h, lq, lk, d, scale: op.scale, causal: op.causal };
+    let mut dq = vec![0f32; b * h * lq * d];
+    let mut dk = vec![0f32; b * h * lk * d];
+    let mut dv = vec![0f32; b * h * lk * d];
+    if lq > 0 && lk > 0 && d > 0 {
+        dq.par_chunks_mut(lq * d)
+            .zip(dk.par_chunks_mut(lk * d))
+            .zip(dv.par_chunks_mut(lk * d))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let o = &ov[bh * lq * d..][..lq * d];
+                let g = &gv[bh * lq * d..][..lq * d];
+                let lse = &lse[bh * lq..][..lq];
+                #[cfg(target_arch = "x86_64")]
+                if !op.portable && avx512::usable(d) {
+                    return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+                }
+                simd::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+            });
+    }
+    let dev = Device::Cpu;
+    Ok((Tensor::from_vec(dq, q.shape(), &dev)?, Tensor::from_vec(dk, k.shape(), &dev)?, Tensor::from_vec(dv, v.shape(), &dev)?))
+}
+
+/// dst (m×n) = alpha·dst + beta·lhs (m×k)·rhs (k×n), every matrix given by (pointer, row stride,
+/// column stride); single-threaded (the callers are rayon tasks already).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, beta: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds: the last element each operand touches must lie in its slice.
+    assert!((m - 1) * dst_rs + n <= dst.len());
+    if k == 0 {
+        if !read_dst {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
+    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    // SAFETY: every index gemm forms is inside the slices (checked above); dst does not alias.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            read_dst,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The per-task kernels, compiled for AVX-512 and AVX2+FMA and chosen at run time.
+mod simd {
+    use super::{gemm, Problem, BC, BR, BWD_BC, BWD_BR};
+
+    const LANES: usize = 16;
+
+    /// e^x for x ≤ 0 (Cephes' expf polynomial after a Cody-Waite reduction, ~2 ulp); 0 below
+    /// −87 (and for −∞). Written branch-free so that the loops around it vectorise.
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        let xc = x.clamp(-87.0, 88.0);
+        let n = (xc * LOG2E).round_ties_even();
+        let r = n.mul_add(-0.693_359_4, xc);
+        let r = n.mul_add(2.121_944_4e-4, r);
+        let mut p = 1.987_569_1e-4f32;
+        p = p.mul_add(r, 1.398_2e-3);
+        p = p.mul_add(r, 8.333_452e-3);
+        p = p.mul_add(r, 4.166_579_6e-2);
+        p = p.mul_add(r, 1.666_666_5e-1);
+        p = p.mul_add(r, 5.000_000_1e-1);
+        let e = (p * r).mul_add(r, r) + 1.0;
+        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x < -87.0 {
+            0.0
+        } else {
+            e * two_n
+        }
+    }
+
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for t in 0..LANES {
+                acc[t] = acc[t].max(c[t]);
+            }
+        }
+        rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b))
+    }
+
+    /// x ← e^(x − m), returning the sum.
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for t in 0..LANES {
+                let e = exp(c[t] - m);
+                c[t] = e;
+                acc[t] += e;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for y in chunks.into_remainder() {
+            *y = exp(*y - m);
+            s += *y;
+        }
+        s
+    }
+
+    /// x ← e^(x − m) (masked entries, −∞, become 0).
+    #[inline(always)]
+    fn exp_sub(x: &mut [f32], m: f32) {
+        for y in x.iter_mut() {
+            *y = exp(*y - m);
+        }
+    }
+
+    #[inline(always)]
+    fn scale(x: &mut [f32], a: f32) {
+        for y in x.iter_mut() {
+            *y *= a;
+        }
+    }
+
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for t in 0..LANES {
+                acc[t] = x[t].mul_add(y[t], acc[t]);
+            }
+        }
+        acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    }
+
+    /// Hides the keys of a score row that the padding mask or causality hide (−∞), given the
+    /// row's visible prefix `vis` of the tile and the tile's slice of the padding mask.
+    #[inline(always)]
+    fn hide(row: &mut [f32], vis: usize, keys: Option<&[f32]>, hidden: f32) {
+        row[vis..].fill(hidden);
+        if let Some(keys) = keys {
+            for (x, &k) in row[..vis].iter_mut().zip(keys) {
+                if k == 0.0 {
+                    *x = hidden;
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + lse.len()` of head `bh`: writes their output and logsumexp.
+    #[inline(always)]
+    fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+        let (d, lk) = (p.d, p.lk);
+        let rows = lse.len();
+        let q = &p.q[(bh * p.lq + r0) * d..][..rows * d];
+        let k = &p.k[bh * lk * d..][..lk * d];
+        let v = &p.v[bh * lk * d..][..lk * d];
+        let keys = p.keys(bh);
+        let end = p.limit(r0 + rows - 1); // keys the last (most-seeing) row sees
+        let mut m = [f32::NEG_INFINITY; BR];
+        let mut l = [0f32; BR];
+        o.fill(0.0);
+        let mut s = vec![0f32; rows * BC.min(end.max(1))];
+        let mut j0 = 0;
+        while j0 < end {
+            let n = BC.min(end - j0);
+            let tile_keys = keys.map(|ks| &ks[j0..j0 + n]);
+            if tile_keys.is_some_and(|ks| ks.iter().all(|&x| x == 0.0)) {
+                j0 += n;
+                continue;
+            }
+            let s = &mut s[..rows * n];
+            gemm(rows, n, d, s, n, false, q, d, 1, &k[j0 * d..], 1, d, p.scale);
+            for i in 0..rows {
+                let row = &mut s[i * n..(i + 1) * n];
+                let vis = p.limit(r0 + i).saturating_sub(j0).min(n);
+                hide(row, vis, tile_keys, f32::NEG_INFINITY);
+                let mx = max(&row[..vis]);
+                if mx == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let m_new = m[i].max(mx);
+                let corr = exp(m[i] - m_new);
+                l[i] = l[i] * corr + exp_sub_sum(row, m_new);
+                m[i] = m_new;
+                if corr != 1.0 {
+                    scale(&mut o[i * d..(i + 1) * d], corr);
+                }
+            }
+            gemm(rows, d, n, o, d, true, s, n, 1, &v[j0 * d..], d, 1, 1.0);
+            j0 += n;
+        }
+        for i in 0..rows {
+            if l[i] > 0.0 {
+                scale(&mut o[i * d..(i + 1) * d], 1.0 / l[i]);
+                lse[i] = m[i] + l[i].ln();
+            } else {
+                o[i * d..(i + 1) * d].fill(0.0);
+                lse[i] = f32::INFINITY;
+            }
+        }
+    }
+
+    /// The gradients of one (batch, head): dq (q_len×d), dk and dv (kv_len×d), zeroed here.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn backward_head_impl(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let (d, lq, lk) = (p.d, p.lq, p.lk);
+        let q = &p.q[bh * lq * d..][..lq * d];
+        let k = &p.k[bh * lk * d..][..lk * d];
+        let v = &p.v[bh * lk * d..][..lk * d];
+        let keys = p.keys(bh);
+        dq.fill(0.0);
+        dk.fill(0.0);
+        dv.fill(0.0);
+        // delta_i = rowsum(dO ∘ O)
+        let delta: Vec<f32> = (0..lq).map(|i| dot(&g[i * d..(i + 1) * d], &o[i * d..(i + 1) * d])).collect();
+        let mut pt = vec![0f32; BWD_BR * BWD_BC];
+        let mut dp = vec![0f32; BWD_BR * BWD_BC];
+        let mut j0 = 0;
+        while j0 < lk {
+            let n = BWD_BC.min(lk - j0);
+            let tile_keys = keys.map(|ks| &ks[j0..j0 + n]);
+            // The first query row that sees key j0 (causal), else 0.
+            let first = if p.causal { (j0 + lq).saturating_sub(lk) } else { 0 };
+            if tile_keys.is_some_and(|ks| ks.iter().all(|&x| x == 0.0)) || first >= lq {
+                j0 += n;
+                continue;
+            }
+            let (kt, vt) = (&k[j0 * d..(j0 + n) * d], &v[j0 * d..(j0 + n) * d]);
+            let mut i0 = first;
+            while i0 < lq {
+                let rows = BWD_BR.min(lq - i0);
+                let (qi, gi) = (&q[i0 * d..(i0 + rows) * d], &g[i0 * d..(i0 + rows) * d]);
+                let pt = &mut pt[..rows * n];
+                let dp = &mut dp[..rows * n];
+                // P = exp(scale·Q Kᵀ − lse), hidden entries 0
+                gemm(rows, n, d, pt, n, false, qi, d, 1, kt, 1, d, p.scale);
+                for r in 0..rows {
+                    let row = &mut pt[r * n..(r + 1) * n];
+                    let vis = p.limit(i0 + r).saturating_sub(j0).min(n);
+                    hide(row, vis, tile_keys, f32::NEG_INFINITY);
+                    let l = lse[i0 + r];
+                    if l == f32::INFINITY {
+                        row.fill(0.0);
+                    } else {
+                        exp_sub(row, l);
+                    }
+                }
+                // dV += Pᵀ dO
+                gemm(n, d, rows, &mut dv[j0 * d..(j0 + n) * d], d, true, pt, 1, n, gi, d, 1, 1.0);
+                // dP = dO Vᵀ; dS = P ∘ (dP − delta)
+                gemm(rows, n, d, dp, n, false, gi, d, 1, vt, 1, d, 1.0);
+                for r in 0..rows {
+                    let dl = delta[i0 + r];
+                    for (x, &pv) in dp[r * n..(r + 1) * n].iter_mut().zip(&pt[r * n..(r + 1) * n]) {
+                        *x = pv * (*x - dl);
+                    }
+                }
+                // dQ += scale·dS K; dK += scale·dSᵀ Q
+                gemm(rows, d, n, &mut dq[i0 * d..(i0 + rows) * d], d, true, dp, n, 1, kt, d, 1, p.scale);
+                gemm(n, d, rows, &mut dk[j0 * d..(j0 + n) * d], d, true, dp, 1, n, qi, d, 1, p.scale);
+                i0 += rows;
+            }
+            j0 += n;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn forward_block_avx512(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+        forward_block_impl(p, bh, r0, o, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_block_avx2(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+        forward_block_impl(p, bh, r0, o, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn backward_head_avx512(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        backward_head_impl(p, bh, o, g, lse, dq, dk, dv)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_head_avx2(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        backward_head_impl(p, bh, o, g, lse, dq, dk, dv)
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Level {
+        Avx512,
+        Avx2,
+        Plain,
+    }
+
+    fn level() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+            *LEVEL.get_or_init(|| {
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl") {
+                    Level::Avx512
+                } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    Level::Avx2
+                } else {
+                    Level::Plain
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Level::Plain
+    }
+
+    pub(super) fn forward_block(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+        match level() {
+            // SAFETY: the CPU has the features (checked by `level`).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { forward_block_avx512(p, bh, r0, o, lse) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { forward_block_avx2(p, bh, r0, o, lse) },
+            _ => forward_block_impl(p, bh, r0, o, lse),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_head(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        match level() {
+            // SAFETY: the CPU has the features (checked by `level`).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { backward_head_avx512(p, bh, o, g, lse, dq, dk, dv) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { backward_head_avx2(p, bh, o, g, lse, dq, dk, dv) },
+            _ => backward_head_impl(p, bh, o, g, lse, dq, dk, dv),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_is_accurate() {
+            for i in 0..=20000 {
+                let x = -90.0 + i as f32 * 0.0045;
+                let (a, b) = (super::exp(x), x.exp());
+                if x < -87.0 {
+                    assert_eq!(a, 0.0);
+                } else {
+                    assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "exp({x}) = {a}, expected {b}");
+                }
+            }
+            assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+            assert_eq!(super::exp(0.0), 1.0);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The portable CPU kernel (the `gemm` crate's products), which the AVX-512 one replaces
+    /// on this kind of machine, against the reference, forwards and backwards.
+    #[test]
+    fn portable_kernel_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, d, causal, masked) in [(2, 2, 70, 300, 64, true, true), (1, 3, 1, 33, 32, false, true), (2, 1, 9, 5, 24, true, false)] {
+            let q = Var::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let lens = [lk, lk / 2 + 1];
+            let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
+            let mask = masked.then_some(mask);
+            let op = FusedAttention {
+                scale: 0.125,
+                causal,
+                mask: mask.clone(),
+                mask_cpu: mask.as_ref().map(|m| m.flatten_all()?.to_vec1::<f32>()).transpose()?,
+                lse: Mutex::new(None),
+                portable: true,
+            };
+            let fused = q.apply_op3(&k, &v, op)?;
+            let reference = reference_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;
+            let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+            assert!(close(&fused, &reference)? < 1e-5);
+            let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let (g1, g2) = ((&fused * &w)?.sum_all()?.backward()?, (&reference * &w)?.sum_all()?.backward()?);
+            for x in [&q, &k, &v] {
+                assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4);
+            }
+        }
+        Ok(())
+    }
+}
+#[cfg(feature = "cuda")]
+mod cuda;

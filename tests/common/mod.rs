@@ -9,7 +9,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    // A test binary carried to another machine (scripts/gpu-attention-check.sh) runs from the
+    // repository root there.
+    let dir = if dir.exists() { dir } else { PathBuf::from("tests/fixtures") };
+    dir.join(name)
 }
 
 pub struct Fixture {
