@@ -467,7 +467,7 @@ mod simd {
         p = p.mul_add(r, 8.333_452e-3);
         p = p.mul_add(r, 4.166_579_6e-2);
         p = p.mul_add(r, 1.666_666_5e-1);
-        p = p.mul_add(r, 5.000_000_1e-1);
+        p = p.mul_add(r, 0.5);
         let e = (p * r).mul_add(r, r) + 1.0;
         let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
         if x < -87.0 {
