@@ -126,13 +126,19 @@ fn causal_limit(i: usize, lq: usize, lk: usize) -> usize {
 /// The visibility of every (query, key) as 0/1 f32, broadcastable to (batch, heads, q_len,
 /// kv_len), or None when everything is visible.
 fn visibility(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize, lk: usize, device: &Device) -> Result<Option<Tensor>> {
+    visibility_rows(key_mask, causal, b, lq, lk, 0, lq, device)
+}
+
+/// [`visibility`] for the query rows `first..first + rows` only.
+#[allow(clippy::too_many_arguments)]
+fn visibility_rows(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize, lk: usize, first: usize, rows: usize, device: &Device) -> Result<Option<Tensor>> {
     let keys = match key_mask {
         Some(m) => Some(m.to_dtype(DType::F32)?.ne(0f64)?.to_dtype(DType::F32)?.reshape((b, 1, 1, lk))?),
         None => None,
     };
     let tri = if causal {
-        let v: Vec<f32> = (0..lq).flat_map(|i| (0..lk).map(move |j| (j < causal_limit(i, lq, lk)) as u8 as f32)).collect();
-        Some(Tensor::from_vec(v, (1, 1, lq, lk), device)?)
+        let v: Vec<f32> = (first..first + rows).flat_map(|i| (0..lk).map(move |j| (j < causal_limit(i, lq, lk)) as u8 as f32)).collect();
+        Some(Tensor::from_vec(v, (1, 1, rows, lk), device)?)
     } else {
         None
     };
@@ -319,15 +325,19 @@ impl CustomOp3 for FusedAttention {
                 Ok((Some(dq), Some(dk), Some(dv)))
             }
             _ => {
-                let (dq, dk, dv) = recompute_backward(q, k, v, self.mask.as_ref(), out, grad, self.scale as f64, self.causal)?;
+                let (dq, dk, dv) = recompute_backward(q, k, v, self.mask.as_ref(), out, grad, self.scale as f64, self.causal, RECOMPUTE_SCORES)?;
                 Ok((Some(dq), Some(dk), Some(dv)))
             }
         }
     }
 }
 
-/// The backward pass with candle ops, recomputing P (materialises batch·heads·q_len·kv_len
-/// floats); any device. Gradients in the dtype of q.
+/// Score elements (f32) the candle-ops backward materialises at a time: 2^27, 512 MiB.
+const RECOMPUTE_SCORES: usize = 1 << 27;
+
+/// The backward pass with candle ops, recomputing P from q, k, v, the output and its gradient;
+/// any device (CUDA uses it). Works through the queries in chunks so that at most
+/// `max_scores` score elements (batch·heads·rows·kv_len) exist at once. Gradients in q's dtype.
 #[allow(clippy::too_many_arguments)]
 fn recompute_backward(
     q: &Tensor,
@@ -338,24 +348,35 @@ fn recompute_backward(
     grad: &Tensor,
     scale: f64,
     causal: bool,
+    max_scores: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, _h, lq, lk, _d) = dims(q, k, v, mask)?;
+    let (b, h, lq, lk, _d) = dims(q, k, v, mask)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let (qf, kf, vf, of, go) = (f32(q)?, f32(k)?, f32(v)?, f32(out)?, f32(grad)?);
-    let s = (qf.matmul(&kf.t()?)? * scale)?;
-    let p = match visibility(mask, causal, b, lq, lk, q.device())? {
-        None => candle_nn::ops::softmax_last_dim(&s)?,
-        Some(vis) => {
-            let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&vis.affine(1e30, -1e30)?)?)?;
-            p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
-        }
-    };
-    let dv = p.t()?.matmul(&go)?;
-    let dp = go.matmul(&vf.t()?)?;
-    let delta = (&go * &of)?.sum_keepdim(D::Minus1)?;
-    let ds = (p * dp.broadcast_sub(&delta)?)?;
-    let dq = (ds.matmul(&kf)? * scale)?;
-    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    let (kt, vt) = (kf.t()?, vf.t()?);
+    let rows = (max_scores / (b * h * lk).max(1)).clamp(1, lq.max(1));
+    let (mut dk, mut dv) = (kf.zeros_like()?, vf.zeros_like()?);
+    let mut dqs = Vec::new();
+    for first in (0..lq).step_by(rows) {
+        let n = rows.min(lq - first);
+        let chunk = |t: &Tensor| t.narrow(2, first, n)?.contiguous();
+        let (qc, oc, gc) = (chunk(&qf)?, chunk(&of)?, chunk(&go)?);
+        let s = (qc.matmul(&kt)? * scale)?;
+        let p = match visibility_rows(mask, causal, b, lq, lk, first, n, q.device())? {
+            None => candle_nn::ops::softmax_last_dim(&s)?,
+            Some(vis) => {
+                let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&vis.affine(1e30, -1e30)?)?)?;
+                p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
+            }
+        };
+        dv = (dv + p.t()?.matmul(&gc)?)?;
+        let dp = gc.matmul(&vt)?;
+        let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * dp.broadcast_sub(&delta)?)?;
+        dqs.push((ds.matmul(&kf)? * scale)?);
+        dk = (dk + (ds.t()?.matmul(&qc)? * scale)?)?;
+    }
+    let dq = if dqs.is_empty() { qf.zeros_like()? } else { Tensor::cat(&dqs, 2)? };
     let dt = q.dtype();
     Ok((dq.to_dtype(dt)?, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
 }
@@ -772,6 +793,31 @@ mod avx512;
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The candle-ops backward (what CUDA runs), in query chunks, against the reference's
+    /// autograd gradients.
+    #[test]
+    fn recompute_backward_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, causal, masked, budget) in [(2, 2, 37, 50, true, true, 2 * 2 * 50 * 8), (1, 3, 9, 4, true, false, 1), (2, 1, 20, 20, false, true, 1 << 20)] {
+            let d = 32;
+            let q = Var::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < [lk, lk / 3][i / lk]) as u8).collect::<Vec<_>>(), (b, lk), &dev)?;
+            let mask = masked.then_some(mask);
+            let reference = reference_attention(&q, &k, &v, mask.as_ref(), 0.2, causal)?;
+            let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let g = (&reference * &w)?.sum_all()?.backward()?;
+            let m32 = mask.as_ref().map(|m| m.to_dtype(DType::F32)).transpose()?;
+            let (dq, dk, dv) = recompute_backward(&q, &k, &v, m32.as_ref(), &reference, &w, 0.2, causal, budget)?;
+            for (ours, x) in [(&dq, &q), (&dk, &k), (&dv, &v)] {
+                let err = (ours - g.get(x).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "recompute backward off by {err}");
+            }
+        }
+        Ok(())
+    }
 
     /// The portable CPU kernel (the `gemm` crate's products), which the AVX-512 one replaces
     /// on this kind of machine, against the reference, forwards and backwards.
