@@ -13,24 +13,24 @@
 //!
 //! ## The fused op on the CPU
 //!
-//! Flash attention: for each (batch, head, block of [`BR`] query rows), a rayon task walks the
-//! keys in tiles of [`BC`], computes the score tile S = scale·Q·Kᵀ (BR×BC, in cache) with one
-//! GEMM, folds it into a running row maximum m and row sum l (the online softmax: the output
-//! accumulator is rescaled by exp(m_old − m_new) when the maximum grows), and adds P·V with a
-//! second GEMM. The q_len×kv_len matrix is never materialised: the extra memory is one score
-//! tile and the running statistics per task (see [`fused_attention_extra_bytes`]). Tiles that
-//! causality or the padding mask hide entirely are skipped, and on the causal diagonal the GEMM
-//! only covers the keys the block's last row can see. The logsumexp m + ln l of every row is
-//! saved for the backward pass.
+//! Flash attention: for each (batch, head, block of 64 query rows), a rayon task walks the keys
+//! in tiles, computes the score tile S = scale·Q·Kᵀ (in cache), folds it into a running row
+//! maximum m and row sum l (the online softmax: the output accumulator is rescaled by
+//! exp(m_old − m_new) when the maximum grows), and adds P·V. The q_len×kv_len matrix is never
+//! materialised: the extra memory is one score tile and the packed queries per task plus the
+//! logsumexp (see [`fused_attention_extra_bytes`]). Tiles that causality or the padding mask hide
+//! entirely are skipped, and on the causal diagonal only the visible keys are computed. The
+//! logsumexp m + ln l of every row is saved for the backward pass.
+//!
+//! On CPUs with AVX-512 and head_dim a multiple of 16 the tile products are micro-kernels of our
+//! own with the queries along the vector lanes (`attention/avx512.rs`, which explains the layout);
+//! elsewhere the same algorithm runs with the `gemm` crate (candle's CPU matrix product) and
+//! 16-lane chunked softmax loops compiled for AVX-512 or AVX2+FMA, chosen at run time.
 //!
 //! The backward pass is fused too (flash-attention 2's): per (batch, head), for each key tile
 //! and each query block that sees it, P is recomputed from the saved logsumexp and
 //! dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)), dQ += scale·dS·K, dK += scale·dSᵀ·Q,
-//! five GEMMs on tiles, again without any q_len×kv_len buffer.
-//!
-//! The GEMMs are the `gemm` crate's (candle's CPU matrix product, AVX-512/AVX2 picked at run
-//! time); the softmax loops are written in 16-lane chunks with a polynomial exp so they
-//! vectorise, and compiled for AVX-512 or AVX2+FMA, chosen at run time.
+//! five tile products, again without any q_len×kv_len buffer.
 //!
 //! f16 and bf16 inputs are converted to f32 on the CPU (the work is f32 throughout) and the
 //! output converted back.
@@ -38,19 +38,20 @@
 //! ## CUDA
 //!
 //! With `--features cuda`, the forward pass is our kernel in `src/kernels/fused_attention.cu`
-//! (see the comment block there), compiled to PTX by `build.rs`. Its backward pass
-//! recomputes the attention matrix with candle ops (it materialises q_len×kv_len per head: a
-//! fused CUDA backward is future work).
+//! (see the comment blocks there), compiled to PTX by `build.rs`: CUDA cores by default, tensor
+//! cores (WMMA) for f16/bf16 with `WICK_ATTENTION_CUDA_KERNEL=wmma`. Its backward pass recomputes
+//! the attention matrix with candle ops, in query chunks of at most 2^27 scores (a fused CUDA
+//! backward is future work).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-/// Query rows per CPU task (they share every K/V tile load).
-pub const BR: usize = 64;
-/// Keys per CPU tile.
-pub const BC: usize = 256;
+/// Query rows per CPU task in the portable kernel (they share every K/V tile load).
+const BR: usize = 64;
+/// Keys per tile in the portable kernel.
+const BC: usize = 256;
 /// Query rows and keys per tile in the CPU backward pass.
 const BWD_BR: usize = 64;
 const BWD_BC: usize = 128;
