@@ -175,7 +175,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// the input dtype. Other devices, and CUDA head sizes other than 32, 64 and 128, fall back to
 /// [`reference_attention`].
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    let (_b, _h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
+    let (b, h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         candle_core::bail!("attention: unsupported dtype {dtype:?} (f32, f16, bf16)");
@@ -196,12 +196,13 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if matches!(d, 32 | 64 | 128) => {
+        // (batch·heads is the grid's y dimension: at most 65535)
+        Device::Cuda(_) if matches!(d, 32 | 64 | 128) && b * h <= 65535 => {
             let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable: false };
             q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         _ => {
-            let _ = d;
+            let _ = (b, h, d);
             reference_attention(q, k, v, key_mask, scale, causal)
         }
     }
