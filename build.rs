@@ -25,7 +25,7 @@ fn main() {
     let nvcc = std::env::var_os("NVCC").map(PathBuf::from).unwrap_or_else(|| {
         ["CUDA_HOME", "CUDA_PATH"]
             .iter()
-            .filter_map(|v| std::env::var_os(v))
+            .filter_map(std::env::var_os)
             .map(|h| PathBuf::from(h).join("bin/nvcc"))
             .find(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("nvcc"))

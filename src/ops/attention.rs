@@ -13,24 +13,24 @@
 //!
 //! ## The fused op on the CPU
 //!
-//! Flash attention: for each (batch, head, block of [`BR`] query rows), a rayon task walks the
-//! keys in tiles of [`BC`], computes the score tile S = scale·Q·Kᵀ (BR×BC, in cache) with one
-//! GEMM, folds it into a running row maximum m and row sum l (the online softmax: the output
-//! accumulator is rescaled by exp(m_old − m_new) when the maximum grows), and adds P·V with a
-//! second GEMM. The q_len×kv_len matrix is never materialised: the extra memory is one score
-//! tile and the running statistics per task (see [`fused_attention_extra_bytes`]). Tiles that
-//! causality or the padding mask hide entirely are skipped, and on the causal diagonal the GEMM
-//! only covers the keys the block's last row can see. The logsumexp m + ln l of every row is
-//! saved for the backward pass.
+//! Flash attention: for each (batch, head, block of 64 query rows), a rayon task walks the keys
+//! in tiles, computes the score tile S = scale·Q·Kᵀ (in cache), folds it into a running row
+//! maximum m and row sum l (the online softmax: the output accumulator is rescaled by
+//! exp(m_old − m_new) when the maximum grows), and adds P·V. The q_len×kv_len matrix is never
+//! materialised: the extra memory is one score tile and the packed queries per task plus the
+//! logsumexp (see [`fused_attention_extra_bytes`]). Tiles that causality or the padding mask hide
+//! entirely are skipped, and on the causal diagonal only the visible keys are computed. The
+//! logsumexp m + ln l of every row is saved for the backward pass.
+//!
+//! On CPUs with AVX-512 and head_dim a multiple of 16 the tile products are micro-kernels of our
+//! own with the queries along the vector lanes (`attention/avx512.rs`, which explains the layout);
+//! elsewhere the same algorithm runs with the `gemm` crate (candle's CPU matrix product) and
+//! 16-lane chunked softmax loops compiled for AVX-512 or AVX2+FMA, chosen at run time.
 //!
 //! The backward pass is fused too (flash-attention 2's): per (batch, head), for each key tile
 //! and each query block that sees it, P is recomputed from the saved logsumexp and
 //! dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)), dQ += scale·dS·K, dK += scale·dSᵀ·Q,
-//! five GEMMs on tiles, again without any q_len×kv_len buffer.
-//!
-//! The GEMMs are the `gemm` crate's (candle's CPU matrix product, AVX-512/AVX2 picked at run
-//! time); the softmax loops are written in 16-lane chunks with a polynomial exp so they
-//! vectorise, and compiled for AVX-512 or AVX2+FMA, chosen at run time.
+//! five tile products, again without any q_len×kv_len buffer.
 //!
 //! f16 and bf16 inputs are converted to f32 on the CPU (the work is f32 throughout) and the
 //! output converted back.
@@ -38,19 +38,20 @@
 //! ## CUDA
 //!
 //! With `--features cuda`, the forward pass is our kernel in `src/kernels/fused_attention.cu`
-//! (see the comment block there), compiled to PTX by `build.rs`. Its backward pass
-//! recomputes the attention matrix with candle ops (it materialises q_len×kv_len per head: a
-//! fused CUDA backward is future work).
+//! (see the comment blocks there), compiled to PTX by `build.rs`: CUDA cores by default, tensor
+//! cores (WMMA) for f16/bf16 with `WICK_ATTENTION_CUDA_KERNEL=wmma`. Its backward pass recomputes
+//! the attention matrix with candle ops, in query chunks of at most 2^27 scores (a fused CUDA
+//! backward is future work).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-/// Query rows per CPU task (they share every K/V tile load).
-pub const BR: usize = 64;
-/// Keys per CPU tile.
-pub const BC: usize = 256;
+/// Query rows per CPU task in the portable kernel (they share every K/V tile load).
+const BR: usize = 64;
+/// Keys per tile in the portable kernel.
+const BC: usize = 256;
 /// Query rows and keys per tile in the CPU backward pass.
 const BWD_BR: usize = 64;
 const BWD_BC: usize = 128;
@@ -126,13 +127,19 @@ fn causal_limit(i: usize, lq: usize, lk: usize) -> usize {
 /// The visibility of every (query, key) as 0/1 f32, broadcastable to (batch, heads, q_len,
 /// kv_len), or None when everything is visible.
 fn visibility(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize, lk: usize, device: &Device) -> Result<Option<Tensor>> {
+    visibility_rows(key_mask, causal, b, lq, lk, 0, lq, device)
+}
+
+/// [`visibility`] for the query rows `first..first + rows` only.
+#[allow(clippy::too_many_arguments)]
+fn visibility_rows(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize, lk: usize, first: usize, rows: usize, device: &Device) -> Result<Option<Tensor>> {
     let keys = match key_mask {
         Some(m) => Some(m.to_dtype(DType::F32)?.ne(0f64)?.to_dtype(DType::F32)?.reshape((b, 1, 1, lk))?),
         None => None,
     };
     let tri = if causal {
-        let v: Vec<f32> = (0..lq).flat_map(|i| (0..lk).map(move |j| (j < causal_limit(i, lq, lk)) as u8 as f32)).collect();
-        Some(Tensor::from_vec(v, (1, 1, lq, lk), device)?)
+        let v: Vec<f32> = (first..first + rows).flat_map(|i| (0..lk).map(move |j| (j < causal_limit(i, lq, lk)) as u8 as f32)).collect();
+        Some(Tensor::from_vec(v, (1, 1, rows, lk), device)?)
     } else {
         None
     };
@@ -168,7 +175,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// the input dtype. Other devices, and CUDA head sizes other than 32, 64 and 128, fall back to
 /// [`reference_attention`].
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    let (_b, _h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
+    let (b, h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         candle_core::bail!("attention: unsupported dtype {dtype:?} (f32, f16, bf16)");
@@ -189,12 +196,13 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if matches!(d, 32 | 64 | 128) => {
+        // (batch·heads is the grid's y dimension: at most 65535)
+        Device::Cuda(_) if matches!(d, 32 | 64 | 128) && b * h <= 65535 => {
             let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable: false };
             q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         _ => {
-            let _ = d;
+            let _ = (b, h, d);
             reference_attention(q, k, v, key_mask, scale, causal)
         }
     }
@@ -319,15 +327,19 @@ impl CustomOp3 for FusedAttention {
                 Ok((Some(dq), Some(dk), Some(dv)))
             }
             _ => {
-                let (dq, dk, dv) = recompute_backward(q, k, v, self.mask.as_ref(), out, grad, self.scale as f64, self.causal)?;
+                let (dq, dk, dv) = recompute_backward(q, k, v, self.mask.as_ref(), out, grad, self.scale as f64, self.causal, RECOMPUTE_SCORES)?;
                 Ok((Some(dq), Some(dk), Some(dv)))
             }
         }
     }
 }
 
-/// The backward pass with candle ops, recomputing P (materialises batch·heads·q_len·kv_len
-/// floats); any device. Gradients in the dtype of q.
+/// Score elements (f32) the candle-ops backward materialises at a time: 2^27, 512 MiB.
+const RECOMPUTE_SCORES: usize = 1 << 27;
+
+/// The backward pass with candle ops, recomputing P from q, k, v, the output and its gradient;
+/// any device (CUDA uses it). Works through the queries in chunks so that at most
+/// `max_scores` score elements (batch·heads·rows·kv_len) exist at once. Gradients in q's dtype.
 #[allow(clippy::too_many_arguments)]
 fn recompute_backward(
     q: &Tensor,
@@ -338,24 +350,35 @@ fn recompute_backward(
     grad: &Tensor,
     scale: f64,
     causal: bool,
+    max_scores: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, _h, lq, lk, _d) = dims(q, k, v, mask)?;
+    let (b, h, lq, lk, _d) = dims(q, k, v, mask)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let (qf, kf, vf, of, go) = (f32(q)?, f32(k)?, f32(v)?, f32(out)?, f32(grad)?);
-    let s = (qf.matmul(&kf.t()?)? * scale)?;
-    let p = match visibility(mask, causal, b, lq, lk, q.device())? {
-        None => candle_nn::ops::softmax_last_dim(&s)?,
-        Some(vis) => {
-            let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&vis.affine(1e30, -1e30)?)?)?;
-            p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
-        }
-    };
-    let dv = p.t()?.matmul(&go)?;
-    let dp = go.matmul(&vf.t()?)?;
-    let delta = (&go * &of)?.sum_keepdim(D::Minus1)?;
-    let ds = (p * dp.broadcast_sub(&delta)?)?;
-    let dq = (ds.matmul(&kf)? * scale)?;
-    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    let (kt, vt) = (kf.t()?, vf.t()?);
+    let rows = (max_scores / (b * h * lk).max(1)).clamp(1, lq.max(1));
+    let (mut dk, mut dv) = (kf.zeros_like()?, vf.zeros_like()?);
+    let mut dqs = Vec::new();
+    for first in (0..lq).step_by(rows) {
+        let n = rows.min(lq - first);
+        let chunk = |t: &Tensor| t.narrow(2, first, n)?.contiguous();
+        let (qc, oc, gc) = (chunk(&qf)?, chunk(&of)?, chunk(&go)?);
+        let s = (qc.matmul(&kt)? * scale)?;
+        let p = match visibility_rows(mask, causal, b, lq, lk, first, n, q.device())? {
+            None => candle_nn::ops::softmax_last_dim(&s)?,
+            Some(vis) => {
+                let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(&vis.affine(1e30, -1e30)?)?)?;
+                p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
+            }
+        };
+        dv = (dv + p.t()?.matmul(&gc)?)?;
+        let dp = gc.matmul(&vt)?;
+        let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * dp.broadcast_sub(&delta)?)?;
+        dqs.push((ds.matmul(&kf)? * scale)?);
+        dk = (dk + (ds.t()?.matmul(&qc)? * scale)?)?;
+    }
+    let dq = if dqs.is_empty() { qf.zeros_like()? } else { Tensor::cat(&dqs, 2)? };
     let dt = q.dtype();
     Ok((dq.to_dtype(dt)?, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
 }
@@ -467,7 +490,7 @@ mod simd {
         p = p.mul_add(r, 8.333_452e-3);
         p = p.mul_add(r, 4.166_579_6e-2);
         p = p.mul_add(r, 1.666_666_5e-1);
-        p = p.mul_add(r, 5.000_000_1e-1);
+        p = p.mul_add(r, 0.5);
         let e = (p * r).mul_add(r, r) + 1.0;
         let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
         if x < -87.0 {
@@ -772,6 +795,31 @@ mod avx512;
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The candle-ops backward (what CUDA runs), in query chunks, against the reference's
+    /// autograd gradients.
+    #[test]
+    fn recompute_backward_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, causal, masked, budget) in [(2, 2, 37, 50, true, true, 2 * 2 * 50 * 8), (1, 3, 9, 4, true, false, 1), (2, 1, 20, 20, false, true, 1 << 20)] {
+            let d = 32;
+            let q = Var::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < [lk, lk / 3][i / lk]) as u8).collect::<Vec<_>>(), (b, lk), &dev)?;
+            let mask = masked.then_some(mask);
+            let reference = reference_attention(&q, &k, &v, mask.as_ref(), 0.2, causal)?;
+            let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let g = (&reference * &w)?.sum_all()?.backward()?;
+            let m32 = mask.as_ref().map(|m| m.to_dtype(DType::F32)).transpose()?;
+            let (dq, dk, dv) = recompute_backward(&q, &k, &v, m32.as_ref(), &reference, &w, 0.2, causal, budget)?;
+            for (ours, x) in [(&dq, &q), (&dk, &k), (&dv, &v)] {
+                let err = (ours - g.get(x).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "recompute backward off by {err}");
+            }
+        }
+        Ok(())
+    }
 
     /// The portable CPU kernel (the `gemm` crate's products), which the AVX-512 one replaces
     /// on this kind of machine, against the reference, forwards and backwards.
