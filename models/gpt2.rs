@@ -745,6 +745,34 @@ impl GPT2LMHeadModel {
     }
 }
 
+impl GPT2LMHeadModel {
+    /// Mean next-token cross-entropy of `input_ids` (batch, seq) against `targets` (batch, seq),
+    /// unpadded: the training loss. The (tokens, vocab) logits go from the head's product
+    /// straight into the loss with no reshape in between, since every graph node on a tensor
+    /// that large costs a gradient buffer of its size in the backward pass.
+    pub fn lm_loss(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        let hidden = self.transformer.forward(input_ids, None, None, None, train)?;
+        let h = hidden.dim(2)?;
+        let hidden = hidden.reshape(((), h))?;
+        let logits = hidden.matmul(&self.lm_head.t()?)?;
+        crate::nn::cross_entropy(&logits, &targets.flatten_all()?)
+    }
+}
+
+impl crate::train::TrainModel for GPT2LMHeadModel {
+    /// (input ids, target ids), both (batch, seq): `TokenWindows`' batches.
+    type Batch = (Tensor, Tensor);
+    fn task(&self) -> crate::train::Task {
+        crate::train::Task::LanguageModel
+    }
+    fn loss(&self, (x, y): &Self::Batch, train: bool) -> anyhow::Result<Tensor> {
+        Ok(self.lm_loss(x, y, train)?)
+    }
+    fn evaluate(&self, (x, y): &Self::Batch) -> anyhow::Result<crate::train::EvalBatch> {
+        crate::train::EvalBatch::from_logits(&self.forward(x, None, None, None, false)?, y)
+    }
+}
+
 impl ModuleT for GPT2LMHeadModel {
     /// Logits (batch, seq, vocab) of unpadded ids (batch, seq): the training path.
     fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
@@ -779,4 +807,34 @@ pub fn load_lm(files: &crate::hub::ModelFiles, dtype: DType, device: &Device) ->
     let tensors = canonical_names(files.load_tensors(device)?, true, !cfg.tie_word_embeddings);
     let vb = crate::hub::inference_var_builder(tensors, dtype, device);
     GPT2LMHeadModel::load(vb, &cfg).with_context(|| format!("loading GPT-2 from {}", files.dir.display()))
+}
+
+/// Writes `config.json` and `model.safetensors` (f32, transformers' names, `{"format": "pt"}`
+/// metadata) into `dir`: a folder `GPT2LMHeadModel.from_pretrained` and [`load_lm`] both load.
+/// `tensors` are the model's parameters by name (`transformer.*`, and `lm_head.weight` only if
+/// untied), e.g. a training `VarMap`'s; tokenizer files are the caller's to copy.
+pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = cfg.clone();
+    cfg.model_type = Some("gpt2".into());
+    cfg.extra.entry("architectures").or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
+    cfg.extra.entry("dtype").or_insert_with(|| serde_json::json!("float32"));
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+    for name in names {
+        let t = &tensors[name];
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        data.push((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()));
+    }
+    let views = data
+        .iter()
+        .map(|(n, bytes, shape)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(metadata), &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod cross_entropy;
 pub mod lstm;
 pub mod pool;
 
