@@ -68,7 +68,7 @@ fn main() -> Result<()> {
         let model = match random_gpt2(dtype, &device) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("skipping {dtype_name}: {e}");
+                eprintln!("skipping {dtype_name}: {}", e.to_string().lines().next().unwrap_or_default());
                 continue;
             }
         };

@@ -325,3 +325,59 @@ fn streaming_concatenates_to_the_final_text_with_multibyte_characters() -> Resul
     assert_eq!(streamed, "café");
     Ok(())
 }
+
+#[test]
+fn f16_runs_close_to_f32_with_the_cache() -> Result<()> {
+    let fx = Fixture::load("hf/gpt2-tiny.reference")?;
+    let files = wick::hub::resolve(tiny_dir().to_str().unwrap(), &Default::default())?;
+    let model = gpt2::load_lm(&files, DType::F16, &fx.device)?;
+    let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
+    let logits = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
+    assert_eq!(logits.dtype(), DType::F16);
+    assert_close("f16 logits", &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, 2e-2)?;
+    let tok = tokenizer()?;
+    let out = generate::generate_text(&model, &tok, &PROMPTS, &greedy(10), None)?;
+    assert!(out.generated_ids.iter().all(|g| g.len() == 10));
+    Ok(())
+}
+
+#[test]
+fn trains_with_the_trainer_and_the_export_reloads() -> Result<()> {
+    use wick::train::{optim, OptimizerConfig, Schedule, Trainer, TrainerConfig};
+    let dev = Device::Cpu;
+    let mut cfg = Config::new(50, 16, 32, 2, 4);
+    cfg.attn_pdrop = 0.1; // the dropout path of attention, in training only
+    let varmap = VarMap::new();
+    let model = GPT2LMHeadModel::load(wick::nn::var_builder(&varmap, DType::F32, &dev, 3), &cfg)?;
+    // A periodic sequence: learnable in a few dozen steps.
+    let tokens: Vec<u32> = (0..2000).map(|i| ((i * 7) % 13) as u32).collect();
+    let train = wick::data::chars::TokenWindows::new(tokens, 16)?;
+    let config = TrainerConfig {
+        epochs: usize::MAX,
+        max_steps: Some(60),
+        batch_size: 8,
+        lr: 3e-3,
+        schedule: Schedule::CosineWarmup { warmup: 5, min_ratio: 0.1 },
+        max_grad_norm: Some(1.0),
+        eval_each_epoch: false,
+        progress: false,
+        ..Default::default()
+    };
+    let opt = OptimizerConfig::adamw(0.1).build(optim::params(&varmap, optim::is_bias_or_norm))?;
+    let report = Trainer::new(config, varmap.clone(), opt, dev.clone()).fit(&model, &train, None)?;
+    let (first, last) = (report.train_losses[0].1, report.train_losses.last().unwrap().1);
+    assert!(last < 0.5 * first, "loss {first} → {last}");
+
+    let dir = tempfile::tempdir()?;
+    let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
+    assert!(!tensors.contains_key("lm_head.weight"), "the head is tied");
+    gpt2::save_pretrained(dir.path(), &cfg, &tensors)?;
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
+    assert_eq!(saved["model_type"], "gpt2");
+    let reloaded = gpt2::load_lm(&wick::hub::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?;
+    let ids = Tensor::new(&[[1u32, 8, 2, 9, 3]], &dev)?;
+    let a = model.forward(&ids, None, None, None, false)?;
+    let b = reloaded.forward(&ids, None, None, None, false)?;
+    assert_close("reloaded logits", &b, &a, 1e-6)?;
+    Ok(())
+}
