@@ -3,14 +3,16 @@
 # benches/gpt2_decode.rs and transformers' scripts/bench_gpt2.py on the same machine with the same
 # thread count; prints tokens/s side by side and the ratio wick / PyTorch.
 #
-#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,f16,bf16] [--runs R] [--device cpu|cuda]
+#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,bf16] [--runs R] [--device cpu|cuda]
+#
+# (PyTorch in f16 on the CPU takes minutes per run; add f16 to --dtypes only if you mean it.)
 #
 # Needs a Python with torch and transformers: PYTHON=/path/to/venv/bin/python (default python3).
 # Run it on an idle machine (check `uptime`): decoding is bound by memory bandwidth, which
 # anything else running shares.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2 dtypes=f32,f16,bf16 runs=3 device=cpu
+threads=2 dtypes=f32,bf16 runs=3 device=cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
