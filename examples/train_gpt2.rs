@@ -23,7 +23,8 @@ const DEFAULT_TOKENIZER: &str = "../shared/data/gpt2-tokenizer";
 /// Train a GPT-2 language model from scratch on a text file (the last 10% is the validation set)
 /// with GPT-2's byte-level BPE tokenizer, AdamW (no weight decay on biases and LayerNorms) and a
 /// warmup + cosine learning-rate schedule; report validation loss and perplexity, save a Hugging
-/// Face GPT-2 folder in --output, and print a sample.
+/// Face GPT-2 folder in --output (config.json, model.safetensors, tokenizer files, next to the
+/// trainer's checkpoints/ and metrics), and print a sample.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -67,12 +68,13 @@ struct Args {
     /// Linear warmup steps, then cosine decay to --min-lr-ratio of the peak.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
+    /// Where the cosine decay ends, as a fraction of the peak learning rate.
     #[arg(long, default_value_t = 0.1)]
     min_lr_ratio: f64,
     /// AdamW weight decay (not applied to biases and LayerNorm parameters).
     #[arg(long, default_value_t = 0.1)]
     weight_decay: f64,
-    /// AdamW's beta2 (nanoGPT uses 0.95 for small batches... and 0.99 for its char model).
+    /// AdamW's beta2 (0.95 as nanoGPT's GPT-2 runs; PyTorch's default is 0.999).
     #[arg(long, default_value_t = 0.95)]
     beta2: f64,
     /// Clip the gradients' global norm to this value (0 = no clipping).
