@@ -2,6 +2,7 @@
 //! those checkpoints use.
 
 pub mod bert;
+pub mod gpt2;
 pub mod cnn;
 pub mod mlp;
 pub mod rnn;

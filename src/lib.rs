@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod generate;
 pub mod hub;
 pub mod nn;
 pub mod ops;

@@ -70,6 +70,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             logits.dim(0)?
         )
     }
+    if logits.device().is_cpu() {
+        // One pass each way instead of a dozen (items × classes) temporaries.
+        return crate::ops::cross_entropy::cross_entropy_cpu(&logits, &targets);
+    }
     candle_nn::loss::cross_entropy(&logits, &targets)
 }
 

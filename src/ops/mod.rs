@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod cross_entropy;
 pub mod linear;
 pub mod lstm;
 pub mod norm;

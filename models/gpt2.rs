@@ -1,0 +1,840 @@
+//! GPT-2 (Radford et al. 2019) as Hugging Face `transformers` has it: `GPT2Model` (token and
+//! position embeddings, pre-LayerNorm blocks of causal self-attention and an MLP, a final
+//! LayerNorm) and `GPT2LMHeadModel` (the LM head tied to the token embedding `wte`).
+//!
+//! Parameter names are the checkpoint's own (`transformer.h.0.attn.c_attn.weight`, ...), so
+//! `openai-community/gpt2` (-medium, -large, -xl), `distilgpt2` and models saved by transformers
+//! load as they are ([`canonical_names`] adds or strips the `transformer.` prefix and drops the
+//! `attn.bias` / `attn.masked_bias` buffers of old checkpoints), and ours load in transformers.
+//!
+//! GPT-2's `Conv1D` layers store their weights as (in, out): they are used as stored
+//! (`x.matmul(w) + b`), never transposed or copied per step. The LM head multiplies by the
+//! transposed view of `wte`, also without a copy.
+//!
+//! Inference keeps a [`KvCache`] per generation: keys and values of every layer live in
+//! tensors preallocated for the whole generation and new positions are written in place
+//! (`slice_set`), so a decoding step copies only the new token's keys and values. The cache also
+//! keeps the attention mask of the positions it holds, so callers pass the mask of the new
+//! tokens only.
+//!
+//! Padding: rows of a batch may be left-padded (transformers' convention for generation) with
+//! `attention_mask` 0 on the padding and positions `cumsum(mask) - 1`. A padding token that
+//! precedes every real token of its row would have nothing to attend to (a softmax over nothing
+//! is NaN, which would leak into the gradients and the cache), so such batches run with each
+//! row's real tokens moved in front of its padding (a stable reordering: the real tokens see
+//! exactly what they would see in place) and outputs are put back in the caller's order.
+//!
+//! Every op on the training path has a gradient (LayerNorm and softmax use candle's fused,
+//! gradient-less kernels only when nothing needs a gradient); dropout is active only in training.
+//!
+//! Dtypes: f32 and f16 on the CPU, f32/f16/bf16 on CUDA. candle 0.11 has no bf16 matrix product
+//! on the CPU, so loading in bf16 on the CPU is refused with an error saying so.
+
+use crate::nn::{dropout, layer_norm};
+use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// The activation of the MLP, by transformers' names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The tanh approximation of GELU (GPT-2's own).
+    #[default]
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// The exact (erf) GELU.
+    Gelu,
+    Relu,
+    #[serde(alias = "swish")]
+    Silu,
+    Tanh,
+    /// x · sigmoid(1.702 x)
+    QuickGelu,
+    #[serde(alias = "identity")]
+    Linear,
+}
+
+impl Activation {
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluNew => x.gelu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+            Self::Tanh => x.tanh(),
+            Self::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+            Self::Linear => Ok(x.clone()),
+        }
+    }
+}
+
+/// One token id or several (`eos_token_id` may be a list in recent configs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_vocab() -> usize {
+    50257
+}
+fn default_positions() -> usize {
+    1024
+}
+fn default_embd() -> usize {
+    768
+}
+fn default_layers() -> usize {
+    12
+}
+fn default_pdrop() -> f64 {
+    0.1
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+fn default_true() -> bool {
+    true
+}
+fn default_special() -> Option<TokenIds> {
+    Some(TokenIds::One(50256))
+}
+
+/// `config.json` of a GPT-2 checkpoint, with transformers' defaults for absent fields. Fields
+/// this model does not read are kept in `extra`, so a loaded config saves back unchanged.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    /// The context length: the number of position embeddings.
+    #[serde(default = "default_positions")]
+    pub n_positions: usize,
+    #[serde(default = "default_embd")]
+    pub n_embd: usize,
+    #[serde(default = "default_layers")]
+    pub n_layer: usize,
+    #[serde(default = "default_layers")]
+    pub n_head: usize,
+    /// Width of the MLP; 4 · n_embd when absent or null.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default)]
+    pub activation_function: Activation,
+    #[serde(default = "default_pdrop")]
+    pub resid_pdrop: f64,
+    #[serde(default = "default_pdrop")]
+    pub embd_pdrop: f64,
+    #[serde(default = "default_pdrop")]
+    pub attn_pdrop: f64,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    /// Divide attention scores by sqrt(head_dim).
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    /// Also divide them by (layer index + 1).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// transformers computes attention in f32 with this flag; wick's attention always takes its
+    /// softmax in f32, so it changes nothing here.
+    #[serde(default)]
+    pub reorder_and_upcast_attn: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_special")]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default = "default_special")]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("the defaults parse")
+    }
+}
+
+impl Config {
+    /// A GPT-2-shaped config (GPT-2 small's defaults otherwise), `model_type` "gpt2".
+    pub fn new(vocab_size: usize, n_positions: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
+        Self { vocab_size, n_positions, n_embd, n_layer, n_head, model_type: Some("gpt2".into()), ..Default::default() }
+    }
+
+    pub fn inner_size(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// The end-of-sequence ids (empty when the config has none).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default()
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            bail!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head)
+        }
+        if self.vocab_size == 0 || self.n_positions == 0 || self.n_layer == 0 {
+            bail!("vocab_size, n_positions and n_layer must be positive")
+        }
+        if self.extra.get("add_cross_attention").and_then(|v| v.as_bool()) == Some(true) {
+            bail!("add_cross_attention (GPT-2 as a decoder of an encoder-decoder model) is not supported")
+        }
+        Ok(())
+    }
+}
+
+/// LayerNorm with transformers' parameter names (`weight`, `bias`).
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
+    }
+}
+
+/// transformers' `Conv1D`: weight (in, out), y = x · W + b.
+#[derive(Clone, Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn load(vb: VarBuilder, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((d_in, d_out), "weight", Init::Randn { mean: 0.0, stdev: std })?,
+            bias: vb.get_with_hints(d_out, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    /// x: (..., in) → (..., out)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let d_in = dims[dims.len() - 1];
+        let rows = x.elem_count() / d_in.max(1);
+        let y = matmul_2d(&x.reshape((rows, d_in))?, &self.weight)?.broadcast_add(&self.bias)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = self.weight.dim(1)?;
+        y.reshape(out)
+    }
+}
+
+/// (m, k) · (k, n) for a weight used as stored (possibly a transposed view). On the CPU, a
+/// product with few rows (decoding) is a matrix-vector product that candle's GEMM runs on one
+/// thread; it is split by output columns across the rayon pool instead, since it is bound by
+/// reading the weight from memory.
+fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let n = w.dim(1)?;
+    let threads = rayon::current_num_threads();
+    if !x.device().is_cpu() || m > 4 || threads < 2 || n < 256 * threads || x.track_op() || w.track_op() {
+        return x.matmul(w);
+    }
+    let chunk = n.div_ceil(threads);
+    let parts: Vec<Result<Tensor>> = {
+        use rayon::prelude::*;
+        (0..threads)
+            .into_par_iter()
+            .map(|i| {
+                let start = i * chunk;
+                let len = chunk.min(n - start.min(n));
+                if len == 0 {
+                    return Tensor::zeros((m, 0), x.dtype(), x.device());
+                }
+                // Each part runs candle's GEMM with one thread (it is inside the pool already).
+                x.matmul(&w.narrow(1, start, len)?)
+            })
+            .collect()
+    };
+    let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}
+
+/// Keys and values of the positions seen so far, for every layer, and their attention mask.
+///
+/// The key/value tensors of a layer are allocated once for `capacity` positions (and grown by
+/// doubling if a generation goes past it); new positions are written in place.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    capacity: usize,
+    len: usize,
+    /// Per row, the mask (1 = real token) of every cached position, in cache order.
+    mask: Vec<Vec<u32>>,
+    /// Some cached position is padding.
+    padded: bool,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layer` layers with room for `capacity` positions.
+    pub fn new(n_layer: usize, capacity: usize) -> Self {
+        Self { layers: vec![None; n_layer], capacity: capacity.max(1), len: 0, mask: vec![], padded: false }
+    }
+
+    /// Positions cached (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets everything (the tensors are kept for reuse).
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.mask.clear();
+        self.padded = false;
+    }
+
+    fn batch(&self) -> Option<usize> {
+        (self.len > 0).then_some(self.mask.len())
+    }
+
+    /// Writes layer `i`'s new keys and values (batch, heads, t, head_dim) after the cached ones
+    /// and returns views of all of them (batch, heads, len + t, head_dim).
+    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, hd) = k.dims4()?;
+        let need = self.len + t;
+        let fresh = |cap: usize| -> Result<(Tensor, Tensor)> {
+            Ok((Tensor::zeros((b, h, cap, hd), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, hd), v.dtype(), v.device())?))
+        };
+        let slot = &mut self.layers[i];
+        let realloc = match slot {
+            None => true,
+            Some((ck, _)) => ck.dims4()? != (b, h, ck.dim(2)?, hd) || ck.dtype() != k.dtype() || ck.dim(2)? < need,
+        };
+        if realloc {
+            let cap = if need > self.capacity { (2 * need).max(self.capacity) } else { self.capacity };
+            let (nk, nv) = fresh(cap)?;
+            if let (Some((ok, ov)), true) = (slot.as_ref(), self.len > 0) {
+                nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.capacity = cap;
+            *slot = Some((nk, nv));
+        }
+        let (ck, cv) = slot.as_ref().unwrap();
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
+    }
+
+    fn advance(&mut self, new_mask: &[Vec<u32>]) {
+        if self.mask.is_empty() {
+            self.mask = vec![vec![]; new_mask.len()];
+        }
+        for (row, m) in self.mask.iter_mut().zip(new_mask) {
+            self.padded |= m.contains(&0);
+            row.extend_from_slice(m);
+        }
+        self.len += new_mask.first().map_or(0, Vec::len);
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: usize,
+    scale: f64,
+    act: Activation,
+    resid_pdrop: f64,
+    attn_pdrop: f64,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
+        let (h, inner) = (cfg.n_embd, cfg.inner_size());
+        let std = cfg.initializer_range;
+        // transformers (and GPT-2's paper) scale the residual projections' init by 1/sqrt(2·n_layer).
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let mut scale = if cfg.scale_attn_weights { 1.0 / (cfg.head_dim() as f64).sqrt() } else { 1.0 };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (index + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), h, cfg.layer_norm_epsilon)?,
+            c_attn: Conv1D::load(vb.pp("attn.c_attn"), h, 3 * h, std)?,
+            attn_proj: Conv1D::load(vb.pp("attn.c_proj"), h, h, proj_std)?,
+            ln_2: LayerNorm::load(vb.pp("ln_2"), h, cfg.layer_norm_epsilon)?,
+            c_fc: Conv1D::load(vb.pp("mlp.c_fc"), h, inner, std)?,
+            mlp_proj: Conv1D::load(vb.pp("mlp.c_proj"), inner, h, proj_std)?,
+            n_head: cfg.n_head,
+            scale,
+            act: cfg.activation_function,
+            resid_pdrop: cfg.resid_pdrop,
+            attn_pdrop: cfg.attn_pdrop,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, query_keep: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>, train: bool) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hd = h / self.n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        // (b, t, 3, heads, hd) → (3, b, heads, t, hd): one copy gives contiguous q, k and v.
+        let qkv = qkv.reshape((b, t, 3, self.n_head, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let (k, v) = match cache {
+            Some((cache, i)) => cache.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let causal = t > 1; // one new query sees every cached key
+        let context = if train && self.attn_pdrop > 0.0 {
+            attention_with_dropout(&q, &k, &v, key_mask, self.scale, causal, self.attn_pdrop)?
+        } else {
+            crate::ops::attention::attention(&q, &k, &v, key_mask, self.scale, causal)?
+        };
+        let mut context = context.transpose(1, 2)?.reshape((b, t, h))?;
+        if let Some(keep) = query_keep {
+            context = context.broadcast_mul(keep)?;
+        }
+        let x = (dropout(&self.attn_proj.forward(&context)?, self.resid_pdrop, train)? + x)?;
+        let inner = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        dropout(&self.mlp_proj.forward(&inner)?, self.resid_pdrop, train)? + x
+    }
+}
+
+/// Attention with dropout on the probabilities, as GPT-2 trains with `attn_pdrop` > 0 (the
+/// probabilities must be materialised; the fused attention has no dropout).
+fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64) -> Result<Tensor> {
+    let (b, _, q_len, _) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let mut bias: Option<Tensor> = None;
+    if let Some(mask) = key_mask {
+        let keep = mask.ne(0u32)?.to_dtype(DType::F32)?;
+        bias = Some(((keep - 1.0)? * 1e9)?.reshape((b, 1, 1, kv_len))?);
+    }
+    if causal {
+        let offset = kv_len as i64 - q_len as i64;
+        let rows: Vec<f32> =
+            (0..q_len as i64).flat_map(|i| (0..kv_len as i64).map(move |j| if j <= i + offset { 0.0 } else { -1e9 })).collect();
+        let tri = Tensor::from_vec(rows, (1, 1, q_len, kv_len), q.device())?;
+        bias = Some(match bias {
+            Some(m) => m.broadcast_add(&tri)?,
+            None => tri,
+        });
+    }
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(&bias)?;
+    }
+    let probs = crate::nn::softmax_last(&scores)?.to_dtype(q.dtype())?;
+    dropout(&probs, p, true)?.matmul(&v.contiguous()?)
+}
+
+/// Which positions' outputs a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Select {
+    All,
+    /// The last column of the input (the last real token of left-padded rows).
+    Last,
+}
+
+/// `GPT2Model`: embeddings, blocks and the final LayerNorm.
+pub struct GPT2Model {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    pub config: Config,
+    device: Device,
+}
+
+impl GPT2Model {
+    /// Loads from names without the `transformer.` prefix (`wte.weight`, `h.N.*`, `ln_f.*`).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.check()?;
+        if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
+            bail!("bf16 is not supported on the CPU: candle 0.11 has no bf16 matrix product there; use f32 or f16, or bf16 on CUDA")
+        }
+        let std = cfg.initializer_range;
+        let wte = vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", Init::Randn { mean: 0.0, stdev: std })?;
+        let wpe = vb.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", Init::Randn { mean: 0.0, stdev: std })?;
+        let blocks = (0..cfg.n_layer).map(|i| Block::load(vb.pp(format!("h.{i}")), cfg, i)).collect::<Result<_>>()?;
+        let ln_f = LayerNorm::load(vb.pp("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
+        Ok(Self { wte, wpe, blocks, ln_f, config: cfg.clone(), device: vb.device().clone() })
+    }
+
+    /// The token embedding (vocab, n_embd), which the LM head shares.
+    pub fn wte(&self) -> &Tensor {
+        &self.wte
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// A cache for this model with room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), capacity)
+    }
+
+    /// Hidden states (batch, seq, n_embd) after `ln_f`.
+    ///
+    /// `input_ids`: (batch, seq) integers. `position_ids`: (batch, seq), default
+    /// `cached + 0..seq` (transformers' default, which ignores padding: give `cumsum(mask) - 1`
+    /// for left-padded rows). `attention_mask`: (batch, seq) for the new tokens, 1 = token,
+    /// 0 = padding; the cache remembers the mask of earlier positions. With a `cache`, the keys
+    /// and values of these tokens are added to it and attention covers every cached position.
+    pub fn forward(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        self.run(input_ids, position_ids, attention_mask, cache, train, Select::All)
+    }
+
+    fn run(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>, train: bool, select: Select) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t == 0 {
+            bail!("empty input: no tokens")
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(cb) = cache.as_ref().and_then(|c| c.batch()) {
+            if cb != b {
+                bail!("the cache holds {cb} rows but the input has {b}")
+            }
+        }
+        let n_pos = self.config.n_positions;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let positions = match position_ids {
+            Some(p) => {
+                if p.dims() != [b, t] {
+                    bail!("position_ids has shape {:?}, the input ids {:?}", p.dims(), [b, t])
+                }
+                let p = p.to_dtype(DType::U32)?;
+                let max = p.max_all()?.to_scalar::<u32>()? as usize;
+                if max >= n_pos {
+                    bail!("position {max} is past this model's context of {n_pos} positions (n_positions): the sequence is too long")
+                }
+                p
+            }
+            None => {
+                if past + t > n_pos {
+                    bail!("a sequence of {} tokens is longer than this model's context of {n_pos} positions (n_positions)", past + t)
+                }
+                Tensor::arange(past as u32, (past + t) as u32, &self.device)?.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?
+            }
+        };
+
+        // The mask of the new tokens, on the host (it is small), or None: no padding at all.
+        let new_mask: Option<Vec<Vec<u32>>> = match attention_mask {
+            Some(m) => {
+                if m.dims() != [b, t] {
+                    bail!("attention_mask has shape {:?}, the input ids {:?}", m.dims(), [b, t])
+                }
+                let rows = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                let rows: Vec<Vec<u32>> = rows.into_iter().map(|r| r.into_iter().map(|v| u32::from(v != 0)).collect()).collect();
+                rows.iter().any(|r| r.contains(&0)).then_some(rows)
+            }
+            None => None,
+        };
+        // Rows whose padding comes before any real token (left padding on an empty cache) are
+        // reordered real-tokens-first; `order[r][slot]` is the input column at that slot.
+        let past_real: Vec<bool> = (0..b).map(|r| cache.as_ref().is_some_and(|c| c.mask.get(r).is_some_and(|m| m.contains(&1)))).collect();
+        let mut order: Option<Vec<Vec<usize>>> = None;
+        if let Some(rows) = &new_mask {
+            for (r, row) in rows.iter().enumerate() {
+                if !past_real[r] && !row.contains(&1) {
+                    bail!("row {r} of the batch has no tokens (its attention_mask is all 0)")
+                }
+            }
+            let needs = rows.iter().enumerate().any(|(r, row)| !past_real[r] && row[0] == 0);
+            if needs {
+                order = Some(
+                    rows.iter()
+                        .map(|row| (0..t).filter(|&j| row[j] == 1).chain((0..t).filter(|&j| row[j] == 0)).collect())
+                        .collect(),
+                );
+            }
+        }
+        // Queries with nothing to attend to (padding before any real token) get a zero attention
+        // output, as PyTorch's scaled_dot_product_attention gives them; 1 = keep, 0 = zero.
+        let query_keep = match (&order, &new_mask) {
+            (Some(order), Some(rows)) => {
+                let mut keep = Vec::with_capacity(b * t);
+                for (r, (o, row)) in order.iter().zip(rows).enumerate() {
+                    let first_real = row.iter().position(|&m| m == 1).unwrap_or(t);
+                    keep.extend(o.iter().map(|&j| if !past_real[r] && j < first_real { 0f32 } else { 1.0 }));
+                }
+                Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?.to_dtype(self.wte.dtype())?)
+            }
+            _ => None,
+        };
+        let (ids, positions, new_mask) = match &order {
+            None => (ids, positions, new_mask),
+            Some(order) => {
+                let gather = |x: &Tensor| -> Result<Tensor> { reorder_rows(x, order) };
+                let mask = new_mask.as_ref().map(|rows| order.iter().zip(rows).map(|(o, row)| o.iter().map(|&j| row[j]).collect()).collect());
+                (gather(&ids)?, gather(&positions)?, mask)
+            }
+        };
+        let new_mask_rows = new_mask.clone().unwrap_or_else(|| vec![vec![1u32; t]; b]);
+
+        // The key mask over every position attention sees (cached + new), or None if no padding.
+        let padded_past = cache.as_ref().is_some_and(|c| c.padded);
+        let key_mask = if new_mask.is_some() || padded_past {
+            let mut flat = Vec::with_capacity(b * (past + t));
+            for (r, row) in new_mask_rows.iter().enumerate() {
+                match cache.as_ref() {
+                    Some(c) if past > 0 => flat.extend_from_slice(&c.mask[r]),
+                    _ => {}
+                }
+                flat.extend_from_slice(row);
+            }
+            Some(Tensor::from_vec(flat, (b, past + t), &self.device)?)
+        } else {
+            None
+        };
+
+        let x = embed(&self.wte, &ids)?.add(&embed(&self.wpe, &positions)?)?;
+        let mut x = dropout(&x, self.config.embd_pdrop, train)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = block.forward(&x, key_mask.as_ref(), query_keep.as_ref(), layer_cache, train)?;
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            c.advance(&new_mask_rows);
+        }
+        match select {
+            Select::All => {
+                let x = self.ln_f.forward(&x)?;
+                match &order {
+                    None => Ok(x),
+                    Some(order) => {
+                        // Back to the caller's column order.
+                        let inverse: Vec<Vec<usize>> = order
+                            .iter()
+                            .map(|o| {
+                                let mut inv = vec![0; o.len()];
+                                for (slot, &col) in o.iter().enumerate() {
+                                    inv[col] = slot;
+                                }
+                                inv
+                            })
+                            .collect();
+                        reorder_rows(&x, &inverse)
+                    }
+                }
+            }
+            Select::Last => {
+                let last: Vec<u32> = match &order {
+                    None => (0..b).map(|r| (r * t + t - 1) as u32).collect(),
+                    Some(order) => order.iter().enumerate().map(|(r, o)| (r * t + o.iter().position(|&c| c == t - 1).unwrap()) as u32).collect(),
+                };
+                let x = if t == 1 {
+                    x.reshape((b, x.dim(2)?))?
+                } else {
+                    let idx = Tensor::from_vec(last, b, &self.device)?;
+                    x.reshape((b * t, x.dim(2)?))?.index_select(&idx, 0)?
+                };
+                self.ln_f.forward(&x)
+            }
+        }
+    }
+}
+
+/// Rows of `table` (n, d) for `ids` (batch, seq) → (batch, seq, d).
+fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, table.dim(1)?))
+}
+
+/// Row `r` of the result is row `r` of `x` (batch, seq, ...) with its columns in `order[r]`.
+fn reorder_rows(x: &Tensor, order: &[Vec<usize>]) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, t) = (dims[0], dims[1]);
+    let idx: Vec<u32> = order.iter().enumerate().flat_map(|(r, o)| o.iter().map(move |&j| (r * t + j) as u32)).collect();
+    let idx = Tensor::from_vec(idx, b * t, x.device())?;
+    let mut flat = vec![b * t];
+    flat.extend_from_slice(&dims[2..]);
+    x.reshape(flat)?.index_select(&idx, 0)?.reshape(dims)
+}
+
+/// `GPT2LMHeadModel`: `transformer.*`, and the LM head, tied to `transformer.wte.weight` (an
+/// untied `lm_head.weight` is read when the config says `tie_word_embeddings: false`).
+pub struct GPT2LMHeadModel {
+    pub transformer: GPT2Model,
+    /// (vocab, n_embd): `wte` itself when tied.
+    lm_head: Tensor,
+}
+
+impl GPT2LMHeadModel {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let transformer = GPT2Model::load(vb.pp("transformer"), cfg)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            transformer.wte.clone()
+        } else {
+            vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "lm_head.weight", Init::Randn { mean: 0.0, stdev: cfg.initializer_range })?
+        };
+        Ok(Self { transformer, lm_head })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.transformer.config
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.transformer.new_cache(capacity)
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let h = dims[dims.len() - 1];
+        let rows = hidden.elem_count() / h;
+        // The transposed view of the (vocab, n_embd) weight: no copy.
+        let logits = matmul_2d(&hidden.reshape((rows, h))?, &self.lm_head.t()?)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.lm_head.dim(0)?;
+        logits.reshape(out)
+    }
+
+    /// Logits (batch, seq, vocab); the arguments are [`GPT2Model::forward`]'s.
+    pub fn forward(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        self.head(&self.transformer.run(input_ids, position_ids, attention_mask, cache, train, Select::All)?)
+    }
+
+    /// Logits (batch, vocab) of the last input column only (the last token of left-padded
+    /// rows): what generation needs, without the LM head's cost at the other positions.
+    pub fn forward_last(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.head(&self.transformer.run(input_ids, position_ids, attention_mask, cache, false, Select::Last)?)
+    }
+}
+
+impl GPT2LMHeadModel {
+    /// Mean next-token cross-entropy of `input_ids` (batch, seq) against `targets` (batch, seq),
+    /// unpadded: the training loss. The (tokens, vocab) logits go from the head's product
+    /// straight into the loss with no reshape in between, since every graph node on a tensor
+    /// that large costs a gradient buffer of its size in the backward pass.
+    pub fn lm_loss(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        let hidden = self.transformer.forward(input_ids, None, None, None, train)?;
+        let h = hidden.dim(2)?;
+        let hidden = hidden.reshape(((), h))?;
+        let logits = hidden.matmul(&self.lm_head.t()?)?;
+        crate::nn::cross_entropy(&logits, &targets.flatten_all()?)
+    }
+}
+
+impl crate::train::TrainModel for GPT2LMHeadModel {
+    /// (input ids, target ids), both (batch, seq): `TokenWindows`' batches.
+    type Batch = (Tensor, Tensor);
+    fn task(&self) -> crate::train::Task {
+        crate::train::Task::LanguageModel
+    }
+    fn loss(&self, (x, y): &Self::Batch, train: bool) -> anyhow::Result<Tensor> {
+        Ok(self.lm_loss(x, y, train)?)
+    }
+    fn evaluate(&self, (x, y): &Self::Batch) -> anyhow::Result<crate::train::EvalBatch> {
+        crate::train::EvalBatch::from_logits(&self.forward(x, None, None, None, false)?, y)
+    }
+}
+
+impl ModuleT for GPT2LMHeadModel {
+    /// Logits (batch, seq, vocab) of unpadded ids (batch, seq): the training path.
+    fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward(input_ids, None, None, None, train)
+    }
+}
+
+/// Renames a checkpoint's tensors to this file's names: the `transformer.` prefix is added
+/// (`with_prefix`, for [`GPT2LMHeadModel`]) or removed (for [`GPT2Model`]) as needed, and the
+/// causal-mask buffers old checkpoints carry (`h.N.attn.bias`, `h.N.attn.masked_bias`) are
+/// dropped, as is a tied `lm_head.weight` when `keep_lm_head` is false.
+pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool, keep_lm_head: bool) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias"))
+        .filter(|(k, _)| keep_lm_head || k != "lm_head.weight")
+        .map(|(k, v)| {
+            if k.starts_with("lm_head.") {
+                return (k, v);
+            }
+            let stem = k.strip_prefix("transformer.").unwrap_or(&k).to_string();
+            (if with_prefix { format!("transformer.{stem}") } else { stem }, v)
+        })
+        .collect()
+}
+
+/// Loads a GPT-2 LM from a model folder or Hub repo's files, in `dtype` on `device`.
+pub fn load_lm(files: &crate::hub::ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<GPT2LMHeadModel> {
+    use anyhow::Context;
+    files.check_model_type(&["gpt2"])?;
+    let cfg: Config = files.config()?;
+    let tensors = canonical_names(files.load_tensors(device)?, true, !cfg.tie_word_embeddings);
+    let vb = crate::hub::inference_var_builder(tensors, dtype, device);
+    GPT2LMHeadModel::load(vb, &cfg).with_context(|| format!("loading GPT-2 from {}", files.dir.display()))
+}
+
+/// Writes `config.json` and `model.safetensors` (f32, transformers' names, `{"format": "pt"}`
+/// metadata) into `dir`: a folder `GPT2LMHeadModel.from_pretrained` and [`load_lm`] both load.
+/// `tensors` are the model's parameters by name (`transformer.*`, and `lm_head.weight` only if
+/// untied), e.g. a training `VarMap`'s; tokenizer files are the caller's to copy.
+pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = cfg.clone();
+    cfg.model_type = Some("gpt2".into());
+    cfg.extra.entry("architectures").or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
+    cfg.extra.entry("dtype").or_insert_with(|| serde_json::json!("float32"));
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+    for name in names {
+        let t = &tensors[name];
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        data.push((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()));
+    }
+    let views = data
+        .iter()
+        .map(|(n, bytes, shape)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(metadata), &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
