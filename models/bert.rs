@@ -6,7 +6,7 @@
 //! Every op on the training path has a gradient: LayerNorm and softmax switch to candle's fused
 //! (gradient-less) kernels only when nothing needs a gradient.
 
-use crate::nn::{dropout, layer_norm};
+use crate::nn::{dropout, LayerNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use crate::ops::linear::{Dense as Linear, WeightLayout};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -121,26 +121,6 @@ impl Config {
     }
 }
 
-/// LayerNorm with transformers' parameter names (`weight`, `bias`).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
-            bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
-            eps,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
-    }
-}
 
 /// Linear layers initialised as transformers does (normal, std 0.02; zero bias) when new.
 fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Linear> {

@@ -30,7 +30,7 @@
 //! Dtypes: f32 and f16 on the CPU, f32/f16/bf16 on CUDA. candle 0.11 has no bf16 matrix product
 //! on the CPU, so loading in bf16 on the CPU is refused with an error saying so.
 
-use crate::nn::{dropout, layer_norm};
+use crate::nn::{dropout, LayerNorm};
 use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -208,26 +208,6 @@ impl Config {
     }
 }
 
-/// LayerNorm with transformers' parameter names (`weight`, `bias`).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
-    }
-}
 
 /// transformers' `Conv1D`: weight (in, out), y = x · W + b.
 #[derive(Clone, Debug)]
@@ -809,32 +789,16 @@ pub fn load_lm(files: &crate::hub::ModelFiles, dtype: DType, device: &Device) ->
     GPT2LMHeadModel::load(vb, &cfg).with_context(|| format!("loading GPT-2 from {}", files.dir.display()))
 }
 
-/// Writes `config.json` and `model.safetensors` (f32, transformers' names, `{"format": "pt"}`
-/// metadata) into `dir`: a folder `GPT2LMHeadModel.from_pretrained` and [`load_lm`] both load.
-/// `tensors` are the model's parameters by name (`transformer.*`, and `lm_head.weight` only if
-/// untied), e.g. a training `VarMap`'s; tokenizer files are the caller's to copy.
+/// Writes `config.json` and `model.safetensors` (f32, transformers' names) into `dir` through
+/// [`crate::hub::save_pretrained`] (atomic): a folder `GPT2LMHeadModel.from_pretrained` and
+/// [`load_lm`] both load. `tensors` are the model's parameters by name (`transformer.*`, and
+/// `lm_head.weight` only if untied), e.g. a training `VarMap`'s; tokenizer files are the
+/// caller's to copy.
 pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-    use anyhow::Context;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cfg = cfg.clone();
     cfg.model_type = Some("gpt2".into());
     cfg.extra.entry("architectures").or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
     cfg.extra.entry("dtype").or_insert_with(|| serde_json::json!("float32"));
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
-    for name in names {
-        let t = &tensors[name];
-        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        data.push((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()));
-    }
-    let views = data
-        .iter()
-        .map(|(n, bytes, shape)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(metadata), &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let f32_tensors = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
+    crate::hub::save_pretrained(dir, &cfg, &f32_tensors, None)
 }

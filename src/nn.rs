@@ -108,6 +108,29 @@ pub fn layer_norm_plain(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps:
     }
 }
 
+/// LayerNorm with transformers' parameter names (`weight`, `bias`), new ones initialised to 1 and
+/// 0, through [`layer_norm`] (so it has gradients when training and is fused when not).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, Some(&self.bias), self.eps)
+    }
+}
+
 /// Softmax over the last dimension that keeps the autograd graph when anything needs a gradient
 /// (`candle_nn::ops::softmax_last_dim` has no backward pass) and is the fused kernel otherwise.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
