@@ -202,12 +202,7 @@ impl Layer {
         let split = |l: &Linear| -> Result<Tensor> { l.forward(x)?.reshape((b, t, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let context = if train && self.attention_dropout > 0.0 {
-            // Dropout on the attention probabilities needs them materialised.
-            attention_with_dropout(&q, &k, &v, key_mask, scale, self.attention_dropout)?
-        } else {
-            crate::ops::attention::attention(&q, &k, &v, key_mask, scale, false)?
-        };
+        let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, scale, false, self.attention_dropout, train)?;
         let context = context.transpose(1, 2)?.reshape((b, t, h))?;
         let attended = dropout(&self.attention_output.forward(&context)?, self.hidden_dropout, train)?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
@@ -215,24 +210,6 @@ impl Layer {
         let out = dropout(&self.output.forward(&inner)?, self.hidden_dropout, train)?;
         self.output_norm.forward(&(out + x)?)
     }
-}
-
-/// Attention with dropout on the probabilities, as BERT trains (unfused).
-fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, p: f64) -> Result<Tensor> {
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = key_mask {
-        scores = scores.broadcast_add(&additive_mask(mask, scores.dtype())?)?;
-    }
-    let probs = crate::nn::softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
-    dropout(&probs, p, true)?.matmul(v)
-}
-
-/// (batch, kv) keep-mask → (batch, 1, 1, kv) additive bias: 0 to attend, a large negative to not.
-fn additive_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (b, kv) = mask.dims2()?;
-    let keep = mask.ne(0u32)?.to_dtype(DType::F32)?;
-    // -1e4 rather than -inf: finite in f16, and exp(-1e4) is 0 in every float type.
-    ((keep - 1.0)? * 1e4)?.to_dtype(dtype)?.reshape((b, 1, 1, kv))
 }
 
 /// `BertModel`: embeddings, encoder and (optionally) the pooler.

@@ -403,11 +403,7 @@ impl Block {
             None => (k, v),
         };
         let causal = t > 1; // one new query sees every cached key
-        let context = if train && self.attn_pdrop > 0.0 {
-            attention_with_dropout(&q, &k, &v, key_mask, self.scale, causal, self.attn_pdrop)?
-        } else {
-            crate::ops::attention::attention(&q, &k, &v, key_mask, self.scale, causal)?
-        };
+        let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, self.scale, causal, self.attn_pdrop, train)?;
         let mut context = context.transpose(1, 2)?.reshape((b, t, h))?;
         if let Some(keep) = query_keep {
             context = context.broadcast_mul(keep)?;
@@ -416,34 +412,6 @@ impl Block {
         let inner = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         dropout(&self.mlp_proj.forward(&inner)?, self.resid_pdrop, train)? + x
     }
-}
-
-/// Attention with dropout on the probabilities, as GPT-2 trains with `attn_pdrop` > 0 (the
-/// probabilities must be materialised; the fused attention has no dropout).
-fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64) -> Result<Tensor> {
-    let (b, _, q_len, _) = q.dims4()?;
-    let kv_len = k.dim(2)?;
-    let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let mut bias: Option<Tensor> = None;
-    if let Some(mask) = key_mask {
-        let keep = mask.ne(0u32)?.to_dtype(DType::F32)?;
-        bias = Some(((keep - 1.0)? * 1e9)?.reshape((b, 1, 1, kv_len))?);
-    }
-    if causal {
-        let offset = kv_len as i64 - q_len as i64;
-        let rows: Vec<f32> =
-            (0..q_len as i64).flat_map(|i| (0..kv_len as i64).map(move |j| if j <= i + offset { 0.0 } else { -1e9 })).collect();
-        let tri = Tensor::from_vec(rows, (1, 1, q_len, kv_len), q.device())?;
-        bias = Some(match bias {
-            Some(m) => m.broadcast_add(&tri)?,
-            None => tri,
-        });
-    }
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(&bias)?;
-    }
-    let probs = crate::nn::softmax_last(&scores)?.to_dtype(q.dtype())?;
-    dropout(&probs, p, true)?.matmul(&v.contiguous()?)
 }
 
 /// Which positions' outputs a forward pass returns.

@@ -154,6 +154,21 @@ fn visibility_rows(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize,
 /// are computed in f32 (like the fused op) and the result converted back. Materialises the
 /// (batch, heads, q_len, kv_len) scores.
 pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
+    reference_attention_with_dropout(q, k, v, key_mask, scale, causal, 0.0)
+}
+
+/// Attention as models train it: with dropout `p` on the attention probabilities when `train`
+/// (as transformers' BERT and GPT-2 do), which needs the probabilities materialised, so it takes
+/// the reference path; otherwise [`attention`].
+pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        reference_attention_with_dropout(q, k, v, key_mask, scale, causal, p)
+    } else {
+        attention(q, k, v, key_mask, scale, causal)
+    }
+}
+
+fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: f64) -> Result<Tensor> {
     let (b, _h, lq, lk, _d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
@@ -167,7 +182,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
             p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
         }
     };
-    p.matmul(&vf)?.to_dtype(dtype)
+    crate::nn::dropout(&p, dropout, dropout > 0.0)?.matmul(&vf)?.to_dtype(dtype)
 }
 
 /// Attention as one op: flash attention on the CPU (and on CUDA with `--features cuda`), with
