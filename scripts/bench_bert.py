@@ -35,6 +35,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_setup  # noqa: E402
+
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
             intermediate_size=3072, vocab_size=30522)
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -108,13 +111,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, to test the script")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"loadavg {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-          file=sys.stderr)
+    torch_setup.setup(args.threads)
     which = list(BENCHES) if args.which == "all" else [args.which]
     for w in which:
         name, shape, batch, seq, train = BENCHES[w]

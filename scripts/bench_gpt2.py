@@ -28,6 +28,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_setup  # noqa: E402
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -42,14 +45,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    import transformers
+    torch_setup.setup(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    transformers.utils.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"loadavg {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-          file=sys.stderr)
 
     shape = (dict(n_embd=64, n_layer=2, n_head=4) if args.tiny
              else dict(n_embd=768, n_layer=12, n_head=12))
