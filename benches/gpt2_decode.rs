@@ -57,6 +57,7 @@ fn random_gpt2(dtype: DType, device: &Device) -> Result<GPT2LMHeadModel> {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     let threads = rayon::current_num_threads();

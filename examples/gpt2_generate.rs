@@ -76,6 +76,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = Args::parse();
     let device = wick::device::device(&args.device)?;
     let dtype = wick::device::parse_dtype(&args.dtype)?;

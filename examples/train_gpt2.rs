@@ -102,14 +102,8 @@ struct Args {
     common: wick::cli::CommonArgs,
 }
 
-/// Copies the tokenizer files transformers reads, writing a `tokenizer_config.json` if absent.
-fn copy_tokenizer(from: &Path, to: &Path, block_size: usize, eos: &str) -> Result<()> {
-    for name in ["tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
-        let src = from.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {}", src.display()))?;
-        }
-    }
+/// Writes the `tokenizer_config.json` transformers reads when the tokenizer folder had none.
+fn write_tokenizer_config(to: &Path, block_size: usize, eos: &str) -> Result<()> {
     if !to.join("tokenizer_config.json").is_file() {
         let config = serde_json::json!({
             "tokenizer_class": "GPT2Tokenizer",
@@ -123,6 +117,7 @@ fn copy_tokenizer(from: &Path, to: &Path, block_size: usize, eos: &str) -> Resul
 }
 
 fn main() -> Result<()> {
+    wick::keep_freed_memory();
     let args = Args::parse();
     let device = args.common.device()?;
     let tokenizer_dir = match &args.tokenizer {
@@ -190,8 +185,8 @@ fn main() -> Result<()> {
     let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
     let inference = match &args.common.output {
         Some(dir) => {
-            gpt2::save_pretrained(dir, &cfg, &tensors)?;
-            copy_tokenizer(&tokenizer_dir, dir, args.block_size, eos_text)?;
+            gpt2::save_pretrained(dir, &cfg, &tensors, Some(&tokenizer_dir))?;
+            write_tokenizer_config(dir, args.block_size, eos_text)?;
             eprintln!("saved a Hugging Face GPT-2 folder in {} (gpt2_generate --model {0}; GPT2LMHeadModel.from_pretrained)", dir.display());
             gpt2::load_lm(&wick::hub::ModelFiles::from_dir(dir)?, DType::F32, &device)?
         }

@@ -31,7 +31,8 @@
 //! on the CPU, so loading in bf16 on the CPU is refused with an error saying so.
 
 use crate::nn::{dropout, LayerNorm};
-use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
+use crate::ops::linear::WeightLayout;
+use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -226,6 +227,11 @@ impl Conv1D {
 
     /// x: (..., in) → (..., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        if rows > 4 || x.track_op() || self.weight.track_op() {
+            // Prefill and training: one fused node (bias in the GEMM, contiguous gradients).
+            return crate::ops::linear::linear(x, &self.weight, Some(&self.bias), WeightLayout::InOut);
+        }
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
@@ -760,13 +766,13 @@ pub fn load_lm(files: &crate::hub::ModelFiles, dtype: DType, device: &Device) ->
 /// Writes `config.json` and `model.safetensors` (f32, transformers' names) into `dir` through
 /// [`crate::hub::save_pretrained`] (atomic): a folder `GPT2LMHeadModel.from_pretrained` and
 /// [`load_lm`] both load. `tensors` are the model's parameters by name (`transformer.*`, and
-/// `lm_head.weight` only if untied), e.g. a training `VarMap`'s; tokenizer files are the
-/// caller's to copy.
-pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+/// `lm_head.weight` only if untied), e.g. a training `VarMap`'s; the tokenizer files in
+/// `tokenizer_from` are copied along.
+pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&std::path::Path>) -> anyhow::Result<()> {
     let mut cfg = cfg.clone();
     cfg.model_type = Some("gpt2".into());
     cfg.extra.entry("architectures").or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
     cfg.extra.entry("dtype").or_insert_with(|| serde_json::json!("float32"));
     let f32_tensors = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
-    crate::hub::save_pretrained(dir, &cfg, &f32_tensors, None)
+    crate::hub::save_pretrained(dir, &cfg, &f32_tensors, tokenizer_from)
 }

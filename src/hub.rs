@@ -320,7 +320,6 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
         }
     };
     let remote: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let mut wanted: Vec<String> = vec![];
     if !remote.contains(CONFIG) {
         return Err(HubError::FileMissing {
             what: "config.json".into(),
@@ -329,25 +328,36 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
         }
         .into());
     }
-    wanted.push(CONFIG.into());
+    // Everything comes from the commit the Hub names now (`info.sha`): a file already in that
+    // snapshot is reused, any other is downloaded (`download`, not `get`: `get` would take a file
+    // of whatever older commit `refs/<revision>` still points to).
+    let snapshot = cache.repo(Repo::model(repo_id.to_string())).pointer_path(&info.sha);
+    let fetch = |file: &str| -> Result<PathBuf> {
+        let local = snapshot.join(file);
+        if local.is_file() {
+            return Ok(local);
+        }
+        let path = repo.download(file).map_err(|e| download_error(file, e))?;
+        if path != local {
+            bail!("the Hub served {file} from another commit than {} (the branch moved during the download?): try again", info.sha);
+        }
+        Ok(path)
+    };
+    fetch(CONFIG)?;
     if remote.contains(SAFETENSORS_INDEX) {
-        let index = repo.get(SAFETENSORS_INDEX).map_err(|e| download_error(SAFETENSORS_INDEX, e))?;
-        wanted.push(SAFETENSORS_INDEX.into());
-        wanted.extend(shard_names(&index)?);
+        for shard in shard_names(&fetch(SAFETENSORS_INDEX)?)? {
+            fetch(&shard)?;
+        }
     } else if remote.contains(SAFETENSORS) {
-        wanted.push(SAFETENSORS.into());
+        fetch(SAFETENSORS)?;
     } else if remote.contains(PYTORCH_BIN) {
-        wanted.push(PYTORCH_BIN.into());
+        fetch(PYTORCH_BIN)?;
     }
-    wanted.extend(TOKENIZER_FILES.iter().filter(|f| remote.contains(**f)).map(|f| f.to_string()));
-    let mut snapshot = None;
-    for file in &wanted {
-        let path = repo.get(file).map_err(|e| download_error(file, e))?;
-        snapshot = path.parent().map(Path::to_path_buf);
+    for file in TOKENIZER_FILES.iter().filter(|f| remote.contains(**f)) {
+        fetch(file)?;
     }
-    // The snapshot folder is named after the commit the files came from.
-    let dir = cache.repo(Repo::model(repo_id.to_string())).pointer_path(&info.sha);
-    Ok(if dir.is_dir() { dir } else { snapshot.context("no files downloaded")? })
+    cache.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision)).create_ref(&info.sha)?;
+    Ok(snapshot)
 }
 
 fn download_error(file: &str, e: ApiError) -> anyhow::Error {
@@ -380,29 +390,44 @@ fn cached_snapshot(cache: &Cache, repo_id: &str, revision: &str) -> Option<PathB
 /// Writes a Hugging Face model folder that `from_pretrained` loads unchanged: `config.json`,
 /// `model.safetensors` (`tensors`, by the checkpoint names transformers uses) and the tokenizer
 /// files found in `tokenizer_from`. Each file is written beside its target and renamed into place,
-/// so an interrupted save never leaves a half-written file where a good one was.
+/// so an interrupted save never leaves a half-written file where a good one was; `config.json`
+/// goes last. Weight files of another format left in the folder (shards, `pytorch_model.bin`)
+/// are removed, as loaders would prefer them to the new `model.safetensors`.
 pub fn save_pretrained(dir: &Path, config: &impl serde::Serialize, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, fill: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        fill(&tmp).with_context(|| format!("writing {}", dir.join(name).display()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(name))?;
-        Ok(())
+        let (tmp, target) = (dir.join(format!(".{name}.tmp")), dir.join(name));
+        let written = fill(&tmp).and_then(|_| Ok(std::fs::File::open(&tmp)?.sync_all()?)).and_then(|_| Ok(std::fs::rename(&tmp, &target)?));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.with_context(|| format!("writing {}", target.display()))
     };
-    // Contiguous f32/f16/bf16 copies on the CPU: what safetensors files hold.
+    // Contiguous copies on the CPU: what safetensors files hold.
     let cpu: HashMap<String, Tensor> =
         tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
     write(SAFETENSORS, &|p| Ok(candle_core::safetensors::save(&cpu, p)?))?;
-    let json = serde_json::to_string_pretty(config)?;
-    write(CONFIG, &|p| Ok(std::fs::write(p, format!("{json}\n"))?))?;
-    if let Some(src) = tokenizer_from {
+    let index = dir.join(SAFETENSORS_INDEX);
+    let mut stale: Vec<PathBuf> = shard_names(&index).map(|shards| shards.iter().map(|s| dir.join(s)).collect()).unwrap_or_default();
+    stale.extend([index, dir.join(PYTORCH_BIN)]);
+    for path in stale.iter().filter(|p| p.is_file() && p.file_name() != Some(SAFETENSORS.as_ref())) {
+        std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
+    }
+    if let Some(src) = tokenizer_from.filter(|src| !same_dir(src, dir)) {
         for name in TOKENIZER_FILES {
             let from = src.join(name);
-            if from.is_file() && src != dir {
+            if from.is_file() {
                 write(name, &|p| Ok(std::fs::copy(&from, p).map(|_| ())?))?;
             }
         }
     }
-    Ok(())
+    let json = serde_json::to_string_pretty(config)?;
+    write(CONFIG, &|p| Ok(std::fs::write(p, format!("{json}\n"))?))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }

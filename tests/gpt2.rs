@@ -207,7 +207,10 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     let err = generate::generate(&model, &[vec![1; 70]], &greedy(5), None, None).unwrap_err().to_string();
     assert!(err.contains("70 tokens") && err.contains("64"), "{err}");
     let err = generate::generate(&model, &[vec![1; 60]], &greedy(10), None, None).unwrap_err().to_string();
-    assert!(err.contains("at most 4 new tokens"), "{err}");
+    // The last new token is never fed back: 60 + 5 - 1 = 64 positions fit exactly.
+    assert!(err.contains("at most 5 new tokens"), "{err}");
+    let out = generate::generate(&model, &[vec![1; 60]], &greedy(5), None, None)?;
+    assert_eq!(out.generated_ids[0].len(), 5);
     let err = generate::generate(&model, &[vec![]], &greedy(10), None, None).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
     let all_pad = Tensor::zeros((1, 3), DType::U32, &dev)?;
@@ -371,7 +374,7 @@ fn trains_with_the_trainer_and_the_export_reloads() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
     assert!(!tensors.contains_key("lm_head.weight"), "the head is tied");
-    gpt2::save_pretrained(dir.path(), &cfg, &tensors)?;
+    gpt2::save_pretrained(dir.path(), &cfg, &tensors, None)?;
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
     assert_eq!(saved["model_type"], "gpt2");
     let reloaded = gpt2::load_lm(&wick::hub::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?;

@@ -287,3 +287,27 @@ fn downloads_into_the_cache_layout_then_works_offline() -> Result<()> {
     assert!(matches!(hub_error(&err), HubError::RevisionNotFound { .. }), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn saving_over_a_sharded_checkpoint_replaces_it() -> Result<()> {
+    // Loaders prefer a shard index to model.safetensors: saving must not leave the old shards.
+    let dir = tempfile::tempdir()?;
+    let src = fixture_path("hf/bert-tiny-sharded");
+    for entry in std::fs::read_dir(&src)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name()))?;
+    }
+    let files = hub::resolve(dir.path().to_str().unwrap(), &HubOptions::default())?;
+    let cfg: bert::Config = files.config()?;
+    let mut tensors = files.load_tensors(&Device::Cpu)?;
+    let name = "classifier.bias".to_string();
+    let bumped = (tensors[&name].clone() + 1.0)?;
+    tensors.insert(name.clone(), bumped.clone());
+    hub::save_pretrained(dir.path(), &cfg, &tensors, Some(dir.path()))?;
+    let saved = hub::resolve(dir.path().to_str().unwrap(), &HubOptions::default())?;
+    assert!(matches!(saved.weights, hub::WeightFiles::Safetensors(ref p) if p.len() == 1), "{:?}", saved.weights);
+    assert_close("saved weight", &saved.load_tensors(&Device::Cpu)?[&name], &bumped, 0.0)?;
+    let left: Vec<String> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|f| !f.starts_with("model-0000") && !f.ends_with(".tmp") && f != "model.safetensors.index.json"), "{left:?}");
+    Ok(())
+}

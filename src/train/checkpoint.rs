@@ -52,8 +52,9 @@ pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<
     Ok(())
 }
 
+/// Reads a checkpoint's safetensors file (a truncated or corrupt file is reported as such).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).with_context(|| format!("reading {} (missing or corrupt safetensors file)", path.display()))
+    crate::hub::read_safetensors(path, device)
 }
 
 pub fn checkpoints_dir(output: &Path) -> PathBuf {

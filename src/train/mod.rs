@@ -97,7 +97,8 @@ pub struct TrainerConfig {
 impl TrainerConfig {
     /// Optimizer steps a run over `train_len` items takes (what the LR schedule spans).
     pub fn total_steps(&self, train_len: usize) -> usize {
-        let plan = Batching { batch_size: self.batch_size, shuffle: true, drop_last: self.drop_last, seed: self.seed };
+        // batch_size 0 is refused by `fit` with a clear error; here it must not divide by zero.
+        let plan = Batching { batch_size: self.batch_size.max(1), shuffle: true, drop_last: self.drop_last, seed: self.seed };
         let steps_per_epoch = plan.batches_per_epoch(train_len).div_ceil(self.grad_accum.max(1));
         self.max_steps.unwrap_or_else(|| self.epochs.saturating_mul(steps_per_epoch))
     }
