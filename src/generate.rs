@@ -265,7 +265,7 @@ pub fn generate<M: CausalLm>(
             &mut cache,
         )?;
         for step in 0..config.max_new_tokens {
-            let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+            let mut rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
             if step == 0 {
                 prefill_seconds = start.elapsed().as_secs_f64();
             }
@@ -274,7 +274,7 @@ pub fn generate<M: CausalLm>(
                 if finish[r].is_some() {
                     continue;
                 }
-                let token = choose(rows[r].clone(), &seen[r], config, &mut rng)?;
+                let token = choose(std::mem::take(&mut rows[r]), &seen[r], config, &mut rng)?;
                 next[r] = token;
                 generated[r].push(token);
                 seen[r].push(token);
@@ -368,10 +368,13 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     if order.is_empty() {
         bail!("all logits are NaN")
     }
-    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap().then(a.cmp(&b)));
-    if let Some(k) = config.top_k.filter(|&k| k > 0) {
-        order.truncate(k.max(1));
+    let by_logit = |a: &usize, b: &usize| logits[*b].partial_cmp(&logits[*a]).unwrap().then(a.cmp(b));
+    // With top-k, only the k best are sorted (the order is total, so they are the same k).
+    if let Some(k) = config.top_k.filter(|&k| k > 0 && k < order.len()) {
+        order.select_nth_unstable_by(k - 1, by_logit);
+        order.truncate(k);
     }
+    order.sort_by(by_logit);
     let max = logits[order[0]] as f64 * inv_t;
     let mut probs: Vec<f64> = order.iter().map(|&i| (logits[i] as f64 * inv_t - max).exp()).collect();
     let total: f64 = probs.iter().sum();
