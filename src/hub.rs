@@ -118,19 +118,18 @@ impl ModelFiles {
         if !has(CONFIG) {
             return Err(missing("config.json", dir).into());
         }
-        let weights = if has(SAFETENSORS_INDEX) {
-            let shards = shard_names(&dir.join(SAFETENSORS_INDEX))?;
-            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-            if let Some(absent) = paths.iter().find(|p| !p.is_file()) {
-                return Err(missing(&format!("shard {} named by {SAFETENSORS_INDEX}", absent.display()), dir).into());
+        let weights = match weights_file(has) {
+            Some(SAFETENSORS_INDEX) => {
+                let shards = shard_names(&dir.join(SAFETENSORS_INDEX))?;
+                let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+                if let Some(absent) = paths.iter().find(|p| !p.is_file()) {
+                    return Err(missing(&format!("shard {} named by {SAFETENSORS_INDEX}", absent.display()), dir).into());
+                }
+                WeightFiles::Safetensors(paths)
             }
-            WeightFiles::Safetensors(paths)
-        } else if has(SAFETENSORS) {
-            WeightFiles::Safetensors(vec![dir.join(SAFETENSORS)])
-        } else if has(PYTORCH_BIN) {
-            WeightFiles::PytorchBin(dir.join(PYTORCH_BIN))
-        } else {
-            return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into());
+            Some(SAFETENSORS) => WeightFiles::Safetensors(vec![dir.join(SAFETENSORS)]),
+            Some(_) => WeightFiles::PytorchBin(dir.join(PYTORCH_BIN)),
+            None => return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into()),
         };
         Ok(Self { dir: dir.to_path_buf(), config: dir.join(CONFIG), weights })
     }
@@ -175,6 +174,12 @@ impl ModelFiles {
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         crate::tokenizer::load(&self.dir)
     }
+}
+
+/// Which weights file a model folder (local or on the Hub) is loaded from: a shard index, else
+/// one safetensors file, else a PyTorch pickle.
+fn weights_file(has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    [SAFETENSORS_INDEX, SAFETENSORS, PYTORCH_BIN].into_iter().find(|f| has(f))
 }
 
 fn missing(what: &str, dir: &Path) -> HubError {
@@ -344,14 +349,16 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
         Ok(path)
     };
     fetch(CONFIG)?;
-    if remote.contains(SAFETENSORS_INDEX) {
-        for shard in shard_names(&fetch(SAFETENSORS_INDEX)?)? {
-            fetch(&shard)?;
+    match weights_file(|f| remote.contains(f)) {
+        Some(SAFETENSORS_INDEX) => {
+            for shard in shard_names(&fetch(SAFETENSORS_INDEX)?)? {
+                fetch(&shard)?;
+            }
         }
-    } else if remote.contains(SAFETENSORS) {
-        fetch(SAFETENSORS)?;
-    } else if remote.contains(PYTORCH_BIN) {
-        fetch(PYTORCH_BIN)?;
+        Some(file) => {
+            fetch(file)?;
+        }
+        None => {} // from_dir names what is missing
     }
     for file in TOKENIZER_FILES.iter().filter(|f| remote.contains(**f)) {
         fetch(file)?;

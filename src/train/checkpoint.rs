@@ -39,15 +39,12 @@ pub fn load_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
     set_varmap(varmap, &tensors).with_context(|| format!("loading {}", path.display()))
 }
 
-/// Sets every variable of `varmap` from `tensors` (by name), converting device and dtype.
+/// Sets every variable of `varmap` from `tensors` (by name), converting device and dtype; a
+/// variable without a tensor, or with one of another shape, is an error naming it.
 pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let data = varmap.data().lock().unwrap();
-    for (name, var) in data.iter() {
-        let t = tensors.get(name).with_context(|| format!("no tensor {name:?}"))?;
-        if t.dims() != var.dims() {
-            bail!("tensor {name:?} has shape {:?}, the model expects {:?}", t.dims(), var.dims());
-        }
-        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    let report = crate::hub::copy_into_varmap(varmap, tensors)?;
+    if !report.newly_initialized.is_empty() {
+        bail!("no tensor for {:?}", report.newly_initialized);
     }
     Ok(())
 }
