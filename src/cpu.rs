@@ -1,0 +1,153 @@
+//! What CPU this is and which of our kernels run on it.
+//!
+//! wick's own CPU kernels (attention, reduced-precision products, fused layers) are compiled for
+//! several instruction sets in one binary and one is chosen at run time, so the same binary runs
+//! on AVX2-only machines and uses AVX-512 where it exists. `WICK_CPU_ISA=avx2|portable` caps the
+//! choice (read once), so the AVX2 path can be run and tested on an AVX-512 machine;
+//! [`set_isa_cap`] does the same from code (tests). gemm, candle's matrix product, makes its own
+//! choice by CPU detection (AVX-512 kernels through its `x86-v4` feature) and ignores the cap.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Instruction-set levels of our kernels, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust (whatever the compiler's baseline target allows).
+    Portable = 0,
+    /// AVX2 + FMA + F16C.
+    Avx2 = 1,
+    /// AVX-512 F/BW/DQ/VL (+ F16C).
+    Avx512 = 2,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "portable" | "scalar" => Ok(Isa::Portable),
+            "avx2" => Ok(Isa::Avx2),
+            "avx512" | "avx-512" => Ok(Isa::Avx512),
+            other => Err(format!("unknown instruction set {other:?}: expected avx512, avx2 or portable")),
+        }
+    }
+}
+
+/// The best level this CPU supports.
+pub fn detected_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LEVEL: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            let avx512 = ["avx512f", "avx512bw", "avx512dq", "avx512vl"].iter().all(|f| std::arch::is_x86_feature_detected!(f));
+            match (avx512 && avx2, avx2) {
+                (true, _) => Isa::Avx512,
+                (false, true) => Isa::Avx2,
+                _ => Isa::Portable,
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
+}
+
+/// 255 = no cap set from code yet (then the environment decides).
+static CAP: AtomicU8 = AtomicU8::new(255);
+
+fn env_cap() -> Isa {
+    static ENV: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| match std::env::var("WICK_CPU_ISA") {
+        Ok(s) if !s.trim().is_empty() => s.parse().unwrap_or_else(|e| {
+            eprintln!("warning: WICK_CPU_ISA: {e}; using the best the CPU has");
+            Isa::Avx512
+        }),
+        _ => Isa::Avx512,
+    })
+}
+
+/// Caps the level of our kernels for the whole process (`None`: back to `WICK_CPU_ISA` / the CPU).
+pub fn set_isa_cap(cap: Option<Isa>) {
+    CAP.store(cap.map_or(255, |c| c as u8), Ordering::Relaxed);
+}
+
+/// The level our kernels use now: the CPU's best, capped by [`set_isa_cap`] or `WICK_CPU_ISA`.
+pub fn isa() -> Isa {
+    let cap = match CAP.load(Ordering::Relaxed) {
+        0 => Isa::Portable,
+        1 => Isa::Avx2,
+        2 => Isa::Avx512,
+        _ => env_cap(),
+    };
+    detected_isa().min(cap)
+}
+
+/// The CPU's model name (from /proc/cpuinfo), or "unknown CPU".
+pub fn model_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The x86 features that matter to our kernels and to gemm, as present on this CPU.
+pub fn features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! present {
+            ($($f:tt),*) => { [$((($f), std::arch::is_x86_feature_detected!($f))),*] };
+        }
+        present!("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16", "avx512fp16")
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(f, _)| f)
+            .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Vec::new()
+}
+
+/// The 1-minute load average, if the OS tells it.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// One line for benchmark output: CPU, features, the kernels chosen, gemm's kernels, load.
+pub fn describe() -> String {
+    let gemm = if features().contains(&"avx512f") { "avx512 (x86-v4)" } else { "avx2" };
+    format!(
+        "cpu: {}; features: {}; wick kernels: {}; gemm: {}; load average: {}",
+        model_name(),
+        features().join(" "),
+        isa().name(),
+        gemm,
+        load_average().map_or("?".into(), |l| format!("{l:.2}"))
+    )
+}
+
+/// The same as JSON fields, for the benches' JSON lines.
+pub fn describe_json() -> serde_json::Value {
+    serde_json::json!({"cpu": model_name(), "isa": isa().name(), "features": features().join(" "), "load_avg": load_average()})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_and_the_description_names_the_cpu() {
+        // (The cap itself is process-wide state: tests of kernels pass a level explicitly.)
+        assert!(isa() <= detected_isa());
+        assert!("AVX2".parse::<Isa>() == Ok(Isa::Avx2) && "sse".parse::<Isa>().is_err());
+        assert!(describe().contains(&model_name()));
+    }
+}
