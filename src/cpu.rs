@@ -49,7 +49,10 @@ pub fn detected_isa() -> Isa {
         static LEVEL: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *LEVEL.get_or_init(|| {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            let avx512 = ["avx512f", "avx512bw", "avx512dq", "avx512vl"].iter().all(|f| std::arch::is_x86_feature_detected!(f));
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
             match (avx512 && avx2, avx2) {
                 (true, _) => Isa::Avx512,
                 (false, true) => Isa::Avx2,
@@ -104,7 +107,7 @@ pub fn features() -> Vec<&'static str> {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! present {
-            ($($f:tt),*) => { [$((($f), std::arch::is_x86_feature_detected!($f))),*] };
+            ($($f:tt),*) => { [$(($f, is_x86_feature_detected!($f))),*] };
         }
         present!("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16", "avx512fp16")
             .into_iter()
