@@ -46,6 +46,7 @@ fn config(hidden: usize, layers: usize, intermediate: usize) -> Result<Config> {
     Ok(serde_json::from_value(serde_json::json!({
         "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 12,
         "intermediate_size": intermediate, "max_position_embeddings": 512, "num_labels": 2,
+        "attention_probs_dropout_prob": std::env::var("ATTN_P").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.1),
     }))?)
 }
 

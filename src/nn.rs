@@ -24,6 +24,12 @@ pub fn reseed(device: &Device, seed: u64, step: u64) -> Result<()> {
     Ok(())
 }
 
+/// One number from the dropout generator: the seed of an op that draws its own masks (the
+/// fused attention's dropout), so that [`reseed`] fixes those masks too.
+pub(crate) fn draw_dropout_seed() -> u64 {
+    DROPOUT_RNG.with(|rng| rng.borrow_mut().next_u64())
+}
+
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

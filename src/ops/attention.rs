@@ -154,35 +154,51 @@ fn visibility_rows(key_mask: Option<&Tensor>, causal: bool, b: usize, lq: usize,
 /// are computed in f32 (like the fused op) and the result converted back. Materialises the
 /// (batch, heads, q_len, kv_len) scores.
 pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    reference_attention_with_dropout(q, k, v, key_mask, scale, causal, 0.0)
+    reference_attention_with_dropout(q, k, v, key_mask, scale, causal, None)
 }
 
 /// Attention as models train it: with dropout `p` on the attention probabilities when `train`
-/// (as transformers' BERT and GPT-2 do), which needs the probabilities materialised, so it takes
-/// the reference path; otherwise [`attention`].
+/// (as transformers' BERT and GPT-2 do); otherwise [`attention`]. The mask comes from a hash of
+/// (seed, position) (`attention/dropout.rs`), so the fused CPU op applies it tile by tile in both
+/// passes and the reference path (other devices, `WICK_ATTENTION=reference`) draws the same mask.
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        reference_attention_with_dropout(q, k, v, key_mask, scale, causal, p)
-    } else {
-        attention(q, k, v, key_mask, scale, causal)
+    if !(train && p > 0.0) {
+        return attention(q, k, v, key_mask, scale, causal);
+    }
+    let dropout = AttentionDropout::new(p)?;
+    match (attention_impl(), q.device()) {
+        (AttentionImpl::Fused, Device::Cpu) => fused_attention_impl(q, k, v, key_mask, scale, causal, Some(dropout), false),
+        _ => reference_attention_with_dropout(q, k, v, key_mask, scale, causal, Some(&dropout)),
     }
 }
 
-fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: f64) -> Result<Tensor> {
-    let (b, _h, lq, lk, _d) = dims(q, k, v, key_mask)?;
+fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<&AttentionDropout>) -> Result<Tensor> {
+    let (b, h, lq, lk, _d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let (qf, kf, vf) = (f32(q)?, f32(k)?, f32(v)?);
-    let s = (qf.matmul(&kf.t()?)? * scale)?;
-    let p = match visibility(key_mask, causal, b, lq, lk, q.device())? {
+    let p = reference_attention_probs(q, k, key_mask, scale, causal)?;
+    let p = match dropout {
+        Some(d) => (p * dropout::keep_mask(d, b, h, lq, lk, q.device())?)?,
+        None => p,
+    };
+    p.matmul(&f32(v)?)?.to_dtype(dtype)
+}
+
+/// The attention probabilities (f32, batch × heads × q_len × kv_len) with plain candle ops:
+/// softmax(scale·Q·Kᵀ) over the visible keys, rows that see nothing all 0.
+fn reference_attention_probs(q: &Tensor, k: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
+    let (b, _h, lq, _d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let s = (f32(q)?.matmul(&f32(k)?.t()?)? * scale)?;
+    Ok(match visibility(key_mask, causal, b, lq, lk, q.device())? {
         None => candle_nn::ops::softmax(&s, D::Minus1)?,
         Some(vis) => {
             let bias = vis.affine(1e30, -1e30)?;
             let p = candle_nn::ops::softmax(&s.broadcast_add(&bias)?, D::Minus1)?;
             p.broadcast_mul(&vis.max_keepdim(D::Minus1)?)?
         }
-    };
-    crate::nn::dropout(&p, dropout, dropout > 0.0)?.matmul(&vf)?.to_dtype(dtype)
+    })
 }
 
 /// Attention as one op: flash attention on the CPU (and on CUDA with `--features cuda`), with
@@ -190,6 +206,13 @@ fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask
 /// the input dtype. Other devices, and CUDA head sizes other than 32, 64 and 128, fall back to
 /// [`reference_attention`].
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
+    fused_attention_impl(q, k, v, key_mask, scale, causal, None, false)
+}
+
+/// [`fused_attention`], with dropout on the probabilities (CPU only) and, for the tests, the
+/// portable kernel forced where the AVX-512 one would run.
+#[allow(clippy::too_many_arguments)]
+fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<AttentionDropout>, portable: bool) -> Result<Tensor> {
     let (b, h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -205,20 +228,20 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
                 Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
             };
-            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None), portable: false };
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None), portable, dropout };
             let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
             let out = f32(q)?.apply_op3(&f32(k)?, &f32(v)?, op)?;
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
         // (batch·heads is the grid's y dimension: at most 65535)
-        Device::Cuda(_) if matches!(d, 32 | 64 | 128) && b * h <= 65535 => {
-            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable: false };
+        Device::Cuda(_) if matches!(d, 32 | 64 | 128) && b * h <= 65535 && dropout.is_none() => {
+            let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable, dropout: None };
             q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
         }
         _ => {
             let _ = (b, h, d);
-            reference_attention(q, k, v, key_mask, scale, causal)
+            reference_attention_with_dropout(q, k, v, key_mask, scale, causal, dropout.as_ref())
         }
     }
 }
@@ -253,6 +276,8 @@ struct FusedAttention {
     lse: Mutex<Option<Vec<f32>>>,
     /// Use the portable CPU kernel even where the AVX-512 one applies (for tests).
     portable: bool,
+    /// Dropout on the probabilities (CPU; it runs the portable kernel, which supports it).
+    dropout: Option<AttentionDropout>,
 }
 
 /// One attention problem, f32 and contiguous, on the CPU.
@@ -268,6 +293,7 @@ struct Problem<'a> {
     d: usize,
     scale: f32,
     causal: bool,
+    dropout: Option<AttentionDropout>,
 }
 
 impl Problem<'_> {
@@ -295,12 +321,12 @@ impl CustomOp3 for FusedAttention {
         let (q, k, v) = (super::cpu_f32(s1, l1, name)?, super::cpu_f32(s2, l2, name)?, super::cpu_f32(s3, l3, name)?);
         let (b, h, lq, d) = l1.shape().dims4()?;
         let lk = l2.shape().dims4()?.2;
-        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), h, lq, lk, d, scale: self.scale, causal: self.causal };
+        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout };
         let mut out = vec![0f32; b * h * lq * d];
         let mut lse = vec![0f32; b * h * lq];
         if lq > 0 && d > 0 {
             #[cfg(target_arch = "x86_64")]
-            let fast = !self.portable && avx512::usable(d);
+            let fast = !self.portable && self.dropout.is_none() && avx512::usable(d);
             #[cfg(not(target_arch = "x86_64"))]
             let fast = {
                 let _ = self.portable;
@@ -415,7 +441,7 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
         }
     }
     let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
-    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), h, lq, lk, d, scale: op.scale, causal: op.causal };
+    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout };
     let mut dq = vec![0f32; b * h * lq * d];
     let mut dk = vec![0f32; b * h * lk * d];
     let mut dv = vec![0f32; b * h * lk * d];
@@ -429,7 +455,7 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
                 let g = &gv[bh * lq * d..][..lq * d];
                 let lse = &lse[bh * lq..][..lq];
                 #[cfg(target_arch = "x86_64")]
-                if !op.portable && avx512::usable(d) {
+                if !op.portable && op.dropout.is_none() && avx512::usable(d) {
                     return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
                 }
                 simd::backward_head(&p, bh, o, g, lse, dq, dk, dv);
@@ -627,6 +653,10 @@ mod simd {
                 let corr = exp(m[i] - m_new);
                 l[i] = l[i] * corr + exp_sub_sum(row, m_new);
                 m[i] = m_new;
+                // Dropout after the row sum: l normalises by every key, dropped or not.
+                if let Some(dr) = &p.dropout {
+                    dr.apply(row, bh * p.lq + r0 + i, lk, j0);
+                }
                 if corr != 1.0 {
                     scale(&mut o[i * d..(i + 1) * d], corr);
                 }
@@ -691,16 +721,30 @@ mod simd {
                         exp_sub(row, l);
                     }
                 }
-                // dV += Pᵀ dO
-                gemm(n, d, rows, &mut dv[j0 * d..(j0 + n) * d], d, true, pt, 1, n, gi, d, 1, 1.0);
-                // dP = dO Vᵀ; dS = P ∘ (dP − delta)
+                // dP' = dO Vᵀ (the gradient of the dropped probabilities P' = P∘M)
                 gemm(rows, n, d, dp, n, false, gi, d, 1, vt, 1, d, 1.0);
+                // dS = P ∘ (M∘dP' − delta); P becomes P' for dV
                 for r in 0..rows {
                     let dl = delta[i0 + r];
-                    for (x, &pv) in dp[r * n..(r + 1) * n].iter_mut().zip(&pt[r * n..(r + 1) * n]) {
-                        *x = pv * (*x - dl);
+                    let (dpr, ptr) = (&mut dp[r * n..(r + 1) * n], &mut pt[r * n..(r + 1) * n]);
+                    match &p.dropout {
+                        None => {
+                            for (x, &pv) in dpr.iter_mut().zip(ptr.iter()) {
+                                *x = pv * (*x - dl);
+                            }
+                        }
+                        Some(dr) => {
+                            let row_id = bh * lq + i0 + r;
+                            for (j, (x, pv)) in dpr.iter_mut().zip(ptr.iter_mut()).enumerate() {
+                                let keep = dr.multiplier(row_id, lk, j0 + j);
+                                *x = *pv * (keep * *x - dl);
+                                *pv *= keep;
+                            }
+                        }
                     }
                 }
+                // dV += P'ᵀ dO
+                gemm(n, d, rows, &mut dv[j0 * d..(j0 + n) * d], d, true, pt, 1, n, gi, d, 1, 1.0);
                 // dQ += scale·dS K; dK += scale·dSᵀ Q
                 gemm(rows, d, n, &mut dq[i0 * d..(i0 + rows) * d], d, true, dp, n, 1, kt, d, 1, p.scale);
                 gemm(n, d, rows, &mut dk[j0 * d..(j0 + n) * d], d, true, dp, 1, n, qi, d, 1, p.scale);
@@ -805,6 +849,8 @@ mod simd {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod dropout;
+use dropout::AttentionDropout;
 
 #[cfg(test)]
 mod tests {
@@ -848,15 +894,7 @@ mod tests {
             let lens = [lk, lk / 2 + 1];
             let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
             let mask = masked.then_some(mask);
-            let op = FusedAttention {
-                scale: 0.125,
-                causal,
-                mask: mask.clone(),
-                mask_cpu: mask.as_ref().map(|m| m.flatten_all()?.to_vec1::<f32>()).transpose()?,
-                lse: Mutex::new(None),
-                portable: true,
-            };
-            let fused = q.apply_op3(&k, &v, op)?;
+            let fused = fused_attention_impl(&q, &k, &v, mask.as_ref(), 0.125, causal, None, true)?;
             let reference = reference_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;
             let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
             assert!(close(&fused, &reference)? < 1e-5);
@@ -864,6 +902,36 @@ mod tests {
             let (g1, g2) = ((&fused * &w)?.sum_all()?.backward()?, (&reference * &w)?.sum_all()?.backward()?);
             for x in [&q, &k, &v] {
                 assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4);
+            }
+        }
+        Ok(())
+    }
+
+    /// Dropout inside the fused op (forward and backward, the portable kernel that runs it)
+    /// against the reference with the same hashed mask, and against the plain formula
+    /// softmax(S)∘M·V; with p so high that whole tiles are mostly dropped.
+    #[test]
+    fn fused_dropout_matches_the_reference_with_the_same_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, d, causal, masked, p) in [(2, 2, 70, 300, 64, false, true, 0.1), (1, 3, 17, 17, 32, true, false, 0.5), (2, 1, 9, 130, 24, false, false, 0.9)] {
+            let q = Var::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let lens = [lk, lk / 2 + 1];
+            let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
+            let mask = masked.then_some(mask);
+            let dropout = AttentionDropout::with_seed(p, 1234 + lq as u64);
+            let fused = fused_attention_impl(&q, &k, &v, mask.as_ref(), 0.125, causal, Some(dropout), false)?;
+            let reference = reference_attention_with_dropout(&q, &k, &v, mask.as_ref(), 0.125, causal, Some(&dropout))?;
+            let plain = (reference_attention_probs(&q, &k, mask.as_ref(), 0.125, causal)? * dropout::keep_mask(&dropout, b, h, lq, lk, &dev)?)?.matmul(&v)?;
+            let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+            assert!(close(&fused, &reference)? < 1e-5 && close(&plain, &reference)? < 1e-5, "p {p}");
+            let without = fused_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;
+            assert!(close(&fused, &without)? > 1e-3, "dropout changed nothing");
+            let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let (g1, g2) = ((&fused * &w)?.sum_all()?.backward()?, (&reference * &w)?.sum_all()?.backward()?);
+            for x in [&q, &k, &v] {
+                assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4, "p {p}");
             }
         }
         Ok(())

@@ -1,0 +1,51 @@
+//! f32 matrix-product throughput of candle's CPU backend (the `gemm` crate) on the shapes of a
+//! BERT-base (b8 s128) and MiniLM (b32 s64) training step: forward (x·W), and the weight gradient
+//! with a transposed left operand (dYᵀ·X). `scripts/bench_matmul.py` runs the same in PyTorch.
+//!
+//! cargo bench --bench matmul -- [--reps N]
+//! Threads: RAYON_NUM_THREADS. One JSON object a line: {"name": "1024x768x768", "gflops": ..}
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384), (2048, 2048, 2048)];
+
+fn best_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn main() -> Result<()> {
+    let mut reps = 10;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--reps" => reps = it.next().unwrap_or_default().parse()?,
+            "--bench" => {}
+            other => anyhow::bail!("unknown argument {other:?} (expected --reps)"),
+        }
+    }
+    eprintln!("{}", wick::cpu::describe());
+    let dev = Device::Cpu;
+    for (m, k, n) in SHAPES {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let at = Tensor::randn(0f32, 1.0, (k, m), &dev)?.t()?;
+        let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+        let flops = 2.0 * (m * k * n) as f64;
+        for (name, lhs) in [(format!("{m}x{k}x{n}"), &a), (format!("{m}x{k}x{n} lhsT"), &at)] {
+            let s = best_seconds(reps, || Ok(drop(lhs.matmul(&b)?)))?;
+            println!("{}", serde_json::json!({"name": name, "impl": "wick", "threads": candle_core::utils::get_num_threads(), "gflops": flops / s / 1e9}));
+        }
+    }
+    Ok(())
+}
