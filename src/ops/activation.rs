@@ -1,9 +1,10 @@
 //! The exact (erf) GELU as one autograd node. candle's `gelu_erf` backward builds the derivative
 //! 0.5 + 0.5·erf(x/√2) + x·φ(x) from ~8 ops, each a full pass over the (tokens × 4·hidden)
-//! activations; here it is one pass.
+//! activations; here it is one pass, with a branch-free erf and exp (`ops::math`) that vectorise
+//! (candle's `erf_f32` is one scalar libm-style call per element).
 
 use super::cpu_f32;
-use candle_core::cpu::erf::erf_f32;
+use super::math::{erf, exp, run_vectorised};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,9 +32,11 @@ impl CustomOp1 for GeluErf {
         let x = cpu_f32(s, l, "gelu_erf")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| {
-            for (y, &x) in ys.iter_mut().zip(xs) {
-                *y = 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-            }
+            run_vectorised(|| {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            })
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -52,11 +55,13 @@ impl CustomOp2 for GeluErfBackward {
         let (x, g) = (cpu_f32(xs, xl, "gelu_erf backward")?, cpu_f32(gs, gl, "gelu_erf backward")?);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(ds, (xs, gs))| {
-            for ((d, &x), &g) in ds.iter_mut().zip(xs).zip(gs) {
-                let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-                *d = g * (cdf + x * pdf);
-            }
+            run_vectorised(|| {
+                for ((d, &x), &g) in ds.iter_mut().zip(xs).zip(gs) {
+                    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                    let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+                    *d = g * (cdf + x * pdf);
+                }
+            })
         });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }

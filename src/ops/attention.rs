@@ -517,29 +517,7 @@ mod simd {
 
     const LANES: usize = 16;
 
-    /// e^x for x ≤ 0 (Cephes' expf polynomial after a Cody-Waite reduction, ~2 ulp); 0 below
-    /// −87 (and for −∞). Written branch-free so that the loops around it vectorise.
-    #[inline(always)]
-    fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        let xc = x.clamp(-87.0, 88.0);
-        let n = (xc * LOG2E).round_ties_even();
-        let r = n.mul_add(-0.693_359_4, xc);
-        let r = n.mul_add(2.121_944_4e-4, r);
-        let mut p = 1.987_569_1e-4f32;
-        p = p.mul_add(r, 1.398_2e-3);
-        p = p.mul_add(r, 8.333_452e-3);
-        p = p.mul_add(r, 4.166_579_6e-2);
-        p = p.mul_add(r, 1.666_666_5e-1);
-        p = p.mul_add(r, 0.5);
-        let e = (p * r).mul_add(r, r) + 1.0;
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        if x < -87.0 {
-            0.0
-        } else {
-            e * two_n
-        }
-    }
+    use crate::ops::math::exp;
 
     #[inline(always)]
     fn max(x: &[f32]) -> f32 {
@@ -825,24 +803,6 @@ mod simd {
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { backward_head_avx2(p, bh, o, g, lse, dq, dk, dv) },
             _ => backward_head_impl(p, bh, o, g, lse, dq, dk, dv),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn exp_is_accurate() {
-            for i in 0..=20000 {
-                let x = -90.0 + i as f32 * 0.0045;
-                let (a, b) = (super::exp(x), x.exp());
-                if x < -87.0 {
-                    assert_eq!(a, 0.0);
-                } else {
-                    assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "exp({x}) = {a}, expected {b}");
-                }
-            }
-            assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
-            assert_eq!(super::exp(0.0), 1.0);
         }
     }
 }
