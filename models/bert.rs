@@ -6,7 +6,7 @@
 //! Every op on the training path has a gradient: LayerNorm and softmax switch to candle's fused
 //! (gradient-less) kernels only when nothing needs a gradient.
 
-use crate::nn::{dropout, LayerNorm};
+use crate::nn::{dropout, dropout_add, LayerNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use crate::ops::linear::{Dense as Linear, WeightLayout};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -204,11 +204,9 @@ impl Layer {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, scale, false, self.attention_dropout, train)?;
         let context = context.transpose(1, 2)?.reshape((b, t, h))?;
-        let attended = dropout(&self.attention_output.forward(&context)?, self.hidden_dropout, train)?;
-        let x = self.attention_norm.forward(&(attended + x)?)?;
+        let x = self.attention_norm.forward(&dropout_add(&self.attention_output.forward(&context)?, x, self.hidden_dropout, train)?)?;
         let inner = self.act.apply(&self.intermediate.forward(&x)?)?;
-        let out = dropout(&self.output.forward(&inner)?, self.hidden_dropout, train)?;
-        self.output_norm.forward(&(out + x)?)
+        self.output_norm.forward(&dropout_add(&self.output.forward(&inner)?, &x, self.hidden_dropout, train)?)
     }
 }
 

@@ -30,7 +30,7 @@
 //! Dtypes: f32 and f16 on the CPU, f32/f16/bf16 on CUDA. candle 0.11 has no bf16 matrix product
 //! on the CPU, so loading in bf16 on the CPU is refused with an error saying so.
 
-use crate::nn::{dropout, LayerNorm};
+use crate::nn::{dropout, dropout_add, LayerNorm};
 use crate::ops::linear::WeightLayout;
 use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -414,9 +414,9 @@ impl Block {
         if let Some(keep) = query_keep {
             context = context.broadcast_mul(keep)?;
         }
-        let x = (dropout(&self.attn_proj.forward(&context)?, self.resid_pdrop, train)? + x)?;
+        let x = dropout_add(&self.attn_proj.forward(&context)?, x, self.resid_pdrop, train)?;
         let inner = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
-        dropout(&self.mlp_proj.forward(&inner)?, self.resid_pdrop, train)? + x
+        dropout_add(&self.mlp_proj.forward(&inner)?, &x, self.resid_pdrop, train)
     }
 }
 

@@ -45,21 +45,27 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("dropout probability must be in [0, 1), got {p}")
     }
-    let keep = if x.device().is_cpu() {
-        let n = x.elem_count();
-        let scale = 1.0 / (1.0 - p) as f32;
-        // Drop when a uniform u32 falls below p·2³²: one integer compare per element.
-        let threshold = (p * 4_294_967_296.0) as u64;
-        let mask: Vec<f32> = DROPOUT_RNG.with(|rng| {
-            let mut rng = rng.borrow_mut();
-            (0..n).map(|_| if u64::from(rng.next_u32()) >= threshold { scale } else { 0.0 }).collect()
-        });
-        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
-    } else {
-        let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        (r.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?.to_dtype(x.dtype())?
-    };
+    if x.device().is_cpu() {
+        // One fused pass each way, the mask regenerated from its seed in the backward pass.
+        return crate::ops::dropout::dropout(x, p);
+    }
+    let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+    let keep = (r.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?.to_dtype(x.dtype())?;
     x.mul(&keep)
+}
+
+/// `dropout(x, p, train) + residual`: a transformer's residual connection, one fused op on the CPU.
+pub fn dropout_add(x: &Tensor, residual: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if !train || p == 0.0 {
+        return x + residual;
+    }
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability must be in [0, 1), got {p}")
+    }
+    if x.device().is_cpu() {
+        return crate::ops::dropout::dropout_add(x, residual, p);
+    }
+    dropout(x, p, train)? + residual
 }
 
 /// Cross-entropy (mean over items) for logits of any rank: the last dimension holds the classes,

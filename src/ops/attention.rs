@@ -159,26 +159,26 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 
 /// Attention as models train it: with dropout `p` on the attention probabilities when `train`
 /// (as transformers' BERT and GPT-2 do); otherwise [`attention`]. The mask comes from a hash of
-/// (seed, position) (`attention/dropout.rs`), so the fused CPU op applies it tile by tile in both
+/// (seed, position) (`ops/dropout.rs`), so the fused CPU op applies it tile by tile in both
 /// passes and the reference path (other devices, `WICK_ATTENTION=reference`) draws the same mask.
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return attention(q, k, v, key_mask, scale, causal);
     }
-    let dropout = AttentionDropout::new(p)?;
+    let dropout = DropoutMask::new(p)?;
     match (attention_impl(), q.device()) {
         (AttentionImpl::Fused, Device::Cpu) => fused_attention_impl(q, k, v, key_mask, scale, causal, Some(dropout), false),
         _ => reference_attention_with_dropout(q, k, v, key_mask, scale, causal, Some(&dropout)),
     }
 }
 
-fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<&AttentionDropout>) -> Result<Tensor> {
+fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<&DropoutMask>) -> Result<Tensor> {
     let (b, h, lq, lk, _d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let p = reference_attention_probs(q, k, key_mask, scale, causal)?;
     let p = match dropout {
-        Some(d) => (p * dropout::keep_mask(d, b, h, lq, lk, q.device())?)?,
+        Some(d) => (p * d.tensor(0, (b, h, lq, lk), q.device())?)?,
         None => p,
     };
     p.matmul(&f32(v)?)?.to_dtype(dtype)
@@ -212,7 +212,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
 /// [`fused_attention`], with dropout on the probabilities (CPU only) and, for the tests, the
 /// portable kernel forced where the AVX-512 one would run.
 #[allow(clippy::too_many_arguments)]
-fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<AttentionDropout>, portable: bool) -> Result<Tensor> {
+fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<DropoutMask>, portable: bool) -> Result<Tensor> {
     let (b, h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -277,7 +277,7 @@ struct FusedAttention {
     /// Use the portable CPU kernel even where the AVX-512 one applies (for tests).
     portable: bool,
     /// Dropout on the probabilities (CPU; it runs the portable kernel, which supports it).
-    dropout: Option<AttentionDropout>,
+    dropout: Option<DropoutMask>,
 }
 
 /// One attention problem, f32 and contiguous, on the CPU.
@@ -293,7 +293,7 @@ struct Problem<'a> {
     d: usize,
     scale: f32,
     causal: bool,
-    dropout: Option<AttentionDropout>,
+    dropout: Option<DropoutMask>,
 }
 
 impl Problem<'_> {
@@ -633,7 +633,10 @@ mod simd {
                 m[i] = m_new;
                 // Dropout after the row sum: l normalises by every key, dropped or not.
                 if let Some(dr) = &p.dropout {
-                    dr.apply(row, bh * p.lq + r0 + i, lk, j0);
+                    let first = ((bh * p.lq + r0 + i) * lk + j0) as u64;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x *= dr.multiplier(first + j as u64);
+                    }
                 }
                 if corr != 1.0 {
                     scale(&mut o[i * d..(i + 1) * d], corr);
@@ -712,9 +715,9 @@ mod simd {
                             }
                         }
                         Some(dr) => {
-                            let row_id = bh * lq + i0 + r;
+                            let first = ((bh * lq + i0 + r) * lk + j0) as u64;
                             for (j, (x, pv)) in dpr.iter_mut().zip(ptr.iter_mut()).enumerate() {
-                                let keep = dr.multiplier(row_id, lk, j0 + j);
+                                let keep = dr.multiplier(first + j as u64);
                                 *x = *pv * (keep * *x - dl);
                                 *pv *= keep;
                             }
@@ -809,8 +812,7 @@ mod simd {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-mod dropout;
-use dropout::AttentionDropout;
+use super::dropout::DropoutMask;
 
 #[cfg(test)]
 mod tests {
@@ -880,10 +882,10 @@ mod tests {
             let lens = [lk, lk / 2 + 1];
             let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
             let mask = masked.then_some(mask);
-            let dropout = AttentionDropout::with_seed(p, 1234 + lq as u64);
+            let dropout = DropoutMask::with_seed(p, 1234 + lq as u64);
             let fused = fused_attention_impl(&q, &k, &v, mask.as_ref(), 0.125, causal, Some(dropout), false)?;
             let reference = reference_attention_with_dropout(&q, &k, &v, mask.as_ref(), 0.125, causal, Some(&dropout))?;
-            let plain = (reference_attention_probs(&q, &k, mask.as_ref(), 0.125, causal)? * dropout::keep_mask(&dropout, b, h, lq, lk, &dev)?)?.matmul(&v)?;
+            let plain = (reference_attention_probs(&q, &k, mask.as_ref(), 0.125, causal)? * dropout.tensor(0, (b, h, lq, lk), &dev)?)?.matmul(&v)?;
             let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
             assert!(close(&fused, &reference)? < 1e-5 && close(&plain, &reference)? < 1e-5, "p {p}");
             let without = fused_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;

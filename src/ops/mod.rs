@@ -4,6 +4,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod linear;
 pub mod lstm;
 pub mod math;
