@@ -46,7 +46,6 @@ fn config(hidden: usize, layers: usize, intermediate: usize) -> Result<Config> {
     Ok(serde_json::from_value(serde_json::json!({
         "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 12,
         "intermediate_size": intermediate, "max_position_embeddings": 512, "num_labels": 2,
-        "attention_probs_dropout_prob": std::env::var("ATTN_P").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.1),
     }))?)
 }
 
@@ -103,7 +102,7 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
         "{}",
         serde_json::json!({
             "bench": name, "impl": "wick", "threads": threads, "ms": ms, "seq_per_s": batch as f64 * 1e3 / ms,
-            "device": wick::device::device_name(device), "iters": args.iters,
+            "device": wick::device::device_name(device), "iters": args.iters, "isa": wick::cpu::isa().name(),
         })
     );
     Ok(())
@@ -112,6 +111,7 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = parse_args()?;
+    eprintln!("{}", wick::cpu::describe());
     let device = wick::device::device(&args.device)?;
     let base = config(768, 12, 3072)?;
     let minilm = config(384, 6, 1536)?;

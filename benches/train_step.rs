@@ -69,7 +69,7 @@ fn bench(name: &str, args: &Args, device: &Device, net: &dyn ModuleT, varmap: &V
         "{}",
         serde_json::json!({"name": name, "framework": "wick", "threads": candle_core::utils::get_num_threads(),
             "device": wick::device::device_name(device), "samples_per_s": (steps * batch) as f64 / secs,
-            "step_ms": secs * 1e3 / steps as f64, "steps": steps})
+            "step_ms": secs * 1e3 / steps as f64, "steps": steps, "isa": wick::cpu::isa().name()})
     );
     Ok(())
 }
@@ -82,6 +82,7 @@ fn labels(device: &Device) -> Result<Tensor> {
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = parse_args()?;
+    eprintln!("{}", wick::cpu::describe());
     let device = wick::device::device(&args.device)?;
     let wanted = |n: &str| args.only.as_deref().is_none_or(|o| o == n);
     if wanted("mlp") {

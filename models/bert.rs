@@ -7,6 +7,7 @@
 //! (gradient-less) kernels only when nothing needs a gradient.
 
 use crate::nn::{dropout, dropout_add, LayerNorm};
+use crate::ops::heads::{merge_heads, split_heads};
 use candle_core::{DType, Module, Result, Tensor, D};
 use crate::ops::linear::{Dense as Linear, WeightLayout};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -197,13 +198,13 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let h = x.dim(2)?;
         let head_dim = h / self.heads;
-        let split = |l: &Linear| -> Result<Tensor> { l.forward(x)?.reshape((b, t, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
+        let split = |l: &Linear| -> Result<Tensor> { split_heads(&l.forward(x)?, self.heads) };
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, scale, false, self.attention_dropout, train)?;
-        let context = context.transpose(1, 2)?.reshape((b, t, h))?;
+        let context = merge_heads(&context)?;
         let x = self.attention_norm.forward(&dropout_add(&self.attention_output.forward(&context)?, x, self.hidden_dropout, train)?)?;
         let inner = self.act.apply(&self.intermediate.forward(&x)?)?;
         self.output_norm.forward(&dropout_add(&self.output.forward(&inner)?, &x, self.hidden_dropout, train)?)

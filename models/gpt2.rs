@@ -410,7 +410,7 @@ impl Block {
         };
         let causal = t > 1; // one new query sees every cached key
         let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, self.scale, causal, self.attn_pdrop, train)?;
-        let mut context = context.transpose(1, 2)?.reshape((b, t, h))?;
+        let mut context = crate::ops::heads::merge_heads(&context)?;
         if let Some(keep) = query_keep {
             context = context.broadcast_mul(keep)?;
         }

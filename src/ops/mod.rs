@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod heads;
 pub mod linear;
 pub mod lstm;
 pub mod math;
