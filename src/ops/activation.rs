@@ -32,7 +32,7 @@ impl CustomOp1 for GeluErf {
         let x = cpu_f32(s, l, "gelu_erf")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| {
-            run_vectorised(|| {
+            run_vectorised(#[inline(always)] || {
                 for (y, &x) in ys.iter_mut().zip(xs) {
                     *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
                 }
@@ -55,7 +55,7 @@ impl CustomOp2 for GeluErfBackward {
         let (x, g) = (cpu_f32(xs, xl, "gelu_erf backward")?, cpu_f32(gs, gl, "gelu_erf backward")?);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(ds, (xs, gs))| {
-            run_vectorised(|| {
+            run_vectorised(#[inline(always)] || {
                 for ((d, &x), &g) in ds.iter_mut().zip(xs).zip(gs) {
                     let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
                     let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);

@@ -72,7 +72,7 @@ fn masked(mask: &DropoutMask, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (ys, xs))| {
         let first = (c * CHUNK) as u64;
         let rs = residual.map(|r| &r[c * CHUNK..c * CHUNK + xs.len()]);
-        run_vectorised(|| match rs {
+        run_vectorised(#[inline(always)] || match rs {
             Some(rs) => {
                 for (i, ((y, &x), &r)) in ys.iter_mut().zip(xs).zip(rs).enumerate() {
                     *y = x.mul_add(mask.multiplier(first + i as u64), r);

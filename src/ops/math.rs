@@ -45,7 +45,8 @@ pub fn erf(x: f32) -> f32 {
 
 /// Runs `f` compiled for the widest instruction set the CPU has (`wick::cpu::isa()`): the
 /// closure is inlined into a `#[target_feature]` function per level, so the branch-free math
-/// above vectorises at that width.
+/// above vectorises at that width. The closure must be marked `#[inline(always)]`: otherwise it
+/// is compiled for the baseline target and every `mul_add` becomes a call to libm's `fmaf`.
 #[inline(always)]
 pub fn run_vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
