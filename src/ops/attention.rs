@@ -768,22 +768,13 @@ mod simd {
         Plain,
     }
 
+    /// Our kernel level (`wick::cpu::isa`: the CPU's best, capped by `WICK_CPU_ISA`).
     fn level() -> Level {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-            *LEVEL.get_or_init(|| {
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl") {
-                    Level::Avx512
-                } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    Level::Avx2
-                } else {
-                    Level::Plain
-                }
-            })
+        match crate::cpu::isa() {
+            crate::cpu::Isa::Avx512 => Level::Avx512,
+            crate::cpu::Isa::Avx2 => Level::Avx2,
+            crate::cpu::Isa::Portable => Level::Plain,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        Level::Plain
     }
 
     pub(super) fn forward_block(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {

@@ -49,6 +49,12 @@ pub fn erf(x: f32) -> f32 {
 /// is compiled for the baseline target and every `mul_add` becomes a call to libm's `fmaf`.
 #[inline(always)]
 pub fn run_vectorised<R>(f: impl FnOnce() -> R) -> R {
+    run_at(crate::cpu::isa(), f)
+}
+
+/// [`run_vectorised`] at a given level (capped by what the CPU has): tests run every level.
+#[inline(always)]
+pub fn run_at<R>(level: crate::cpu::Isa, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
@@ -59,15 +65,24 @@ pub fn run_vectorised<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        match crate::cpu::isa() {
-            // SAFETY: `isa()` reports only levels whose features the CPU has.
+        match level.min(crate::cpu::detected_isa()) {
+            // SAFETY: the level is capped by what the CPU reports.
             crate::cpu::Isa::Avx512 => unsafe { avx512(f) },
             crate::cpu::Isa::Avx2 => unsafe { avx2(f) },
             crate::cpu::Isa::Portable => f(),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    f()
+    {
+        let _ = level;
+        f()
+    }
+}
+
+/// The levels this CPU can run, lowest first (for tests that compare them).
+pub fn available_levels() -> Vec<crate::cpu::Isa> {
+    use crate::cpu::Isa;
+    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= crate::cpu::detected_isa()).collect()
 }
 
 #[cfg(test)]
@@ -94,5 +109,21 @@ mod tests {
         assert!(erf(0.0).abs() < 1e-7);
         assert_eq!(erf(f32::INFINITY), 1.0);
         assert_eq!(erf(f32::NEG_INFINITY), -1.0);
+    }
+
+    /// The same loop compiled for every level the CPU has gives the same results (up to the
+    /// rounding FMA contraction changes).
+    #[test]
+    fn every_level_agrees_with_the_portable_one() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.031).collect();
+        let run = |level| {
+            run_at(level, #[inline(always)] || xs.iter().map(|&x| erf(x) + exp(-x * x)).collect::<Vec<f32>>())
+        };
+        let portable = run(crate::cpu::Isa::Portable);
+        for level in available_levels() {
+            for (a, b) in run(level).iter().zip(&portable) {
+                assert!((a - b).abs() < 1e-6, "{level:?}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -28,10 +28,9 @@ const MR: usize = 6;
 /// Blocks of at most this many query rows (decoding) compute Sᵀ by dot products.
 const DOT_ROWS: usize = 4;
 
-/// Whether this path applies: AVX-512 on the CPU and head_dim a multiple of 16.
+/// Whether this path applies: AVX-512 chosen (`wick::cpu::isa`) and head_dim a multiple of 16.
 pub fn usable(d: usize) -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    d.is_multiple_of(16) && d > 0 && *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    d.is_multiple_of(16) && d > 0 && crate::cpu::isa() == crate::cpu::Isa::Avx512
 }
 
 /// e^x lane-wise (Cephes' expf polynomial after a Cody-Waite reduction, scaled with vscalefps);
