@@ -3,7 +3,9 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod conv_pool;
 pub mod cross_entropy;
+pub(crate) mod gemm;
 pub mod linear;
 pub mod lstm;
 pub mod norm;
