@@ -64,6 +64,11 @@ impl Geometry {
     fn row(&self) -> usize {
         self.taps() + 1
     }
+    /// Distance between patch rows: `row` rounded up to whole 8-lane vectors, so the backward
+    /// pass accumulates rows in full vectors (the padding is never read as data).
+    fn row_stride(&self) -> usize {
+        self.row().next_multiple_of(8)
+    }
     fn pooled_h(&self) -> usize {
         self.out_h() / self.pool
     }
@@ -92,7 +97,7 @@ impl Geometry {
     /// kernel's own order) and a 1.
     fn unfold(&self, padded: &[f32], cols: &mut [f32]) {
         let (pw, ow, row) = (self.padded_w(), self.out_w(), self.row());
-        for (p, patch) in cols.chunks_exact_mut(row).enumerate() {
+        for (p, patch) in cols.chunks_exact_mut(self.row_stride()).enumerate() {
             let (y, x) = ((p / ow) * self.stride, (p % ow) * self.stride);
             for c in 0..self.channels {
                 for i in 0..self.k_h {
@@ -123,34 +128,41 @@ impl Geometry {
 
     /// Pools one image's convolution `conv` (P × O): writes ReLU(window max) per channel and
     /// window to `pooled` (O × windows) and the winning pixel (or [`BLOCKED`]) to `winners`.
-    /// A window's pixels are visited in order and all channels compared at once (a pixel's
-    /// channels are adjacent in `conv`), with `best`/`at` (O each) as the running maxima.
-    fn pool_relu(&self, conv: &[f32], pooled: &mut [f32], winners: &mut [u32], best: &mut [f32], at: &mut [u32]) {
+    #[inline(always)]
+    fn pool_relu(&self, conv: &[f32], pooled: &mut [f32], winners: &mut [u32]) {
         let (o_n, ow, k, pw, windows) = (self.out_channels, self.out_w(), self.pool, self.pooled_w(), self.windows());
         for q in 0..windows {
             let first = (q / pw) * k * ow + (q % pw) * k;
-            best.copy_from_slice(&conv[first * o_n..(first + 1) * o_n]);
-            at.fill(first as u32);
-            for i in 0..k {
-                for j in 0..k {
-                    let p = first + i * ow + j;
-                    for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(&conv[p * o_n..(p + 1) * o_n]) {
-                        // The first maximum wins; NaN beats numbers (it must not vanish).
-                        if v > *b || v.is_nan() && !b.is_nan() {
-                            *b = v;
-                            *a = p as u32;
-                        }
+            for o in 0..o_n {
+                let (mut best, mut at) = (conv[first * o_n + o], first as u32);
+                for i in 0..k {
+                    for j in 0..k {
+                        let p = first + i * ow + j;
+                        let v = conv[p * o_n + o];
+                        // The first maximum wins; NaN beats numbers (it must not vanish). Bit
+                        // masks, not branches: on real data the comparison is a coin toss, and
+                        // a mispredicted branch per element cost more than the rest of the op.
+                        #[allow(clippy::eq_op)]
+                        let take = (v > best) as u32 | ((v != v) as u32 & (best == best) as u32);
+                        let mask = take.wrapping_neg();
+                        best = f32::from_bits((v.to_bits() & mask) | (best.to_bits() & !mask));
+                        at = (p as u32 & mask) | (at & !mask);
                     }
                 }
-            }
-            for o in 0..o_n {
-                let v = best[o];
-                // `v <= 0` is false for NaN: NaN stays and passes its gradient, as in PyTorch.
-                pooled[o * windows + q] = if v <= 0.0 { 0.0 } else { v };
-                winners[o * windows + q] = if v <= 0.0 { BLOCKED } else { at[o] };
+                // `best <= 0` is false for NaN: NaN stays and passes its gradient, as in PyTorch.
+                let blocked = best <= 0.0;
+                pooled[o * windows + q] = if blocked { 0.0 } else { best };
+                winners[o * windows + q] = if blocked { BLOCKED } else { at };
             }
         }
     }
+}
+
+/// [`Geometry::pool_relu`] compiled for AVX2 (the channel loop in 8-lane vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pool_relu_avx2(g: &Geometry, conv: &[f32], pooled: &mut [f32], winners: &mut [u32]) {
+    g.pool_relu(conv, pooled, winners)
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -224,18 +236,23 @@ impl CustomOp3 for ConvReluPool {
             kernel.push(b[o]);
         }
         // Every entry is written by `unfold`: a recycled buffer needs no clearing.
-        let mut cols = take_cols(batch * pixels * row);
+        let mut cols = take_cols(batch * pixels * g.row_stride());
         let mut pooled = vec![0f32; batch * o_n * windows];
         let mut winners = vec![0u32; batch * o_n * windows];
-        let scratch = || (vec![0f32; g.channels * g.padded_h() * g.padded_w()], vec![0f32; pixels * o_n], vec![0f32; o_n], vec![0u32; o_n]);
-        cols.par_chunks_mut(pixels * row)
+        let scratch = || (vec![0f32; g.channels * g.padded_h() * g.padded_w()], vec![0f32; pixels * o_n]);
+        cols.par_chunks_mut(pixels * g.row_stride())
             .zip(pooled.par_chunks_mut(o_n * windows).zip(winners.par_chunks_mut(o_n * windows)))
             .zip(x.par_chunks(g.image()))
-            .try_for_each_init(scratch, |(padded, conv, best, at), ((cols, (pooled, winners)), image)| -> Result<()> {
+            .try_for_each_init(scratch, |(padded, conv), ((cols, (pooled, winners)), image)| -> Result<()> {
                 g.pad(image, padded);
                 g.unfold(padded, cols);
-                matmul_serial(conv, o_n, pixels, o_n, row, View::rows(cols, row), View::transposed(&kernel, row), false)?;
-                g.pool_relu(conv, pooled, winners, best, at);
+                matmul_serial(conv, o_n, pixels, o_n, row, View::rows(cols, g.row_stride()), View::transposed(&kernel, row), false)?;
+                match self.level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `level` is at least AVX2 only when the CPU has AVX2 (crate::cpu).
+                    Isa::Avx2 | Isa::Avx512 => unsafe { pool_relu_avx2(&g, conv, pooled, winners) },
+                    _ => g.pool_relu(conv, pooled, winners),
+                }
                 Ok(())
             })?;
         *self.saved.lock().unwrap() = Some(Arc::new(Saved { cols, winners }));
@@ -275,7 +292,7 @@ impl CustomOp3 for ConvReluPoolBackward {
         let groups = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
         let per_group = batch.div_ceil(groups.max(1)).max(1);
         let dx_len = if self.need_dx { batch * g.image() } else { 0 };
-        let mut out = vec![0f32; dx_len + o_n * row];
+        let mut out = vec![0f32; dx_len + o_n * taps + o_n];
         let (dx, dwb) = out.split_at_mut(dx_len);
         let mut dx_groups: Vec<&mut [f32]> = if self.need_dx { dx.chunks_mut(per_group * g.image()).collect() } else { Vec::new() };
         dx_groups.resize_with(batch.div_ceil(per_group), || &mut []);
@@ -292,15 +309,16 @@ impl CustomOp3 for ConvReluPoolBackward {
                 }
             })
             .collect::<Vec<_>>();
-        let mut dkernel = vec![0f32; o_n * row];
+        let stride = g.row_stride();
+        let mut dkernel = vec![0f32; o_n * stride];
         for p in partials {
             dkernel.iter_mut().zip(p).for_each(|(d, v)| *d += v);
         }
-        // [dW | db] from the (O × row) [dW_o | db_o] rows.
+        // [dW | db] from the (O × row_stride) [dW_o | db_o | padding] rows.
         let (dw, db) = dwb.split_at_mut(o_n * taps);
         for o in 0..o_n {
-            dw[o * taps..(o + 1) * taps].copy_from_slice(&dkernel[o * row..o * row + taps]);
-            db[o] = dkernel[o * row + taps];
+            dw[o * taps..(o + 1) * taps].copy_from_slice(&dkernel[o * stride..o * stride + taps]);
+            db[o] = dkernel[o * stride + taps];
         }
         Ok((CpuStorage::F32(out), Shape::from(dx_len + o_n * row)))
     }
@@ -313,7 +331,9 @@ impl CustomOp3 for ConvReluPoolBackward {
 fn copy_run(dst: &mut [f32], src: &[f32]) {
     fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
         let (d, s): (&mut [f32; N], &[f32; N]) = (dst.try_into().unwrap(), src.try_into().unwrap());
-        *d = *s;
+        for i in 0..N {
+            d[i] = s[i];
+        }
     }
     match dst.len() {
         3 => fixed::<3>(dst, src),
@@ -346,27 +366,39 @@ impl ConvReluPoolBackward {
     #[inline(always)]
     fn images<const FMA: bool>(&self, images: std::ops::Range<usize>, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Vec<f32> {
         let (g, saved) = (&self.g, &self.saved);
-        let (row, taps, pixels, o_n, windows) = (g.row(), g.taps(), g.pixels(), g.out_channels, g.windows());
-        let mut dkernel = vec![0f32; o_n * row];
+        let (stride, taps, pixels, o_n, windows) = (g.row_stride(), g.taps(), g.pixels(), g.out_channels, g.windows());
+        let mut dkernel = vec![0f32; o_n * stride];
         let mut dcols = vec![0f32; if self.need_dx { pixels * taps } else { 0 }];
         let mut dpadded = vec![0f32; if self.need_dx { g.channels * g.padded_h() * g.padded_w() } else { 0 }];
+        let mut passing: Vec<(u32, f32)> = Vec::with_capacity(windows);
         for (n, img) in images.enumerate() {
-            let cols = &saved.cols[img * pixels * row..(img + 1) * pixels * row];
+            let cols = &saved.cols[img * pixels * stride..(img + 1) * pixels * stride];
             let grads = &dy[img * o_n * windows..(img + 1) * o_n * windows];
             let winners = &saved.winners[img * o_n * windows..(img + 1) * o_n * windows];
             if self.need_dx {
                 dcols.fill(0.0);
             }
             for o in 0..o_n {
-                let dk = &mut dkernel[o * row..(o + 1) * row];
-                let w_o = &w[o * taps..(o + 1) * taps];
-                for (&p, &gv) in winners[o * windows..(o + 1) * windows].iter().zip(&grads[o * windows..(o + 1) * windows]) {
-                    if p == BLOCKED {
-                        continue;
+                passing.clear();
+                let ws = winners[o * windows..(o + 1) * windows].iter().zip(&grads[o * windows..(o + 1) * windows]);
+                passing.extend(ws.filter(|(&p, _)| p != BLOCKED).map(|(&p, &gv)| (p, gv)));
+                // dW_o (and db_o, the ones column) = Σ g · patch row, 32 lanes at a time with
+                // the sums in registers; stride is a multiple of 8, so every block is whole.
+                let dk = &mut dkernel[o * stride..(o + 1) * stride];
+                let mut start = 0;
+                while start < stride {
+                    match stride - start {
+                        8 => gather_rows::<FMA, 8>(dk, cols, stride, start, &passing),
+                        16 => gather_rows::<FMA, 16>(dk, cols, stride, start, &passing),
+                        24 => gather_rows::<FMA, 24>(dk, cols, stride, start, &passing),
+                        _ => gather_rows::<FMA, 32>(dk, cols, stride, start, &passing),
                     }
-                    let p = p as usize;
-                    axpy::<FMA>(dk, gv, &cols[p * row..(p + 1) * row]);
-                    if self.need_dx {
+                    start += 32;
+                }
+                if self.need_dx {
+                    let w_o = &w[o * taps..(o + 1) * taps];
+                    for &(p, gv) in &passing {
+                        let p = p as usize;
                         axpy::<FMA>(&mut dcols[p * taps..(p + 1) * taps], gv, w_o);
                     }
                 }
@@ -395,6 +427,22 @@ fn crop(g: &Geometry, padded: &[f32], image: &mut [f32]) {
             let src = (c * g.padded_h() + y + p) * pw + p;
             image[(c * g.h + y) * g.w..][..g.w].copy_from_slice(&padded[src..src + g.w]);
         }
+    }
+}
+
+/// `dk[start..start + W] += Σ g · cols[p·stride + start..][..W]` over the (p, g) pairs, with the
+/// W sums held in registers (W/8 independent vector chains) instead of in `dk`.
+#[inline(always)]
+fn gather_rows<const FMA: bool, const W: usize>(dk: &mut [f32], cols: &[f32], stride: usize, start: usize, passing: &[(u32, f32)]) {
+    let mut acc = [0f32; W];
+    for &(p, g) in passing {
+        let src: &[f32; W] = cols[p as usize * stride + start..][..W].try_into().unwrap();
+        for i in 0..W {
+            acc[i] = if FMA { g.mul_add(src[i], acc[i]) } else { acc[i] + g * src[i] };
+        }
+    }
+    for (d, a) in dk[start..start + W].iter_mut().zip(acc) {
+        *d += a;
     }
 }
 
