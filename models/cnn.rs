@@ -6,7 +6,8 @@
 use candle_core::{Result, Tensor};
 use crate::nn::{max_pool2d, BatchNorm2d};
 use crate::ops::conv::Conv2d;
-use candle_nn::{linear, Linear, Module, ModuleT, VarBuilder};
+use crate::ops::linear::Dense;
+use candle_nn::{Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,9 +28,9 @@ impl Default for LeNetConfig {
 pub struct LeNet5 {
     conv1: Conv2d,
     conv2: Conv2d,
-    fc1: Linear,
-    fc2: Linear,
-    fc3: Linear,
+    fc1: Dense,
+    fc2: Dense,
+    fc3: Dense,
 }
 
 impl LeNet5 {
@@ -41,19 +42,19 @@ impl LeNet5 {
         Ok(Self {
             conv1: Conv2d::load(vb.pp("conv1"), cfg.in_channels, 6, 5, 2, 1, true)?,
             conv2: Conv2d::load(vb.pp("conv2"), 6, 16, 5, 0, 1, true)?,
-            fc1: linear(16 * side * side, 120, vb.pp("fc1"))?,
-            fc2: linear(120, 84, vb.pp("fc2"))?,
-            fc3: linear(84, cfg.num_classes, vb.pp("fc3"))?,
+            fc1: Dense::load(vb.pp("fc1"), 16 * side * side, 120)?,
+            fc2: Dense::load(vb.pp("fc2"), 120, 84)?,
+            fc3: Dense::load(vb.pp("fc3"), 84, cfg.num_classes)?,
         })
     }
 }
 
 impl ModuleT for LeNet5 {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let x = max_pool2d(&self.conv1.forward(x)?.relu()?, 2)?;
-        let x = max_pool2d(&self.conv2.forward(&x)?.relu()?, 2)?.flatten_from(1)?;
-        let x = self.fc1.forward(&x)?.relu()?;
-        let x = self.fc2.forward(&x)?.relu()?;
+        let x = self.conv1.forward_relu_max_pool(x, 2)?;
+        let x = self.conv2.forward_relu_max_pool(&x, 2)?.flatten_from(1)?;
+        let x = self.fc1.forward_relu(&x)?;
+        let x = self.fc2.forward_relu(&x)?;
         self.fc3.forward(&x)
     }
 }
@@ -86,8 +87,8 @@ struct ConvBlock {
 
 pub struct ConvNet {
     blocks: Vec<ConvBlock>,
-    fc: Option<Linear>,
-    head: Linear,
+    fc: Option<Dense>,
+    head: Dense,
     dropout: f64,
 }
 
@@ -117,10 +118,10 @@ impl ConvNet {
         }
         let flat = c_in * side * side;
         let (fc, head_in) = match cfg.hidden {
-            Some(h) => (Some(linear(flat, h, vb.pp("fc"))?), h),
+            Some(h) => (Some(Dense::load(vb.pp("fc"), flat, h)?), h),
             None => (None, flat),
         };
-        Ok(Self { blocks, fc, head: linear(head_in, cfg.num_classes, vb.pp("head"))?, dropout: cfg.dropout })
+        Ok(Self { blocks, fc, head: Dense::load(vb.pp("head"), head_in, cfg.num_classes)?, dropout: cfg.dropout })
     }
 }
 
@@ -137,7 +138,7 @@ impl ModuleT for ConvNet {
         let mut x = x.flatten_from(1)?;
         if let Some(fc) = &self.fc {
             x = crate::nn::dropout(&x, self.dropout, train)?;
-            x = fc.forward(&x)?.relu()?;
+            x = fc.forward_relu(&x)?;
         }
         x = crate::nn::dropout(&x, self.dropout, train)?;
         self.head.forward(&x)

@@ -1,9 +1,12 @@
 //! A multilayer perceptron: Linear layers `layers.0 .. layers.N` with an activation and dropout
 //! between them (none after the last), the layout of a PyTorch `nn.ModuleList` of `nn.Linear`.
+//! Layers are wick's fused linear op ([`crate::ops::linear`]); with ReLU the activation runs
+//! inside the layer's node (no separate activation tensor and gradient).
 
 use super::Activation;
 use candle_core::{Result, Tensor};
-use candle_nn::{linear, Linear, Module, ModuleT, VarBuilder};
+use crate::ops::linear::Dense;
+use candle_nn::{Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,7 +28,7 @@ impl MlpConfig {
 }
 
 pub struct Mlp {
-    layers: Vec<Linear>,
+    layers: Vec<Dense>,
     activation: Activation,
     dropout: f64,
 }
@@ -36,7 +39,7 @@ impl Mlp {
         let layers = widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("layers.{i}"))))
+            .map(|(i, w)| Dense::load(vb.pp(format!("layers.{i}")), w[0], w[1]))
             .collect::<Result<_>>()?;
         Ok(Self { layers, activation: cfg.activation, dropout: cfg.dropout })
     }
@@ -47,11 +50,15 @@ impl ModuleT for Mlp {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.flatten_from(1)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
-            if i + 1 < self.layers.len() {
-                x = self.activation.apply(&x)?;
-                x = crate::nn::dropout(&x, self.dropout, train)?;
+            if i + 1 == self.layers.len() {
+                x = layer.forward(&x)?;
+                break;
             }
+            x = match self.activation {
+                Activation::Relu => layer.forward_relu(&x)?,
+                other => other.apply(&layer.forward(&x)?)?,
+            };
+            x = crate::nn::dropout(&x, self.dropout, train)?;
         }
         Ok(x)
     }

@@ -168,6 +168,17 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `max_pool2d(relu(self.forward(x)), pool)` as one node on the CPU (see
+    /// [`super::conv_pool`]): LeNet's conv block.
+    pub fn forward_relu_max_pool(&self, x: &Tensor, pool: usize) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => super::conv_pool::conv2d_relu_max_pool(x, &self.weight, b, self.padding, self.stride, pool),
+            None => super::pool::max_pool2d(&conv2d(x, &self.weight, None, self.padding, self.stride)?.relu()?, pool),
+        }
+    }
+}
+
 impl candle_nn::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)

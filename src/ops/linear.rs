@@ -1,15 +1,20 @@
 //! A linear layer as one autograd node: `y = x·Wᵀ + b` (PyTorch `Linear`, W is (out, in)) or
-//! `y = x·W + b` (GPT-2's `Conv1D`, W is (in, out)).
+//! `y = x·W + b` (GPT-2's `Conv1D`, W is (in, out)), optionally followed by ReLU in the same node.
 //!
-//! Why not `x.matmul(&w.t())?.broadcast_add(&b)`: in candle that is three graph nodes, and its
-//! backward adds the weight gradient through a transposed (strided) view and reduces the bias
+//! Why not `x.matmul(&w.t())?.broadcast_add(&b)?.relu()`: in candle that is four graph nodes, and
+//! its backward adds the weight gradient through a transposed (strided) view and reduces the bias
 //! gradient over a strided dimension, both slow on the CPU, and each node's gradient costs a
 //! zero-filled buffer plus an add. Here the forward is one GEMM with the bias preloaded into the
-//! output, and the backward is three GEMMs whose results come out contiguous in the weight's own
-//! layout (the bias gradient is `1ᵀ·dY`).
+//! output and the ReLU applied in place (no second activation-sized buffer); the backward is one
+//! op that masks dY by y > 0 (ReLU only), then writes dW (a GEMM straight into the weight's own
+//! layout), db (column sums of dY) and dX (a GEMM) into one buffer that the three gradients view.
+//! dX is skipped when the input is not tracked (a model's first layer on its data): for an MLP's
+//! 784-wide first layer that product is a quarter of a training step's arithmetic.
 
 use super::cpu_f32;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use super::gemm::{matmul, View};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// How the weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,10 +27,27 @@ pub enum WeightLayout {
 
 /// `x` (..., in) → (..., out). Differentiable in `x`, `weight` and `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    fused_or_reference(x, weight, bias, layout, false)
+}
+
+/// `relu(linear(x))` as one node. ReLU's gradient is PyTorch's: dY passes where y > 0 (or y is
+/// NaN), so an exact zero gets none (candle's own `relu` passes it at 0).
+pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    fused_or_reference(x, weight, bias, layout, true)
+}
+
+fn fused_or_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout, relu: bool) -> Result<Tensor> {
     let fused = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
     match bias {
-        Some(b) if fused && b.dtype() == DType::F32 => x.contiguous()?.apply_op3(&weight.contiguous()?, &b.contiguous()?, Linear(layout)),
-        _ => reference_linear(x, weight, bias, layout),
+        Some(b) if fused && b.dtype() == DType::F32 => x.contiguous()?.apply_op3(&weight.contiguous()?, &b.contiguous()?, Linear { layout, relu }),
+        _ => {
+            let y = reference_linear(x, weight, bias, layout)?;
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
+        }
     }
 }
 
@@ -58,6 +80,20 @@ impl Dense {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
         Self { weight, bias, layout }
     }
+
+    /// A PyTorch-layout layer with candle-nn's `linear` initialisation (Kaiming-normal weight,
+    /// U(±1/√in) bias), under candle-nn's names, so it can replace `candle_nn::linear`.
+    pub fn load(vb: candle_nn::VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        let weight = vb.get_with_hints((d_out, d_in), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let bias = vb.get_with_hints(d_out, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self::new(weight, Some(bias), WeightLayout::OutIn))
+    }
+
+    /// `relu(self.forward(x))` as one node (see [`linear_relu`]).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        linear_relu(x, &self.weight, self.bias.as_ref(), self.layout)
+    }
 }
 
 impl candle_core::Module for Dense {
@@ -66,17 +102,18 @@ impl candle_core::Module for Dense {
     }
 }
 
-struct Linear(WeightLayout);
+struct Linear {
+    layout: WeightLayout,
+    relu: bool,
+}
 
-impl Linear {
-    /// (in, out) of the weight.
-    fn dims(&self, w: &Layout) -> Result<(usize, usize)> {
-        let (a, b) = w.shape().dims2()?;
-        Ok(match self.0 {
-            WeightLayout::OutIn => (b, a),
-            WeightLayout::InOut => (a, b),
-        })
-    }
+/// (in, out) of a weight stored as `layout`.
+fn in_out(layout: WeightLayout, w: &Layout) -> Result<(usize, usize)> {
+    let (a, b) = w.shape().dims2()?;
+    Ok(match layout {
+        WeightLayout::OutIn => (b, a),
+        WeightLayout::InOut => (a, b),
+    })
 }
 
 impl CustomOp3 for Linear {
@@ -85,13 +122,13 @@ impl CustomOp3 for Linear {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (d_in, d_out) = self.dims(wl)?;
+        let (d_in, d_out) = in_out(self.layout, wl)?;
         let x = cpu_f32(xs, xl, "linear")?;
         let w = cpu_f32(ws, wl, "linear")?;
         let b = cpu_f32(bs, bl, "linear")?;
         let x_in = *xl.shape().dims().last().unwrap_or(&0);
         if x_in != d_in || b.len() != d_out {
-            candle_core::bail!("linear: input {:?}, weight {:?} ({:?}), bias {:?} do not fit", xl.dims(), wl.dims(), self.0, bl.dims())
+            candle_core::bail!("linear: input {:?}, weight {:?} ({:?}), bias {:?} do not fit", xl.dims(), wl.dims(), self.layout, bl.dims())
         }
         let rows = x.len() / d_in.max(1);
         let mut y: Vec<f32> = Vec::with_capacity(rows * d_out);
@@ -99,57 +136,110 @@ impl CustomOp3 for Linear {
             y.extend_from_slice(b);
         }
         // Element (k, j) of the right operand is W[j, k] (OutIn) or W[k, j] (InOut).
-        let (rhs_cs, rhs_rs) = match self.0 {
-            WeightLayout::OutIn => (d_in as isize, 1),
-            WeightLayout::InOut => (1, d_out as isize),
+        let rhs = match self.layout {
+            WeightLayout::OutIn => View::transposed(w, d_in),
+            WeightLayout::InOut => View::rows(w, d_out),
         };
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        if rows > 0 && d_out > 0 {
-            // SAFETY: the pointers cover rows×d_in, d_in×d_out and rows×d_out f32 elements with
-            // the strides given; y is written only through dst.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    d_out,
-                    d_in,
-                    y.as_mut_ptr(),
-                    1,
-                    d_out as isize,
-                    true, // y = 1·y (the bias rows) + 1·x·W
-                    x.as_ptr(),
-                    1,
-                    d_in as isize,
-                    w.as_ptr(),
-                    rhs_cs,
-                    rhs_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
+        matmul(&mut y, d_out, rows, d_out, d_in, View::rows(x, d_in), rhs, true)?; // y = bias rows + x·W
+        if self.relu {
+            // `< 0` keeps NaN, as PyTorch's relu does.
+            y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
         }
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = d_out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d_in = x.dim(D::Minus1)?;
-        let d_out = b.dim(0)?;
-        let g = grad.reshape(((), d_out))?;
-        let x2 = x.reshape(((), d_in))?;
-        let (dx, dw) = match self.0 {
-            WeightLayout::OutIn => (g.matmul(w)?, g.t()?.matmul(&x2)?),
-            WeightLayout::InOut => (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?),
-        };
-        let ones = Tensor::ones((1, g.dim(0)?), DType::F32, g.device())?;
-        let db = ones.matmul(&g)?.reshape(d_out)?;
-        Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (d_in, d_out) = (x.dim(D::Minus1)?, b.dim(0)?);
+        let grad = grad.contiguous()?;
+        let dz = if self.relu { y.apply_op2_no_bwd(&grad, &ReluMask)? } else { grad };
+        // An untracked input (data, not a function of any variable) needs no gradient.
+        let need_dx = x.track_op();
+        let packed = x.apply_op3_no_bwd(w, &dz, &LinearBackward { layout: self.layout, need_dx })?;
+        let dx_len = if need_dx { x.elem_count() } else { 0 };
+        let dw = packed.narrow(0, dx_len, d_in * d_out)?.reshape(w.shape())?;
+        let db = packed.narrow(0, dx_len + d_in * d_out, d_out)?;
+        let dx = if need_dx { Some(packed.narrow(0, 0, dx_len)?.reshape(x.shape())?) } else { None };
+        Ok((dx, Some(dw), Some(db)))
     }
+}
+
+/// (y, dY) → dY where y > 0 or y is NaN, else 0: ReLU's backward from its output.
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "wick-relu-mask"
+    }
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (cpu_f32(ys, yl, "relu backward")?, cpu_f32(gs, gl, "relu backward")?);
+        if y.len() != g.len() {
+            candle_core::bail!("relu backward: output {:?} and gradient {:?} differ", yl.dims(), gl.dims())
+        }
+        let dz = y.iter().zip(g).map(|(&y, &g)| if y <= 0.0 { 0.0 } else { g }).collect();
+        Ok((CpuStorage::F32(dz), yl.shape().clone()))
+    }
+}
+
+/// (x, W, dZ) → one flat buffer [dX (only with `need_dx`) | dW in W's layout | db].
+struct LinearBackward {
+    layout: WeightLayout,
+    need_dx: bool,
+}
+
+impl CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "wick-linear-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (d_in, d_out) = in_out(self.layout, wl)?;
+        let (x, w, dz) = (cpu_f32(xs, xl, "linear backward")?, cpu_f32(ws, wl, "linear backward")?, cpu_f32(gs, gl, "linear backward")?);
+        let rows = dz.len() / d_out.max(1);
+        if x.len() != rows * d_in || dz.len() != rows * d_out {
+            candle_core::bail!("linear backward: input {:?}, weight {:?}, gradient {:?} do not fit", xl.dims(), wl.dims(), gl.dims())
+        }
+        let dx_len = if self.need_dx { rows * d_in } else { 0 };
+        let mut out = vec![0f32; dx_len + d_in * d_out + d_out];
+        let (dx, rest) = out.split_at_mut(dx_len);
+        let (dw, db) = rest.split_at_mut(d_in * d_out);
+        let dz_rows = View::rows(dz, d_out);
+        match self.layout {
+            WeightLayout::OutIn => {
+                matmul(dw, d_in, d_out, d_in, rows, View::transposed(dz, d_out), View::rows(x, d_in), false)?; // dZᵀ·x
+                if self.need_dx {
+                    matmul(dx, d_in, rows, d_in, d_out, dz_rows, View::rows(w, d_in), false)?; // dZ·W
+                }
+            }
+            WeightLayout::InOut => {
+                matmul(dw, d_out, d_in, d_out, rows, View::transposed(x, d_in), dz_rows, false)?; // xᵀ·dZ
+                if self.need_dx {
+                    matmul(dx, d_in, rows, d_in, d_out, dz_rows, View::transposed(w, d_out), false)?; // dZ·Wᵀ
+                }
+            }
+        }
+        // db = 1ᵀ·dZ. Rows are split between threads only when there are many of them (GPT-2's
+        // tokens); a partial sum per chunk, then a short serial sum.
+        const ROWS_PER_TASK: usize = 256;
+        if rows > 2 * ROWS_PER_TASK {
+            let partial: Vec<Vec<f32>> = dz.par_chunks(ROWS_PER_TASK * d_out).map(|chunk| column_sums(chunk, d_out)).collect();
+            for p in partial {
+                db.iter_mut().zip(p).for_each(|(d, s)| *d += s);
+            }
+        } else {
+            db.copy_from_slice(&column_sums(dz, d_out));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dx_len + d_in * d_out + d_out)))
+    }
+}
+
+fn column_sums(rows: &[f32], cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; cols];
+    for row in rows.chunks_exact(cols) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+    }
+    sums
 }
 
 #[cfg(test)]
@@ -165,21 +255,66 @@ mod tests {
     fn matches_plain_ops_forward_and_backward_in_both_layouts() -> Result<()> {
         let dev = Device::Cpu;
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5, 7), &dev)?)?;
-            let shape = if layout == WeightLayout::OutIn { (3, 7) } else { (7, 3) };
-            let w = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f32, 1., 3, &dev)?)?;
-            let probe = Tensor::randn(0f32, 1., (2, 5, 3), &dev)?;
-            let fused = linear(&x, &w, Some(&b), layout)?;
-            let plain = reference_linear(&x, &w, Some(&b), layout)?;
-            assert!(max_diff(&fused, &plain) < 1e-5);
-            let gf = (fused * &probe)?.sum_all()?.backward()?;
-            let gp = (plain * &probe)?.sum_all()?.backward()?;
-            for v in [&x, &w, &b] {
-                let (a, r) = (gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, r) < 1e-4, "{layout:?} {:?}", v.dims());
+            for relu in [false, true] {
+                for (lead, d_in, d_out) in [(vec![2, 5], 7, 3), (vec![1], 1, 1), (vec![600], 13, 9), (vec![3, 1, 4], 33, 17)] {
+                    let mut x_dims = lead.clone();
+                    x_dims.push(d_in);
+                    let mut y_dims = lead.clone();
+                    y_dims.push(d_out);
+                    let x = Var::from_tensor(&Tensor::randn(0f32, 1., x_dims, &dev)?)?;
+                    let shape = if layout == WeightLayout::OutIn { (d_out, d_in) } else { (d_in, d_out) };
+                    let w = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)?;
+                    let b = Var::from_tensor(&Tensor::randn(0f32, 1., d_out, &dev)?)?;
+                    let probe = Tensor::randn(0f32, 1., y_dims, &dev)?;
+                    let (fused, plain) = if relu {
+                        (linear_relu(&x, &w, Some(&b), layout)?, reference_linear(&x, &w, Some(&b), layout)?.relu()?)
+                    } else {
+                        (linear(&x, &w, Some(&b), layout)?, reference_linear(&x, &w, Some(&b), layout)?)
+                    };
+                    assert!(max_diff(&fused, &plain) < 1e-4);
+                    let gf = (fused * &probe)?.sum_all()?.backward()?;
+                    let gp = (plain * &probe)?.sum_all()?.backward()?;
+                    for v in [&x, &w, &b] {
+                        let (a, r) = (gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+                        assert_eq!(a.dims(), r.dims());
+                        assert!(max_diff(a, r) < 1e-3, "{layout:?} relu {relu} {:?}", v.dims());
+                    }
+                }
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn untracked_input_gets_no_gradient_and_the_weights_still_do() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (9, 6), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 6), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 4, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (9, 4), &dev)?;
+        let gf = (linear_relu(&x, &w, Some(&b), WeightLayout::OutIn)? * &probe)?.sum_all()?.backward()?;
+        let gp = (reference_linear(&x, &w, Some(&b), WeightLayout::OutIn)?.relu()? * &probe)?.sum_all()?.backward()?;
+        assert!(gf.get(&x).is_none());
+        for v in [&w, &b] {
+            assert!(max_diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap()) < 1e-4);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn relu_keeps_nan_and_gives_no_gradient_at_zero() -> Result<()> {
+        let dev = Device::Cpu;
+        // Rows of x·Wᵀ + b: -1 (clamped), 0 (exactly: no gradient, as PyTorch), NaN (kept).
+        let x = Var::from_tensor(&Tensor::new(&[[1f32], [0.], [f32::NAN]], &dev)?)?;
+        let w = Var::from_tensor(&Tensor::new(&[[-1f32]], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[0f32], &dev)?)?;
+        let y = linear_relu(&x, &w, Some(&b), WeightLayout::OutIn)?;
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(&v[..2], &[0.0, 0.0]);
+        assert!(v[2].is_nan());
+        let g = y.sum_all()?.backward()?;
+        let dx = g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(&dx[..2], &[0.0, 0.0]);
         Ok(())
     }
 }

@@ -3,8 +3,10 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod conv_pool;
 pub mod cross_entropy;
 pub mod dropout;
+pub(crate) mod gemm;
 pub mod heads;
 pub mod linear;
 pub mod lstm;

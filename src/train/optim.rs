@@ -2,9 +2,10 @@
 //! AdamW (decoupled weight decay; Adam is AdamW with no decay). Updates follow
 //! `torch.optim.SGD` / `torch.optim.AdamW` step for step, and tests hold them to PyTorch's numbers.
 //!
-//! On the CPU with f32 parameters the update runs in place, in one pass per state tensor
-//! (candle's tensor ops would allocate a new tensor for each of a dozen elementwise steps,
-//! which costs more than the forward pass of a small model); elsewhere it uses candle ops.
+//! On the CPU with f32 parameters the update runs in place (candle's tensor ops would allocate a
+//! new tensor for each of a dozen elementwise steps, which costs more than the forward pass of a
+//! small model): AdamW in one pass over parameter, gradient and both moments, SGD in one pass per
+//! state tensor, and tensors under 16k elements on the calling thread; elsewhere it uses candle ops.
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -91,7 +92,78 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]
     crate::ops::cpu_f32(s, l, "in-place optimizer update")
 }
 
+/// Elements per parallel task; a tensor this small is updated on the calling thread, since
+/// handing one task to rayon's pool (a wake-up and a wait) costs more than the update.
 const CHUNK: usize = 1 << 14;
+
+/// Runs `f` on the f32 CPU storage of `dst` (mutably) and `src`: how the fused Adam update gets
+/// at its tensors. Nested calls borrow several tensors mutably at once (each its own lock).
+struct WithSlices<F>(std::cell::RefCell<Option<F>>);
+impl<F: FnOnce(&mut [f32], &[f32]) -> candle_core::Result<()>> candle_core::InplaceOp2 for WithSlices<F> {
+    fn name(&self) -> &'static str {
+        "optimizer-update"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let Some(f) = self.0.borrow_mut().take() else { candle_core::bail!("optimizer-update ran twice") };
+        let (dst, src) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
+        if dst.len() != src.len() {
+            candle_core::bail!("optimizer-update: {:?} and {:?} differ", l1.dims(), l2.dims())
+        }
+        f(dst, src)
+    }
+}
+
+/// [`WithSlices`] for `dst` alone.
+struct WithSlice<F>(std::cell::RefCell<Option<F>>);
+impl<F: FnOnce(&mut [f32]) -> candle_core::Result<()>> candle_core::InplaceOp1 for WithSlice<F> {
+    fn name(&self) -> &'static str {
+        "optimizer-update"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some(f) = self.0.borrow_mut().take() else { candle_core::bail!("optimizer-update ran twice") };
+        f(f32_slice_mut(s, l)?)
+    }
+}
+
+fn with_slice(dst: &Tensor, f: impl FnOnce(&mut [f32]) -> candle_core::Result<()>) -> candle_core::Result<()> {
+    dst.inplace_op1(&WithSlice(std::cell::RefCell::new(Some(f))))
+}
+
+fn with_slices(dst: &Tensor, src: &Tensor, f: impl FnOnce(&mut [f32], &[f32]) -> candle_core::Result<()>) -> candle_core::Result<()> {
+    dst.inplace_op2(src, &WithSlices(std::cell::RefCell::new(Some(f))))
+}
+
+/// AdamW's step for one parameter in one pass over (w, g, m, v), in parallel chunks for large
+/// tensors: three passes (m, then v, then w) read the gradient twice and the moments twice more.
+#[allow(clippy::too_many_arguments)]
+fn adamw_in_place(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, b1: f32, b2: f32, eps: f32, decay: f32, step_size: f32, sqrt_bias2: f32) -> candle_core::Result<()> {
+    let update = move |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for i in 0..w.len() {
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            w[i] = w[i] * decay - step_size * m[i] / (v[i].sqrt() / sqrt_bias2 + eps);
+        }
+    };
+    // Each tensor has its own lock: m and v are held for writing while w is updated.
+    with_slice(m, |m| {
+        with_slice(v, |v| {
+            with_slices(w, g, |w, g| {
+                if w.len() != m.len() || w.len() != v.len() {
+                    candle_core::bail!("AdamW: parameter and moments differ in size")
+                }
+                if w.len() <= CHUNK {
+                    update(w, g, m, v);
+                } else {
+                    w.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                        .for_each(|((w, g), (m, v))| update(w, g, m, v));
+                }
+                Ok(())
+            })
+        })
+    })
+}
 
 /// `dst = f(dst, a)` elementwise, in parallel chunks.
 struct Update2<F: Fn(f32, f32) -> f32 + Sync>(F);
@@ -101,9 +173,12 @@ impl<F: Fn(f32, f32) -> f32 + Sync> candle_core::InplaceOp2 for Update2<F> {
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let (dst, a) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
-        dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(d, a)| {
-            d.iter_mut().zip(a).for_each(|(d, &a)| *d = (self.0)(*d, a));
-        });
+        let update = |(d, a): (&mut [f32], &[f32])| d.iter_mut().zip(a).for_each(|(d, &a)| *d = (self.0)(*d, a));
+        if dst.len() <= CHUNK {
+            update((dst, a));
+        } else {
+            dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(update);
+        }
         Ok(())
     }
 }
@@ -116,11 +191,16 @@ impl<F: Fn(f32, f32, f32) -> f32 + Sync> candle_core::InplaceOp3 for Update3<F> 
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
         let (dst, a, b) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((d, a), b)| {
+        let update = |((d, a), b): ((&mut [f32], &[f32]), &[f32])| {
             for i in 0..d.len() {
                 d[i] = (self.0)(d[i], a[i], b[i]);
             }
-        });
+        };
+        if dst.len() <= CHUNK {
+            update(((dst, a), b));
+        } else {
+            dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(update);
+        }
         Ok(())
     }
 }
@@ -279,9 +359,7 @@ impl Optimizer for AdamW {
             let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
             if in_place(&p.var) {
                 let (b1, b2, eps, decay, step_size, sqrt_bias2) = (b1 as f32, b2 as f32, eps as f32, decay as f32, step_size as f32, sqrt_bias2 as f32);
-                m.inplace_op2(&g, &Update2(move |m, g| b1 * m + (1.0 - b1) * g))?;
-                v.inplace_op2(&g, &Update2(move |v, g| b2 * v + (1.0 - b2) * g * g))?;
-                p.var.inplace_op3(m, v, &Update3(move |w, m, v| w * decay - step_size * m / (v.sqrt() / sqrt_bias2 + eps)))?;
+                adamw_in_place(p.var.as_tensor(), &g, m.as_tensor(), v.as_tensor(), b1, b2, eps, decay, step_size, sqrt_bias2)?;
             } else {
                 m.set(&((m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?)?;
                 v.set(&((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?)?;
