@@ -18,8 +18,10 @@
 //!
 //! Memory traffic: per step and block, W_hh (16·H² bytes, 1 MB at H = 256) streams from L2/L3
 //! once forwards and once backwards; everything else is the block's own rows, touched a few
-//! times each. W_hh is copied transposed (H × 4H) once per forward pass so that gemm reads it
-//! column-major, without packing it again at every step.
+//! times each. W_hh is copied once per pass, transposed (H × 4H) for the forward pass, so that
+//! gemm reads it column-major without packing it again at every step, and with rows padded by
+//! one cache line: at a row stride of 4 KB (4H = 1024) every row of a column block would fall
+//! into the same L1 set. Large buffers are reused from step to step ([`buffers`]).
 //!
 //! Why one op: with candle ops the layer is a dozen graph nodes a step forwards and more
 //! backwards, each allocating, with zero-filled gradient buffers and adds, and the weight
@@ -39,6 +41,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
+mod buffers;
 mod cell;
 
 /// An LSTM layer's parameters in PyTorch's layout: w_ih (4H, I), w_hh (4H, H), b_ih, b_hh (4H).
@@ -181,6 +184,14 @@ struct Saved {
     c0: Vec<f32>,
 }
 
+impl Drop for Saved {
+    fn drop(&mut self) {
+        for v in [&mut self.xh, &mut self.gates, &mut self.c, &mut self.tanh_c] {
+            buffers::give(std::mem::take(v));
+        }
+    }
+}
+
 /// (x, [W_ih | W_hh], [bias | h0 | c0]) → [h of every step | c_T].
 struct LstmLayer {
     kernel: Kernel,
@@ -204,17 +215,18 @@ impl CustomOp3 for LstmLayer {
         let (bias, state) = aux.split_at(d.g());
         let (h0, c0) = state.split_at(d.b * d.h);
         let rows = d.b * d.t;
-        // W_hh transposed (H × 4H): see the module documentation.
-        let mut w_hh_t = vec![0f32; d.h * d.g()];
+        // W_hh transposed (H × 4H, padded rows): see the module documentation.
+        let ld_w_hh_t = padded(d.g());
+        let mut w_hh_t = buffers::take(d.h * ld_w_hh_t);
         for (j, w_row) in w.chunks_exact(d.ih()).enumerate() {
             for (k, &v) in w_row[d.i..].iter().enumerate() {
-                w_hh_t[k * d.g() + j] = v;
+                w_hh_t[k * ld_w_hh_t + j] = v;
             }
         }
-        let mut xh = vec![0f32; rows * d.ih()];
-        let mut gates = vec![0f32; rows * d.g()];
-        let mut c = vec![0f32; rows * d.h];
-        let mut tanh_c = vec![0f32; rows * d.h];
+        let mut xh = buffers::take(rows * d.ih());
+        let mut gates = buffers::take(rows * d.g());
+        let mut c = buffers::take(rows * d.h);
+        let mut tanh_c = buffers::take(rows * d.h);
         let mut out = vec![0f32; (rows + d.b) * d.h];
         let (hs, c_last) = out.split_at_mut(rows * d.h);
         let blocks = d.blocks(self.kernel.threads);
@@ -229,8 +241,9 @@ impl CustomOp3 for LstmLayer {
             .zip(split_rows(c_last, h, &blocks))
             .map(|((((((rows, xh), gates), c), tanh_c), hs), c_last)| ForwardBlock { rows: rows.clone(), xh, gates, c, tanh_c, hs, c_last })
             .collect();
-        let inputs = ForwardInputs { d, isa: self.kernel.isa, x, w, w_hh_t: &w_hh_t, bias, h0, c0 };
+        let inputs = ForwardInputs { d, isa: self.kernel.isa, x, w, w_hh_t: &w_hh_t, ld_w_hh_t, bias, h0, c0 };
         run_blocks(work, |block| forward_block(&inputs, block));
+        buffers::give(w_hh_t);
         let saved = Saved { dims: d, isa: self.kernel.isa, threads: self.kernel.threads, xh, gates, c, tanh_c, c0: c0.to_vec() };
         if self.saved.set(Arc::new(saved)).is_err() {
             bail!("{NAME}: the op ran forwards twice")
@@ -269,7 +282,13 @@ impl CustomOp2 for LstmLayerBackward {
         let (dhs, dc_last) = grad.split_at(rows * d.h);
         let x_cols = if self.need_dx { d.i } else { 0 };
         let mut out = vec![0f32; rows * x_cols + d.g() * d.ih() + d.g() + 2 * d.b * d.h];
-        let mut dgates = vec![0f32; rows * d.g()];
+        let mut dgates = buffers::take(rows * d.g());
+        // W_hh with padded rows (see the module documentation).
+        let ld_w_hh = padded(d.h);
+        let mut w_hh = buffers::take(d.g() * ld_w_hh);
+        for (dst, src) in w_hh.chunks_exact_mut(ld_w_hh).zip(w.chunks_exact(d.ih())) {
+            dst[..d.h].copy_from_slice(&src[d.i..]);
+        }
         let (dx, rest) = out.split_at_mut(rows * x_cols);
         let (dw, daux) = rest.split_at_mut(d.g() * d.ih());
         let (dbias, state) = daux.split_at_mut(d.g());
@@ -285,13 +304,16 @@ impl CustomOp2 for LstmLayerBackward {
             .zip(split_rows(dc, d.h, &blocks))
             .map(|((((rows, dgates), dx), dh), dc)| BackwardBlock { rows: rows.clone(), dgates, dx, dh, dc })
             .collect();
-        for partial in run_blocks(work, |block| backward_block(s, w, dhs, block)) {
+        let weights = BackwardWeights { w, w_hh: &w_hh, ld_w_hh };
+        for partial in run_blocks(work, |block| backward_block(s, &weights, dhs, block)) {
             for (a, v) in dbias.iter_mut().zip(&partial) {
                 *a += v;
             }
         }
         // [dW_ih | dW_hh] = d Gatesᵀ·[X | H_prev], all steps in one GEMM on all threads.
         gemm(parallelism(s.threads), d.g(), d.ih(), rows, dw, d.ih(), false, &dgates, 1, d.g(), &s.xh, d.ih(), 1);
+        buffers::give(dgates);
+        buffers::give(w_hh);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -304,6 +326,7 @@ struct ForwardInputs<'a> {
     x: &'a [f32],
     w: &'a [f32],
     w_hh_t: &'a [f32],
+    ld_w_hh_t: usize,
     bias: &'a [f32],
     h0: &'a [f32],
     c0: &'a [f32],
@@ -339,7 +362,7 @@ fn forward_block(p: &ForwardInputs, blk: ForwardBlock) {
     gemm(Parallelism::None, nb * t, g, i, blk.gates, g, true, blk.xh, ih, 1, p.w, 1, ih);
     for s in 0..t {
         // gates_t += h_{t−1}·W_hhᵀ, h_{t−1} read from the [x | h_prev] rows.
-        gemm(Parallelism::None, nb, g, h, &mut blk.gates[s * g..], t * g, true, &blk.xh[s * ih + i..], t * ih, 1, p.w_hh_t, g, 1);
+        gemm(Parallelism::None, nb, g, h, &mut blk.gates[s * g..], t * g, true, &blk.xh[s * ih + i..], t * ih, 1, p.w_hh_t, p.ld_w_hh_t, 1);
         for r in 0..nb {
             let row = r * t + s;
             let (done, now) = blk.c[r * t * h..(r + 1) * t * h].split_at_mut(s * h);
@@ -367,8 +390,15 @@ struct BackwardBlock<'a> {
     dc: &'a mut [f32],
 }
 
+/// [W_ih | W_hh] as given, and W_hh alone with padded rows.
+struct BackwardWeights<'a> {
+    w: &'a [f32],
+    w_hh: &'a [f32],
+    ld_w_hh: usize,
+}
+
 /// Runs the block's rows back through time; returns the block's part of d bias.
-fn backward_block(s: &Saved, w: &[f32], dhs: &[f32], blk: BackwardBlock) -> Vec<f32> {
+fn backward_block(s: &Saved, weights: &BackwardWeights, dhs: &[f32], blk: BackwardBlock) -> Vec<f32> {
     let Dims { t, i, h, .. } = s.dims;
     let (ih, g) = (s.dims.ih(), s.dims.g());
     let (first, nb) = (blk.rows.start, blk.rows.len());
@@ -388,11 +418,11 @@ fn backward_block(s: &Saved, w: &[f32], dhs: &[f32], blk: BackwardBlock) -> Vec<
             cell::backward(s.isa, &inputs, &mut blk.dc[r * h..][..h], &mut blk.dgates[(r * t + st) * g..][..g], &mut dbias);
         }
         // dL/dh_{t−1} = d gates_t·W_hh.
-        gemm(Parallelism::None, nb, h, g, blk.dh, h, false, &blk.dgates[st * g..], t * g, 1, &w[i..], ih, 1);
+        gemm(Parallelism::None, nb, h, g, blk.dh, h, false, &blk.dgates[st * g..], t * g, 1, weights.w_hh, weights.ld_w_hh, 1);
     }
     if !blk.dx.is_empty() {
         // dX = d Gates·W_ih for the block's rows.
-        gemm(Parallelism::None, nb * t, i, g, blk.dx, i, false, blk.dgates, g, 1, w, ih, 1);
+        gemm(Parallelism::None, nb * t, i, g, blk.dx, i, false, blk.dgates, g, 1, weights.w, ih, 1);
     }
     dbias
 }
@@ -416,6 +446,13 @@ fn split_rows<'a>(mut v: &'a mut [f32], row_len: usize, blocks: &[Range<usize>])
             head
         })
         .collect()
+}
+
+/// A row stride of at least `n` floats that is an odd number of 64-byte cache lines, so that
+/// consecutive rows of a column block fall into different L1 sets.
+fn padded(n: usize) -> usize {
+    let lines = n.div_ceil(16);
+    (lines | 1) * 16
 }
 
 fn parallelism(threads: usize) -> Parallelism {
