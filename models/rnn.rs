@@ -3,8 +3,14 @@
 //! LSTM and r,z,n for the GRU), batch-first; a character-level language model and a sequence
 //! classifier on top.
 //!
+//! On the CPU in f32 an LSTM runs each layer over the whole sequence as one fused op
+//! ([`crate::ops::lstm_layer`]: one GEMM for every step's input part, one recurrent GEMM and one
+//! cell pass a step, the weight gradients of all steps as one GEMM). Elsewhere, and for the GRU,
+//! the layers run step by step with candle ops ([`Rnn::forward_steps`]).
 
-use candle_core::{DType, Result, Tensor, D};
+use crate::ops::linear::{Dense, WeightLayout};
+use crate::ops::lstm_layer::{lstm_layer, LstmWeights};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Init, Linear, Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -92,12 +98,49 @@ impl Rnn {
         &self.cfg
     }
 
+    /// Whether a (batch, time, ·) sequence in `dtype` on `device` runs through the fused
+    /// whole-layer LSTM op: an LSTM with f32 weights on the CPU.
+    fn fused(&self, dtype: DType, device: &Device) -> bool {
+        self.cfg.cell == Cell::Lstm && device.is_cpu() && dtype == DType::F32 && self.layers.iter().all(|l| l.w_ih.dtype() == DType::F32)
+    }
+
     /// Runs `x` (batch, time, input) from `state` (zeros when `None`); returns the last layer's
     /// outputs (batch, time, hidden) and the final state of every layer.
     pub fn forward(&self, x: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
+        if self.fused(x.dtype(), x.device()) {
+            return self.forward_fused(x, state, train);
+        }
         let steps = (0..x.dim(1)?).map(|t| x.narrow(1, t, 1)?.squeeze(1)).collect::<Result<Vec<_>>>()?;
         let (outputs, state) = self.forward_steps(steps, state, train)?;
         Ok((Tensor::stack(&outputs, 1)?, state))
+    }
+
+    /// [`Rnn::forward`] with one fused op per LSTM layer over the whole sequence.
+    fn forward_fused(&self, x: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
+        let mut input = x.clone();
+        let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
+        for (k, layer) in self.layers.iter().enumerate() {
+            let h0 = state.map(|s| s.h.get(k)).transpose()?;
+            let c0 = state.and_then(|s| s.c.as_ref()).map(|c| c.get(k)).transpose()?;
+            let weights = LstmWeights { w_ih: &layer.w_ih, w_hh: &layer.w_hh, b_ih: &layer.b_ih, b_hh: &layer.b_hh };
+            let (outputs, h, c) = lstm_layer(&input, weights, h0.as_ref(), c0.as_ref())?;
+            input = if k + 1 < self.layers.len() { crate::nn::dropout(&outputs, self.cfg.dropout, train)? } else { outputs };
+            h_n.push(h);
+            c_n.push(c);
+        }
+        Ok((input, RnnState { h: Tensor::stack(&h_n, 0)?, c: Some(Tensor::stack(&c_n, 0)?) }))
+    }
+
+    /// The outputs (batch, time, hidden) and final state for the token ids (batch, time) looked
+    /// up in `embedding`: all at once for the fused LSTM, else one lookup per step.
+    fn forward_ids(&self, embedding: &Embedding, ids: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
+        let table = embedding.embeddings();
+        if self.fused(table.dtype(), table.device()) {
+            self.forward(&embedding.forward(ids)?, state, train)
+        } else {
+            let (steps, state) = self.forward_steps(embed_steps(embedding, ids)?, state, train)?;
+            Ok((Tensor::stack(&steps, 1)?, state))
+        }
     }
 
     /// The same on a sequence given as one (batch, input) tensor per time step.
@@ -164,6 +207,12 @@ impl Rnn {
     }
 }
 
+/// candle_nn's `linear` (its initialisation and names) as a [`Dense`] layer.
+fn dense_head(input: usize, output: usize, vb: VarBuilder) -> Result<Dense> {
+    let head = linear(input, output, vb)?;
+    Ok(Dense::new(head.weight().clone(), head.bias().cloned(), WeightLayout::OutIn))
+}
+
 /// One embedding lookup per time step of `ids` (batch, time): see [`Rnn::forward_steps`].
 fn embed_steps(embedding: &Embedding, ids: &Tensor) -> Result<Vec<Tensor>> {
     (0..ids.dim(1)?).map(|t| embedding.forward(&ids.narrow(1, t, 1)?.squeeze(1)?)).collect()
@@ -190,7 +239,8 @@ impl CharRnnConfig {
 pub struct CharRnn {
     embedding: Embedding,
     rnn: Rnn,
-    head: Linear,
+    /// One fused GEMM with the bias for all positions (`head.weight`, `head.bias`).
+    head: Dense,
     dropout: f64,
 }
 
@@ -199,15 +249,15 @@ impl CharRnn {
         Ok(Self {
             embedding: embedding(cfg.vocab_size, cfg.embedding_size, vb.pp("embedding"))?,
             rnn: Rnn::load(vb.pp("rnn"), &cfg.rnn)?,
-            head: linear(cfg.rnn.hidden_size, cfg.vocab_size, vb.pp("head"))?,
+            head: dense_head(cfg.rnn.hidden_size, cfg.vocab_size, vb.pp("head"))?,
             dropout: cfg.dropout,
         })
     }
 
     /// Logits for every position and the state to continue from (for sampling).
     pub fn forward_with_state(&self, ids: &Tensor, state: Option<&RnnState>, train: bool) -> Result<(Tensor, RnnState)> {
-        let (steps, state) = self.rnn.forward_steps(embed_steps(&self.embedding, ids)?, state, train)?;
-        let out = crate::nn::dropout(&Tensor::stack(&steps, 1)?, self.dropout, train)?;
+        let (outputs, state) = self.rnn.forward_ids(&self.embedding, ids, state, train)?;
+        let out = crate::nn::dropout(&outputs, self.dropout, train)?;
         Ok((self.head.forward(&out)?, state))
     }
 
@@ -217,7 +267,7 @@ impl CharRnn {
         if prompt.is_empty() {
             anyhow::bail!("sampling needs a prompt of at least one character");
         }
-        let device = self.head.weight().device();
+        let device = self.head.weight.device();
         let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
         let (mut logits, mut state) = self.forward_with_state(&ids, None, false)?;
         let mut out = Vec::with_capacity(len);
@@ -263,7 +313,7 @@ impl RnnClassifier {
 
 impl ModuleT for RnnClassifier {
     fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
-        let (_, state) = self.rnn.forward_steps(embed_steps(&self.embedding, ids)?, None, train)?;
+        let (_, state) = self.rnn.forward_ids(&self.embedding, ids, None, train)?;
         let last = state.h.get(state.h.dim(0)? - 1)?;
         self.head.forward(&last)
     }

@@ -10,6 +10,7 @@ pub(crate) mod gemm;
 pub mod heads;
 pub mod linear;
 pub mod lstm;
+pub mod lstm_layer;
 pub mod math;
 pub mod norm;
 pub mod pool;
