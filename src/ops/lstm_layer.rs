@@ -12,9 +12,9 @@
 //!   d Gates·W_ih one more, and d bias the column sums of d Gates, which the cell kernel adds up
 //!   while the rows are in cache.
 //! - Threads: batch rows are independent through time, so the rows are split into one block per
-//!   thread and each thread runs its block through all steps with single-threaded GEMMs. There
-//!   is no synchronisation per step (a fork-join around each step's small GEMM costs about what
-//!   it saves). Only the all-steps weight-gradient GEMM runs on all threads at once.
+//!   thread and each thread runs its block through all steps with single-threaded GEMMs: one
+//!   fork-join per pass instead of one around every step's small GEMM (2·T a training step).
+//!   Only the all-steps weight-gradient GEMM runs on all threads at once.
 //!
 //! Memory traffic: per step and block, W_hh (16·H² bytes, 1 MB at H = 256) streams from L2/L3
 //! once forwards and once backwards; everything else is the block's own rows, touched a few
