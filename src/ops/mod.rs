@@ -6,6 +6,7 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod linear;
 pub mod lstm;
+pub mod matvec;
 pub mod norm;
 pub mod pool;
 
