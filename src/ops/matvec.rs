@@ -10,7 +10,7 @@
 //! Few rows (m ≤ [`MATVEC_ROWS`]): our kernels (`matvec/kernels.rs`) widen 8 or 16 weights at a
 //! time to f32 inside the product (F16C's `vcvtph2ps` for f16, a 16-bit shift for bf16) and
 //! accumulate in f32 registers, in tiles of up to 4 rows of x so that each weight loaded serves
-//! every row. The work is split over the rayon pool by output columns (the (in, out) layout: each
+//! every row (and 8 independent accumulators for a single row). The work is split over the rayon pool by output columns (the (in, out) layout: each
 //! task streams its columns of W block by block of rows) or by rows of W (the (out, in) layout:
 //! each task takes dot products of whole contiguous rows). Memory traffic: the weight once, x and
 //! y (m·(k + n) floats, cache-resident) a few times; no allocation but the output.
@@ -188,8 +188,8 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
     if p.m > MATVEC_ROWS {
         return many_rows::<W>(isa, x, w, p, y);
     }
-    // Column ranges aligned to whole strips (4 vectors of 16 lanes) or whole groups of 4 rows.
-    let align = if p.layout == WeightLayout::InOut { 64 } else { 4 };
+    // Column ranges aligned to whole strips (8 vectors of 16 lanes) or whole groups of 8 rows.
+    let align = if p.layout == WeightLayout::InOut { 128 } else { 8 };
     let per = p.n.div_ceil(align).div_ceil(tasks.max(1)) * align;
     let tasks = p.n.div_ceil(per);
     let out = SharedMut(y.as_mut_ptr());

@@ -28,8 +28,13 @@ macro_rules! kernels {
                         *v = load_f32(y.add(r * ldy + c * L));
                     }
                 }
+                // Prefetch the tile's columns of the next block of rows, one cache line each.
+                let step = (64 / (L * std::mem::size_of::<W::Raw>())).max(1);
                 for i in 0..kb {
                     let wi = w.add(i * ldw);
+                    for c in (0..C).step_by(step) {
+                        prefetch(wi.wrapping_add(KB * ldw + c * L));
+                    }
                     let mut xr = [zero(); R];
                     for (r, v) in xr.iter_mut().enumerate() {
                         *v = splat(*x.add(r * ldx + i));
@@ -49,8 +54,10 @@ macro_rules! kernels {
             }
         }
 
-        /// One strip of C vectors for all m rows: rows in tiles of 4 (as 4×2 tiles, so that the
-        /// accumulators and the loads fit in 16 registers), then 2, then 1.
+        /// One strip of C vectors (8 or 1) for all m rows: rows in tiles of 4 (as 4×2 tiles), 2 (as
+        /// 2×4) and 1 (1×8): at most 8 accumulators (they and the loads fit in 16 registers), and
+        /// 8 independent FMA chains for a single row (one chain per tile would wait on the FMA
+        /// latency).
         $(#[$attr])*
         unsafe fn in_out_strip<W: Weight, const C: usize>(x: *const f32, m: usize, ldx: usize, w: *const W::Raw, ldw: usize, kb: usize, y: *mut f32, ldy: usize) {
             unsafe {
@@ -67,7 +74,14 @@ macro_rules! kernels {
                     r += 4;
                 }
                 if m - r >= 2 {
-                    in_out_tile::<W, 2, C>(x.add(r * ldx), ldx, w, ldw, kb, y.add(r * ldy), ldy);
+                    let (xr, yr) = (x.add(r * ldx), y.add(r * ldy));
+                    if C >= 4 {
+                        for c in (0..C).step_by(4) {
+                            in_out_tile::<W, 2, 4>(xr, ldx, w.add(c * L), ldw, kb, yr.add(c * L), ldy);
+                        }
+                    } else {
+                        in_out_tile::<W, 2, C>(xr, ldx, w, ldw, kb, yr, ldy);
+                    }
                     r += 2;
                 }
                 if m - r == 1 {
@@ -85,9 +99,9 @@ macro_rules! kernels {
                     let kb = KB.min(k - i0);
                     let (xb, wb) = (x.add(i0), w.add(i0 * n));
                     let mut j = j0;
-                    while j + 4 * L <= j1 {
-                        in_out_strip::<W, 4>(xb, m, k, wb.add(j), n, kb, y.add(j), n);
-                        j += 4 * L;
+                    while j + 8 * L <= j1 {
+                        in_out_strip::<W, 8>(xb, m, k, wb.add(j), n, kb, y.add(j), n);
+                        j += 8 * L;
                     }
                     while j + L <= j1 {
                         in_out_strip::<W, 1>(xb, m, k, wb.add(j), n, kb, y.add(j), n);
@@ -113,8 +127,15 @@ macro_rules! kernels {
         unsafe fn out_in_tile<W: Weight, const R: usize, const J: usize>(x: *const f32, ldx: usize, w: *const W::Raw, k: usize, y: *mut f32, ldy: usize) {
             unsafe {
                 let mut acc = [[zero(); J]; R];
+                let step = (64 / (L * std::mem::size_of::<W::Raw>())).max(1) * L;
                 let mut i = 0;
                 while i + L <= k {
+                    // The next J rows (the next tile's), one cache line at a time.
+                    if i % step == 0 {
+                        for j in 0..J {
+                            prefetch(w.wrapping_add((J + j) * k + i));
+                        }
+                    }
                     let mut xv = [zero(); R];
                     for (r, v) in xv.iter_mut().enumerate() {
                         *v = load_f32(x.add(r * ldx + i));
@@ -139,7 +160,8 @@ macro_rules! kernels {
             }
         }
 
-        /// J rows of w for all m rows of x: tiles of 4 rows (as 4×2), then 2, then 1.
+        /// J rows of w (8 or 1) for all m rows of x: tiles of 4 rows (as 4×2), 2 (as 2×4) and 1
+        /// (1×8), as for the strips above.
         $(#[$attr])*
         unsafe fn out_in_rows<W: Weight, const J: usize>(x: *const f32, m: usize, k: usize, w: *const W::Raw, y: *mut f32, ldy: usize) {
             unsafe {
@@ -156,7 +178,14 @@ macro_rules! kernels {
                     r += 4;
                 }
                 if m - r >= 2 {
-                    out_in_tile::<W, 2, J>(x.add(r * k), k, w, k, y.add(r * ldy), ldy);
+                    let (xr, yr) = (x.add(r * k), y.add(r * ldy));
+                    if J >= 4 {
+                        for j in (0..J).step_by(4) {
+                            out_in_tile::<W, 2, 4>(xr, k, w.add(j * k), k, yr.add(j), ldy);
+                        }
+                    } else {
+                        out_in_tile::<W, 2, J>(xr, k, w, k, yr, ldy);
+                    }
                     r += 2;
                 }
                 if m - r == 1 {
@@ -170,9 +199,9 @@ macro_rules! kernels {
         pub(crate) unsafe fn out_in<W: Weight>(x: *const f32, m: usize, k: usize, w: *const W::Raw, n: usize, j0: usize, j1: usize, y: *mut f32) {
             unsafe {
                 let mut j = j0;
-                while j + 4 <= j1 {
-                    out_in_rows::<W, 4>(x, m, k, w.add(j * k), y.add(j), n);
-                    j += 4;
+                while j + 8 <= j1 {
+                    out_in_rows::<W, 8>(x, m, k, w.add(j * k), y.add(j), n);
+                    j += 8;
                 }
                 while j < j1 {
                     out_in_rows::<W, 1>(x, m, k, w.add(j * k), y.add(j), n);
@@ -250,6 +279,12 @@ pub(super) mod avx512 {
         }
     }
 
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+    }
+
     kernels!(#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]);
 }
 
@@ -306,6 +341,12 @@ pub(super) mod avx2 {
         }
     }
 
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+    }
+
     kernels!(#[target_feature(enable = "avx2,fma,f16c")]);
 }
 
@@ -344,6 +385,9 @@ pub(super) mod portable {
     unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
         std::array::from_fn(|l| W::to_f32(unsafe { *p.add(l) }))
     }
+
+    #[inline(always)]
+    fn prefetch<T>(_: *const T) {}
 
     kernels!(#[inline]);
 }
