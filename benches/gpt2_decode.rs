@@ -1,13 +1,22 @@
 //! Greedy decoding speed of GPT-2 small's shape (n_embd 768, 12 layers, 12 heads, vocab 50257,
-//! random weights): batch 1, a 16-token prompt, 128 new tokens (never stopping early), through
-//! `wick::generate`. `scripts/bench_gpt2.py` runs the same in transformers; `scripts/bench_gpt2.sh`
-//! runs both and prints the ratio.
+//! random weights): a 16-token prompt and 128 new tokens (never stopping early) per row, through
+//! `wick::generate`, for batch 1 and batch 8 (8 prompts of the same length).
+//! `scripts/bench_gpt2.py` runs the same in transformers; `scripts/bench_gpt2.sh` runs both and
+//! prints them side by side.
 //!
-//! cargo bench --bench gpt2_decode -- [--dtype f32,f16,bf16] [--reps N] [--new-tokens N] [--device D]
-//! Threads: RAYON_NUM_THREADS (default: all cores). One JSON object a line on stdout:
-//! {"bench":"gpt2_greedy_b1_p16_n128","impl":"wick","dtype":"f32","threads":2,"tokens_per_s":..}
-//! `tokens_per_s` is new tokens / the median wall time of the generate call (prompt pass included),
-//! as scripts/bench_gpt2.py measures it.
+//! Decoding reads every weight once per step, so its speed limit is the memory bandwidth divided
+//! by the bytes of weights per step: the bench measures the machine's read bandwidth (a sum over
+//! a 1 GiB buffer on the rayon pool's threads, the best of 5) and prints that limit beside the
+//! measured rates.
+//!
+//! cargo bench --bench gpt2_decode -- [--dtype f32,f16,bf16] [--batch 1,8] [--reps N]
+//!     [--new-tokens N] [--prompt N] [--device D]
+//! Threads: RAYON_NUM_THREADS (default: all cores). `wick::cpu::describe()` and a table go to
+//! stderr; one JSON object a line on stdout:
+//! {"bench":"gpt2_greedy_b1_p16_n128","impl":"wick","dtype":"f32","batch":1,"threads":2,"tokens_per_s":..}
+//! `tokens_per_s` is batch · new tokens / the median wall time of the generate call (prompt pass
+//! included), as scripts/bench_gpt2.py measures it; `decode_tokens_per_s` leaves the prompt pass
+//! out; `limit_tokens_per_s` = batch · bandwidth / weight bytes per step.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -16,11 +25,13 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use wick::generate::{generate, GenerationConfig};
 use wick::models::gpt2::{Config, GPT2LMHeadModel};
 
 struct Args {
     dtypes: Vec<String>,
+    batches: Vec<usize>,
     reps: usize,
     new_tokens: usize,
     prompt: usize,
@@ -28,32 +39,57 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { dtypes: vec!["f32".into(), "f16".into(), "bf16".into()], reps: 3, new_tokens: 128, prompt: 16, device: "cpu".into() };
+    let mut args = Args { dtypes: vec!["f32".into(), "f16".into(), "bf16".into()], batches: vec![1, 8], reps: 3, new_tokens: 128, prompt: 16, device: "cpu".into() };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dtype" => args.dtypes = it.next().unwrap_or_default().split(',').map(String::from).collect(),
+            "--batch" => args.batches = it.next().unwrap_or_default().split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
             "--reps" => args.reps = it.next().unwrap_or_default().parse()?,
             "--new-tokens" => args.new_tokens = it.next().unwrap_or_default().parse()?,
             "--prompt" => args.prompt = it.next().unwrap_or_default().parse()?,
             "--device" => args.device = it.next().unwrap_or_default(),
             "--bench" => {}
-            other => anyhow::bail!("unknown argument {other:?} (expected --dtype, --reps, --new-tokens, --prompt, --device)"),
+            other => anyhow::bail!("unknown argument {other:?} (expected --dtype, --batch, --reps, --new-tokens, --prompt, --device)"),
         }
     }
     Ok(args)
 }
 
 /// GPT-2 small with seeded random weights (transformers' init), as plain (untracked) tensors.
-fn random_gpt2(dtype: DType, device: &Device) -> Result<GPT2LMHeadModel> {
-    let cfg = Config::new(50257, 1024, 768, 12, 12);
+fn random_gpt2(cfg: &Config, dtype: DType, device: &Device) -> Result<GPT2LMHeadModel> {
     let varmap = VarMap::new();
-    GPT2LMHeadModel::load(wick::nn::var_builder(&varmap, DType::F32, &Device::Cpu, 0), &cfg)?;
+    GPT2LMHeadModel::load(wick::nn::var_builder(&varmap, DType::F32, &Device::Cpu, 0), cfg)?;
     let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?
         .into_iter()
         .map(|(k, v)| (k, v.detach()))
         .collect();
-    Ok(GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, dtype, device), &cfg)?)
+    Ok(GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, dtype, device), cfg)?)
+}
+
+/// Bytes of weight matrices a decoding step reads: every layer's four products and the tied LM
+/// head (biases, LayerNorms and the two embedding rows are negligible).
+fn weight_bytes_per_step(cfg: &Config, dtype: DType) -> usize {
+    let (h, inner) = (cfg.n_embd, cfg.inner_size());
+    let per_layer = h * 3 * h + h * h + h * inner + inner * h;
+    (cfg.n_layer * per_layer + cfg.vocab_size * h) * dtype.size_in_bytes()
+}
+
+/// Read bandwidth in bytes/s: a sum over a 1 GiB buffer (far past any cache), split over the
+/// rayon pool's threads like the decoding products; the best of 5 passes.
+fn read_bandwidth() -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let chunk = words.div_ceil(rayon::current_num_threads() * 4);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        // Integer sums vectorise (no float reassociation needed), so this is bound by memory.
+        let sum: u64 = buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
 }
 
 fn main() -> Result<()> {
@@ -61,43 +97,66 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     let threads = rayon::current_num_threads();
+    eprintln!("{}", wick::cpu::describe());
+    let bandwidth = if device.is_cpu() { read_bandwidth() } else { f64::NAN };
+    eprintln!("read bandwidth ({threads} threads): {:.1} GB/s", bandwidth / 1e9);
+    let cfg = Config::new(50257, 1024, 768, 12, 12);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let prompt: Vec<u32> = (0..args.prompt).map(|_| rng.random_range(0..50257)).collect();
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let prompts: Vec<Vec<u32>> = (0..max_batch).map(|_| (0..args.prompt).map(|_| rng.random_range(0..50257)).collect()).collect();
     let config = GenerationConfig { max_new_tokens: args.new_tokens, ..GenerationConfig::greedy(args.new_tokens) };
+    eprintln!("{:6} {:>5} {:>10} {:>13} {:>12} {:>9}", "dtype", "batch", "tok/s", "decode tok/s", "limit tok/s", "of limit");
     for dtype_name in &args.dtypes {
         let dtype = wick::device::parse_dtype(dtype_name)?;
-        let model = match random_gpt2(dtype, &device) {
+        let model = match random_gpt2(&cfg, dtype, &device) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("skipping {dtype_name}: {}", e.to_string().lines().next().unwrap_or_default());
                 continue;
             }
         };
-        // Warm-up (allocator, caches, CUDA kernels).
-        generate(&model, std::slice::from_ref(&prompt), &GenerationConfig { max_new_tokens: 8, ..config.clone() }, None, None)?;
-        let mut runs = vec![];
-        for _ in 0..args.reps {
-            let out = generate(&model, std::slice::from_ref(&prompt), &config, None, None)?;
-            assert_eq!(out.new_tokens, args.new_tokens);
-            runs.push(out);
-        }
-        runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-        let median = &runs[runs.len() / 2];
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": format!("gpt2_greedy_b1_p{}_n{}", args.prompt, args.new_tokens),
+        let bytes = weight_bytes_per_step(&cfg, dtype);
+        for &batch in &args.batches {
+            let rows = &prompts[..batch];
+            // Warm-up (allocator, caches, CUDA kernels).
+            generate(&model, rows, &GenerationConfig { max_new_tokens: 8, ..config.clone() }, None, None)?;
+            let mut runs = vec![];
+            for _ in 0..args.reps {
+                let out = generate(&model, rows, &config, None, None)?;
+                assert_eq!(out.new_tokens, batch * args.new_tokens);
+                runs.push(out);
+            }
+            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+            let median = &runs[runs.len() / 2];
+            let limit = batch as f64 * bandwidth / bytes as f64;
+            eprintln!(
+                "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%",
+                median.tokens_per_s,
+                median.decode_tokens_per_s,
+                limit,
+                100.0 * median.decode_tokens_per_s / limit
+            );
+            let mut line = serde_json::json!({
+                "bench": format!("gpt2_greedy_b{batch}_p{}_n{}", args.prompt, args.new_tokens),
                 "impl": "wick",
                 "dtype": dtype_name,
+                "batch": batch,
                 "threads": threads,
                 "device": wick::device::device_name(&device),
                 "tokens_per_s": median.tokens_per_s,
-                "ms_per_token": median.seconds / args.new_tokens as f64 * 1e3,
+                "ms_per_token": median.seconds / (batch * args.new_tokens) as f64 * 1e3,
                 "decode_tokens_per_s": median.decode_tokens_per_s,
                 "prefill_seconds": median.prefill_seconds,
+                "read_bandwidth_gb_s": bandwidth / 1e9,
+                "weight_bytes_per_step": bytes,
+                "limit_tokens_per_s": limit,
                 "runs": args.reps,
-            })
-        );
+            });
+            if let (Some(o), serde_json::Value::Object(cpu)) = (line.as_object_mut(), wick::cpu::describe_json()) {
+                o.extend(cpu);
+            }
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -7,9 +7,12 @@
 //! load as they are ([`canonical_names`] adds or strips the `transformer.` prefix and drops the
 //! `attn.bias` / `attn.masked_bias` buffers of old checkpoints), and ours load in transformers.
 //!
-//! GPT-2's `Conv1D` layers store their weights as (in, out): they are used as stored
-//! (`x.matmul(w) + b`), never transposed or copied per step. The LM head multiplies by the
-//! transposed view of `wte`, also without a copy.
+//! GPT-2's `Conv1D` layers store their weights as (in, out): they are used as stored, never
+//! transposed or copied per step. The LM head reads `wte` (vocab, n_embd) as its transpose, also
+//! without a copy. On the CPU, products with few rows (decoding) and every product with f16/bf16
+//! weights go through [`crate::ops::matvec`], which reads the weight once, converting it inside
+//! the product, on every thread of the rayon pool; f32 prompt passes and training use one fused
+//! GEMM per layer.
 //!
 //! Inference keeps a [`KvCache`] per generation: keys and values of every layer live in
 //! tensors preallocated for the whole generation and new positions are written in place
@@ -27,11 +30,16 @@
 //! Every op on the training path has a gradient (LayerNorm and softmax use candle's fused,
 //! gradient-less kernels only when nothing needs a gradient); dropout is active only in training.
 //!
-//! Dtypes: f32 and f16 on the CPU, f32/f16/bf16 on CUDA. candle 0.11 has no bf16 matrix product
-//! on the CPU, so loading in bf16 on the CPU is refused with an error saying so.
+//! Dtypes: f32, f16 and bf16 on the CPU and on CUDA. On the CPU a model loaded in f16 or bf16
+//! keeps its weight matrices and embeddings in that dtype (half the memory, and half the bytes
+//! decoding reads per token) but computes in f32: the hidden states, the KV cache, LayerNorm and
+//! the biases are f32 (parameters that are training variables are converted per use), and the
+//! outputs (hidden states, logits) come back in the model's dtype. On CUDA everything is in the
+//! model's dtype.
 
 use crate::nn::{dropout, dropout_add, LayerNorm};
 use crate::ops::linear::WeightLayout;
+use crate::ops::matvec::{self, MATVEC_ROWS};
 use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -227,50 +235,43 @@ impl Conv1D {
 
     /// x: (..., in) → (..., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        if rows > 4 || x.track_op() || self.weight.track_op() {
-            // Prefill and training: one fused node (bias in the GEMM, contiguous gradients).
+        if !x.device().is_cpu() || f32_gemm(x, &self.weight)? {
+            // CUDA, and f32 prefill and training: one fused node (bias in the GEMM, contiguous
+            // gradients).
             return crate::ops::linear::linear(x, &self.weight, Some(&self.bias), WeightLayout::InOut);
         }
-        let dims = x.dims();
-        let d_in = dims[dims.len() - 1];
-        let rows = x.elem_count() / d_in.max(1);
-        let y = matmul_2d(&x.reshape((rows, d_in))?, &self.weight)?.broadcast_add(&self.bias)?;
-        let mut out = dims.to_vec();
-        *out.last_mut().unwrap() = self.weight.dim(1)?;
-        y.reshape(out)
+        // Decoding, and f16/bf16 weights: the weight read once, split over the rayon pool.
+        matvec::matmul_weight(x, &self.weight, Some(&self.bias), WeightLayout::InOut)
     }
 }
 
-/// (m, k) · (k, n) for a weight used as stored (possibly a transposed view). On the CPU, a
-/// product with few rows (decoding) is a matrix-vector product that candle's GEMM runs on one
-/// thread; it is split by output columns across the rayon pool instead, since it is bound by
-/// reading the weight from memory.
-fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (m, _) = x.dims2()?;
-    let n = w.dim(1)?;
-    let threads = rayon::current_num_threads();
-    if !x.device().is_cpu() || m > 4 || threads < 2 || n < 256 * threads || x.track_op() || w.track_op() {
-        return x.matmul(w);
+/// Whether a CPU product of `x` (..., in) with `w` goes to a GEMM: f32 weights with many rows
+/// or a gradient to track (the fused GEMM's backward pass is the fastest).
+fn f32_gemm(x: &Tensor, w: &Tensor) -> Result<bool> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    Ok(x.dtype() == DType::F32 && w.dtype() == DType::F32 && (rows > MATVEC_ROWS || x.track_op() || w.track_op()))
+}
+
+/// LayerNorm in x's dtype (f32 on the CPU): parameters kept in another dtype (training
+/// variables of an f16/bf16 model) are converted per use.
+fn norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    crate::nn::layer_norm(x, &ln.weight.to_dtype(x.dtype())?, Some(&ln.bias.to_dtype(x.dtype())?), ln.eps)
+}
+
+/// An f16/bf16 parameter on the CPU as f32 (the dtype the CPU computes in), unless it is a
+/// training variable (a copy would not follow its updates).
+fn to_cpu_compute(t: Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() && t.dtype() != DType::F32 && !t.is_variable() {
+        t.to_dtype(DType::F32)
+    } else {
+        Ok(t)
     }
-    let chunk = n.div_ceil(threads);
-    let parts: Vec<Result<Tensor>> = {
-        use rayon::prelude::*;
-        (0..threads)
-            .into_par_iter()
-            .map(|i| {
-                let start = i * chunk;
-                let len = chunk.min(n - start.min(n));
-                if len == 0 {
-                    return Tensor::zeros((m, 0), x.dtype(), x.device());
-                }
-                // Each part runs candle's GEMM with one thread (it is inside the pool already).
-                x.matmul(&w.narrow(1, start, len)?)
-            })
-            .collect()
-    };
-    let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 1)
+}
+
+fn ln_to_cpu_compute(ln: &mut LayerNorm) -> Result<()> {
+    ln.weight = to_cpu_compute(ln.weight.clone())?;
+    ln.bias = to_cpu_compute(ln.bias.clone())?;
+    Ok(())
 }
 
 /// Keys and values of the positions seen so far, for every layer, and their attention mask.
@@ -382,7 +383,7 @@ impl Block {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (index + 1) as f64;
         }
-        Ok(Self {
+        let mut block = Self {
             ln_1: LayerNorm::load(vb.pp("ln_1"), h, cfg.layer_norm_epsilon)?,
             c_attn: Conv1D::load(vb.pp("attn.c_attn"), h, 3 * h, std)?,
             attn_proj: Conv1D::load(vb.pp("attn.c_proj"), h, h, proj_std)?,
@@ -394,13 +395,19 @@ impl Block {
             act: cfg.activation_function,
             resid_pdrop: cfg.resid_pdrop,
             attn_pdrop: cfg.attn_pdrop,
-        })
+        };
+        ln_to_cpu_compute(&mut block.ln_1)?;
+        ln_to_cpu_compute(&mut block.ln_2)?;
+        for conv in [&mut block.c_attn, &mut block.attn_proj, &mut block.c_fc, &mut block.mlp_proj] {
+            conv.bias = to_cpu_compute(conv.bias.clone())?;
+        }
+        Ok(block)
     }
 
     fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, query_keep: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>, train: bool) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.n_head;
-        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let qkv = self.c_attn.forward(&norm(&self.ln_1, x)?)?;
         // (b, t, 3, heads, hd) → (3, b, heads, t, hd): one copy gives contiguous q, k and v.
         let qkv = qkv.reshape((b, t, 3, self.n_head, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
@@ -415,7 +422,7 @@ impl Block {
             context = context.broadcast_mul(keep)?;
         }
         let x = dropout_add(&self.attn_proj.forward(&context)?, x, self.resid_pdrop, train)?;
-        let inner = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let inner = self.act.apply(&self.c_fc.forward(&norm(&self.ln_2, &x)?)?)?;
         dropout_add(&self.mlp_proj.forward(&inner)?, &x, self.resid_pdrop, train)
     }
 }
@@ -442,14 +449,12 @@ impl GPT2Model {
     /// Loads from names without the `transformer.` prefix (`wte.weight`, `h.N.*`, `ln_f.*`).
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         cfg.check()?;
-        if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
-            bail!("bf16 is not supported on the CPU: candle 0.11 has no bf16 matrix product there; use f32 or f16, or bf16 on CUDA")
-        }
         let std = cfg.initializer_range;
         let wte = vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", Init::Randn { mean: 0.0, stdev: std })?;
         let wpe = vb.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", Init::Randn { mean: 0.0, stdev: std })?;
         let blocks = (0..cfg.n_layer).map(|i| Block::load(vb.pp(format!("h.{i}")), cfg, i)).collect::<Result<_>>()?;
-        let ln_f = LayerNorm::load(vb.pp("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
+        let mut ln_f = LayerNorm::load(vb.pp("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
+        ln_to_cpu_compute(&mut ln_f)?;
         Ok(Self { wte, wpe, blocks, ln_f, config: cfg.clone(), device: vb.device().clone() })
     }
 
@@ -466,6 +471,15 @@ impl GPT2Model {
         self.wte.dtype()
     }
 
+    /// The dtype of the hidden states: f32 on the CPU, the model's elsewhere.
+    fn compute_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype()
+        }
+    }
+
     /// A cache for this model with room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(self.blocks.len(), capacity)
@@ -479,7 +493,7 @@ impl GPT2Model {
     /// 0 = padding; the cache remembers the mask of earlier positions. With a `cache`, the keys
     /// and values of these tokens are added to it and attention covers every cached position.
     pub fn forward(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
-        self.run(input_ids, position_ids, attention_mask, cache, train, Select::All)
+        self.run(input_ids, position_ids, attention_mask, cache, train, Select::All)?.to_dtype(self.dtype())
     }
 
     fn run(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>, train: bool, select: Select) -> Result<Tensor> {
@@ -555,7 +569,7 @@ impl GPT2Model {
                     let first_real = row.iter().position(|&m| m == 1).unwrap_or(t);
                     keep.extend(o.iter().map(|&j| if !past_real[r] && j < first_real { 0f32 } else { 1.0 }));
                 }
-                Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?.to_dtype(self.wte.dtype())?)
+                Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?.to_dtype(self.compute_dtype())?)
             }
             _ => None,
         };
@@ -585,7 +599,8 @@ impl GPT2Model {
             None
         };
 
-        let x = embed(&self.wte, &ids)?.add(&embed(&self.wpe, &positions)?)?;
+        let act = self.compute_dtype();
+        let x = embed(&self.wte, &ids)?.to_dtype(act)?.add(&embed(&self.wpe, &positions)?.to_dtype(act)?)?;
         let mut x = dropout(&x, self.config.embd_pdrop, train)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
@@ -596,7 +611,7 @@ impl GPT2Model {
         }
         match select {
             Select::All => {
-                let x = self.ln_f.forward(&x)?;
+                let x = norm(&self.ln_f, &x)?;
                 match &order {
                     None => Ok(x),
                     Some(order) => {
@@ -626,7 +641,7 @@ impl GPT2Model {
                     let idx = Tensor::from_vec(last, b, &self.device)?;
                     x.reshape((b * t, x.dim(2)?))?.index_select(&idx, 0)?
                 };
-                self.ln_f.forward(&x)
+                norm(&self.ln_f, &x)
             }
         }
     }
@@ -676,15 +691,24 @@ impl GPT2LMHeadModel {
         self.transformer.new_cache(capacity)
     }
 
+    /// Logits (..., vocab) in the model's dtype of hidden states (..., n_embd).
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let h = dims[dims.len() - 1];
         let rows = hidden.elem_count() / h;
-        // The transposed view of the (vocab, n_embd) weight: no copy.
-        let logits = matmul_2d(&hidden.reshape((rows, h))?, &self.lm_head.t()?)?;
+        let logits = self.head_product(&hidden.reshape((rows, h))?)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.lm_head.dim(0)?;
-        logits.reshape(out)
+        logits.reshape(out)?.to_dtype(self.transformer.dtype())
+    }
+
+    /// (rows, n_embd) → (rows, vocab) logits, in the hidden states' dtype: the product with the
+    /// (vocab, n_embd) weight read as its transpose, without a copy.
+    fn head_product(&self, hidden: &Tensor) -> Result<Tensor> {
+        if !hidden.device().is_cpu() || f32_gemm(hidden, &self.lm_head)? {
+            return hidden.matmul(&self.lm_head.t()?);
+        }
+        matvec::matmul_weight(hidden, &self.lm_head, None, WeightLayout::OutIn)
     }
 
     /// Logits (batch, seq, vocab); the arguments are [`GPT2Model::forward`]'s.
@@ -708,7 +732,7 @@ impl GPT2LMHeadModel {
         let hidden = self.transformer.forward(input_ids, None, None, None, train)?;
         let h = hidden.dim(2)?;
         let hidden = hidden.reshape(((), h))?;
-        let logits = hidden.matmul(&self.lm_head.t()?)?;
+        let logits = self.head_product(&hidden)?;
         crate::nn::cross_entropy(&logits, &targets.flatten_all()?)
     }
 }

@@ -3,20 +3,21 @@
 
 GPT2LMHeadModel with random weights of GPT-2-small shape (n_embd 768, 12 layers,
 12 heads, vocab 50257, n_positions 1024, tied lm_head), eval mode, greedy decoding of
-batch 1: a 16-token random prompt, exactly 128 new tokens
+--batch rows (default 1; rows of the same length, so no padding): 16-token random prompts,
+exactly 128 new tokens per row
 (model.generate(do_sample=False, min_new_tokens=128, max_new_tokens=128), KV cache on,
 default DynamicCache, attn_implementation "sdpa").
 
 One untimed warmup generate, then --runs timed generate calls; tokens_per_s =
-128 / median wall time of the generate call (prefill included). Prints one JSON line:
-  {"bench": "gpt2_greedy_b1_p16_n128", "impl": "pytorch", "dtype": "f32",
+batch * 128 / median wall time of the generate call (prefill included). Prints one JSON line:
+  {"bench": "gpt2_greedy_b1_p16_n128", "impl": "pytorch", "dtype": "f32", "batch": 1,
    "threads": 2, "tokens_per_s": ..., "ms_per_token": ..., "device": "cpu"}
 Versions, load average and OMP_WAIT_POLICY go to stderr (see scripts/bench_pytorch.py:
 measure on an idle machine, OMP_WAIT_POLICY=PASSIVE when sharing cores).
 --tiny uses a 2-layer n_embd-64 model (to test the script only).
 
     python3 -m venv venv && venv/bin/pip install torch transformers safetensors sentence-transformers
-    venv/bin/python scripts/bench_gpt2.py [--threads 2] [--dtype f32|bf16|f16]
+    venv/bin/python scripts/bench_gpt2.py [--threads 2] [--dtype f32|bf16|f16] [--batch 8]
 """
 
 import argparse
@@ -39,6 +40,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f32", choices=list(DTYPES))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -54,7 +56,7 @@ def main():
                      bos_token_id=50256, eos_token_id=50256)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-    prompt = torch.randint(0, 50256, (1, args.prompt_len), device=args.device)
+    prompt = torch.randint(0, 50256, (args.batch, args.prompt_len), device=args.device)
     mask = torch.ones_like(prompt)
     n = args.new_tokens
 
@@ -75,10 +77,11 @@ def main():
         gen()
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    name = f"gpt2_greedy_b1_p{args.prompt_len}_n{n}"
+    name = f"gpt2_greedy_b{args.batch}_p{args.prompt_len}_n{n}"
+    tokens = args.batch * n
     print(json.dumps({"bench": ("tiny_" if args.tiny else "") + name, "impl": "pytorch",
-                      "dtype": args.dtype, "threads": args.threads,
-                      "tokens_per_s": round(n / t, 3), "ms_per_token": round(t / n * 1e3, 3),
+                      "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+                      "tokens_per_s": round(tokens / t, 3), "ms_per_token": round(t / tokens * 1e3, 3),
                       "device": args.device, "runs": args.runs}))
 
 

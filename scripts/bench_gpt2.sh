@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# GPT-2-small greedy decoding (batch 1, 16-token prompt, 128 new tokens, random weights): wick's
-# benches/gpt2_decode.rs and transformers' scripts/bench_gpt2.py on the same machine with the same
-# thread count; prints tokens/s side by side and the ratio wick / PyTorch.
+# GPT-2-small greedy decoding (16-token prompts, 128 new tokens, random weights) at batch 1 and
+# batch 8: wick's benches/gpt2_decode.rs and transformers' scripts/bench_gpt2.py on the same
+# machine with the same thread count; prints tokens/s side by side, the ratio wick / PyTorch, and
+# wick's memory-bandwidth limit (read bandwidth / weight bytes per decoding step).
 #
-#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,bf16] [--runs R] [--device cpu|cuda]
+#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,f16,bf16] [--batches 1,8] [--runs R] [--device cpu|cuda]
 #
-# (PyTorch in f16 on the CPU takes minutes per run; add f16 to --dtypes only if you mean it.)
+# (PyTorch in f16 on the CPU is very slow: its runs take minutes.)
 #
 # Needs a Python with torch and transformers: PYTHON=/path/to/venv/bin/python (default python3).
+# The bench binary is built under $CARGO_TARGET_DIR (default target/).
 # Run it on an idle machine (check `uptime`): decoding is bound by memory bandwidth, which
 # anything else running shares.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2 dtypes=f32,bf16 runs=3 device=cpu
+threads=2 dtypes=f32,bf16 batches=1,8 runs=3 device=cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --dtypes) dtypes=$2; shift 2 ;;
+    --batches) batches=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -26,26 +29,37 @@ python=${PYTHON:-python3}
 features=""
 [ "$device" != cpu ] && features="--features cuda"
 cargo build --release --bench gpt2_decode $features >&2
-bench_bin=$(ls -t target/release/deps/gpt2_decode-* | grep -v '\.d$' | head -1)
+target_dir=${CARGO_TARGET_DIR:-target}
+bench_bin=$(ls -t "$target_dir"/release/deps/gpt2_decode-* | grep -v '\.d$' | head -1)
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --dtype "$dtypes" --reps "$runs" --device "$device")
+wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --dtype "$dtypes" --batch "$batches" --reps "$runs" --device "$device")
 torch_out=""
 for d in ${dtypes//,/ }; do
-  torch_out+=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_gpt2.py --threads "$threads" --dtype "$d" --runs "$runs" --device "$device")$'\n'
+  for b in ${batches//,/ }; do
+    torch_out+=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_gpt2.py --threads "$threads" --dtype "$d" --batch "$b" --runs "$runs" --device "$device")$'\n'
+  done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 printf '%s\n%s' "$wick_out" "$torch_out"
 "$python" - "$wick_out" "$torch_out" <<'PY'
 import json, sys
 rows = lambda s: [json.loads(l) for l in s.splitlines() if l.strip()]
-wick = {r["dtype"]: r for r in rows(sys.argv[1])}
-torch = {r["dtype"]: r for r in rows(sys.argv[2])}
-print(f"{'dtype':6} {'wick tok/s':>11} {'pytorch tok/s':>14} {'ratio':>7}")
-for d in torch:
-    t = torch[d]["tokens_per_s"]
-    if d in wick:
-        w = wick[d]["tokens_per_s"]
-        print(f"{d:6} {w:11.2f} {t:14.2f} {w / t:6.2f}x")
-    else:
-        print(f"{d:6} {'n/a':>11} {t:14.2f}     n/a  (wick: not supported on this device)")
+wick = {(r["dtype"], r.get("batch", 1)): r for r in rows(sys.argv[1])}
+torch = {(r["dtype"], r.get("batch", 1)): r for r in rows(sys.argv[2])}
+if wick:
+    w0 = next(iter(wick.values()))
+    print(f"cpu: {w0.get('cpu')}; wick kernels: {w0.get('isa')}; read bandwidth {w0.get('read_bandwidth_gb_s', 0):.1f} GB/s")
+print(f"{'dtype':6} {'batch':>5} {'wick tok/s':>11} {'decode':>8} {'limit':>8} {'of limit':>8} {'pytorch tok/s':>14} {'ratio':>7}")
+for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
+    d, b = key
+    t = torch.get(key, {}).get("tokens_per_s")
+    w = wick.get(key)
+    if w is None:
+        print(f"{d:6} {b:5} {'n/a':>11} {'':>8} {'':>8} {'':>8} {t:14.2f}     n/a  (wick: not supported on this device)")
+        continue
+    lim = w.get("limit_tokens_per_s") or float("nan")
+    frac = f"{100 * w['decode_tokens_per_s'] / lim:7.0f}%" if lim == lim else f"{'':>8}"
+    ts = f"{t:14.2f}" if t else f"{'n/a':>14}"
+    ratio = f"{w['tokens_per_s'] / t:6.2f}x" if t else f"{'n/a':>7}"
+    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}")
 PY

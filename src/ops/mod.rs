@@ -12,6 +12,7 @@ pub mod linear;
 pub mod lstm;
 pub mod lstm_layer;
 pub mod math;
+pub mod matvec;
 pub mod norm;
 pub mod pool;
 

@@ -1,0 +1,414 @@
+//! `y = x·W (+ b)` for a weight stored in f32, f16 or bf16, used as stored: GPT-2's `Conv1D`
+//! layout (in, out) or `Linear`'s (out, in) (which also reads a tied embedding (vocab, n_embd)
+//! as the LM head). The activations are f32; the result is f32.
+//!
+//! Why: decoding multiplies one or a few rows by every weight of the model once per token, so it
+//! is bound by reading the weights from memory. candle's matrix product runs such a product on
+//! one thread, converts f16 weights on the fly through a slow path, and has no bf16 kernel on the
+//! CPU at all. Reading 2-byte weights instead of 4 halves the traffic, if the conversion is free.
+//!
+//! Few rows (m ≤ [`MATVEC_ROWS`]): our kernels (`matvec/kernels.rs`) widen 8 or 16 weights at a
+//! time to f32 inside the product (F16C's `vcvtph2ps` for f16, a 16-bit shift for bf16) and
+//! accumulate in f32 registers, in tiles of up to 4 rows of x so that each weight loaded serves
+//! every row (and 8 independent accumulators for a single row). The work is split over the rayon pool by output columns (the (in, out) layout: each
+//! task streams its columns of W block by block of rows) or by rows of W (the (out, in) layout:
+//! each task takes dot products of whole contiguous rows). Memory traffic: the weight once, x and
+//! y (m·(k + n) floats, cache-resident) a few times; no allocation but the output.
+//!
+//! Many rows (the prompt pass): compute-bound, so the weight is converted to f32 in blocks of
+//! 256 × 128 (per rayon task, into a buffer that stays in L2) and each block goes through `gemm`
+//! (candle's CPU product); f32 weights go to `gemm` directly.
+//!
+//! Kernels exist for AVX-512, AVX2+FMA+F16C and portable Rust, chosen by [`crate::cpu::isa`].
+//! [`matmul_weight`] is the autograd op (its backward pass: dx by the same product with the
+//! weight read in the other layout, dW and db with candle ops in f32).
+
+use super::cpu_f32;
+use super::linear::WeightLayout;
+use crate::cpu::Isa;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+mod kernels;
+#[cfg(test)]
+mod tests;
+
+/// Products with at most this many rows run our kernels; more rows go through `gemm`.
+pub const MATVEC_ROWS: usize = 8;
+
+/// A stored weight element type, for the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    F32,
+    F16,
+    Bf16,
+}
+
+pub(crate) trait Weight: 'static {
+    /// The stored element: f32, or the bits of an f16 / bf16.
+    type Raw: Copy + Send + Sync + 'static;
+    const KIND: Kind;
+    fn to_f32(raw: Self::Raw) -> f32;
+}
+
+pub(crate) struct F32W;
+pub(crate) struct F16W;
+pub(crate) struct Bf16W;
+
+impl Weight for F32W {
+    type Raw = f32;
+    const KIND: Kind = Kind::F32;
+    #[inline(always)]
+    fn to_f32(raw: f32) -> f32 {
+        raw
+    }
+}
+
+impl Weight for F16W {
+    type Raw = u16;
+    const KIND: Kind = Kind::F16;
+    #[inline(always)]
+    fn to_f32(raw: u16) -> f32 {
+        f16_to_f32(raw)
+    }
+}
+
+impl Weight for Bf16W {
+    type Raw = u16;
+    const KIND: Kind = Kind::Bf16;
+    #[inline(always)]
+    fn to_f32(raw: u16) -> f32 {
+        f32::from_bits((raw as u32) << 16)
+    }
+}
+
+/// IEEE half → f32 (exact; the portable path and the last columns).
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    match exp {
+        0 => {
+            // zero or subnormal: man · 2⁻²⁴, exact in f32
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            if sign != 0 {
+                -v
+            } else {
+                v
+            }
+        }
+        31 => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
+    }
+}
+
+/// A weight's elements (f16 and bf16 as their bits: the `half` types are candle's).
+#[derive(Clone, Copy)]
+pub(crate) enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
+}
+
+/// The 2-byte elements of an f16 or bf16 slice as their bits.
+fn bits_of<T>(v: &[T]) -> &[u16] {
+    assert!(std::mem::size_of::<T>() == 2 && std::mem::align_of::<T>() == 2);
+    // SAFETY: f16 and bf16 are 2-byte plain-old-data (repr(transparent) over u16).
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) }
+}
+
+/// The elements of a contiguous f32/f16/bf16 CPU weight.
+pub(crate) fn weight_data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<WeightData<'a>> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("the weight of a product must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(v) => WeightData::F32(&v[a..b]),
+        CpuStorage::F16(v) => WeightData::F16(bits_of(&v[a..b])),
+        CpuStorage::BF16(v) => WeightData::Bf16(bits_of(&v[a..b])),
+        _ => bail!("weight products take f32, f16 or bf16 weights"),
+    })
+}
+
+/// Sizes of a product: x is (m, k), y is (m, n), W is (k, n) (InOut) or (n, k) (OutIn).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Problem {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub layout: WeightLayout,
+}
+
+/// Rayon tasks for a product with few rows: one per thread, or none for small weights (where
+/// waking the pool would cost more than the product).
+fn default_tasks(p: &Problem) -> usize {
+    if p.k * p.n < 1 << 16 {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// y (m×n, holding the bias rows or zeros) += x (m×k) · W, at kernel level `isa` (at most the
+/// CPU's), split into `tasks` rayon tasks when m ≤ [`MATVEC_ROWS`].
+pub(crate) fn product(isa: Isa, x: &[f32], w: WeightData, p: Problem, y: &mut [f32], tasks: usize) -> Result<()> {
+    if isa > crate::cpu::detected_isa() {
+        bail!("kernel level {} is not supported by this CPU", isa.name())
+    }
+    let w_len = match w {
+        WeightData::F32(v) => v.len(),
+        WeightData::F16(v) | WeightData::Bf16(v) => v.len(),
+    };
+    if x.len() != p.m * p.k || y.len() != p.m * p.n || w_len != p.k * p.n {
+        bail!("product {p:?}: x has {} elements, W {w_len}, y {}", x.len(), y.len())
+    }
+    if p.m == 0 || p.n == 0 || p.k == 0 {
+        return Ok(());
+    }
+    match w {
+        WeightData::F32(v) => run::<F32W>(isa, x, v, p, y, tasks),
+        WeightData::F16(v) => run::<F16W>(isa, x, v, p, y, tasks),
+        WeightData::Bf16(v) => run::<Bf16W>(isa, x, v, p, y, tasks),
+    }
+    Ok(())
+}
+
+/// A pointer that rayon tasks share; each writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only to write disjoint columns of y from different tasks.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], tasks: usize) {
+    if p.m > MATVEC_ROWS {
+        return many_rows::<W>(isa, x, w, p, y);
+    }
+    // Column ranges aligned to whole strips (8 vectors of 16 lanes) or whole groups of 8 rows.
+    let align = if p.layout == WeightLayout::InOut { 128 } else { 8 };
+    let per = p.n.div_ceil(align).div_ceil(tasks.max(1)) * align;
+    let tasks = p.n.div_ceil(per);
+    let out = SharedMut(y.as_mut_ptr());
+    let task = |t: usize| {
+        let (j0, j1) = (t * per, ((t + 1) * per).min(p.n));
+        // SAFETY: x, w and y hold m·k, k·n and m·n elements (checked by `product`); the level
+        // is supported by this CPU; tasks write disjoint columns [j0, j1) of y.
+        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, j0, j1, out.get()) }
+    };
+    if tasks <= 1 {
+        task(0)
+    } else {
+        (0..tasks).into_par_iter().for_each(task)
+    }
+}
+
+/// y[.., j0..j1] += x · W[.., j0..j1] at level `isa`.
+unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Problem, j0: usize, j1: usize, y: *mut f32) {
+    let Problem { m, k, n, layout } = p;
+    unsafe {
+        match (isa, layout) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, WeightLayout::InOut) => kernels::avx512::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, WeightLayout::OutIn) => kernels::avx512::out_in::<W>(x, m, k, w, n, j0, j1, y),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, WeightLayout::InOut) => kernels::avx2::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, WeightLayout::OutIn) => kernels::avx2::out_in::<W>(x, m, k, w, n, j0, j1, y),
+            (_, WeightLayout::InOut) => kernels::portable::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            (_, WeightLayout::OutIn) => kernels::portable::out_in::<W>(x, m, k, w, n, j0, j1, y),
+        }
+    }
+}
+
+/// dst = src as f32 at level `isa`.
+fn convert<W: Weight>(isa: Isa, src: &[W::Raw], dst: &mut [f32]) {
+    let len = src.len().min(dst.len());
+    // SAFETY: both slices hold `len` elements; the level is supported (checked by `product`).
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => kernels::avx512::convert::<W>(src.as_ptr(), dst.as_mut_ptr(), len),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => kernels::avx2::convert::<W>(src.as_ptr(), dst.as_mut_ptr(), len),
+            _ => kernels::portable::convert::<W>(src.as_ptr(), dst.as_mut_ptr(), len),
+        }
+    }
+}
+
+/// Columns (output features) per task, and rows of W per gemm call, of the many-rows path.
+const GEMM_NB: usize = 128;
+const GEMM_KB: usize = 256;
+
+/// Many rows: gemm, on f32 blocks of the weight converted per task.
+fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32]) {
+    let Problem { m, k, n, layout } = p;
+    let threads = rayon::current_num_threads();
+    if W::KIND == Kind::F32 {
+        // SAFETY: Raw is f32 for this kind.
+        let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
+        let (cs, rs) = match layout {
+            WeightLayout::InOut => (1, n as isize),
+            WeightLayout::OutIn => (k as isize, 1),
+        };
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: sizes checked by `product`; element (i, j) of W is w[i·rs + j·cs].
+        unsafe { gemm_acc(m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, w.as_ptr(), cs, rs, par) };
+        return;
+    }
+    let out = SharedMut(y.as_mut_ptr());
+    (0..n.div_ceil(GEMM_NB)).into_par_iter().for_each_init(
+        || vec![0f32; GEMM_KB * GEMM_NB],
+        |buf, b| {
+            let (j0, nb) = (b * GEMM_NB, GEMM_NB.min(n - b * GEMM_NB));
+            let mut i0 = 0;
+            while i0 < k {
+                let kb = GEMM_KB.min(k - i0);
+                // The block W[i0.., j0..] as f32, and its strides in `buf`.
+                let (cs, rs) = match layout {
+                    WeightLayout::InOut => {
+                        for ii in 0..kb {
+                            let row = (i0 + ii) * n + j0;
+                            convert::<W>(isa, &w[row..row + nb], &mut buf[ii * nb..(ii + 1) * nb]);
+                        }
+                        (1, nb as isize)
+                    }
+                    WeightLayout::OutIn => {
+                        for jj in 0..nb {
+                            let row = (j0 + jj) * k + i0;
+                            convert::<W>(isa, &w[row..row + kb], &mut buf[jj * kb..(jj + 1) * kb]);
+                        }
+                        (kb as isize, 1)
+                    }
+                };
+                // SAFETY: y's columns [j0, j0 + nb) belong to this task; x is m×k; buf holds
+                // the kb×nb block with the strides given.
+                unsafe { gemm_acc(m, nb, kb, out.get().add(j0), n, x.as_ptr().add(i0), k, buf.as_ptr(), cs, rs, gemm::Parallelism::None) };
+                i0 += kb;
+            }
+        },
+    );
+}
+
+/// y (m×n, rows `ldy` apart) += x (m×k, rows `ldx` apart) · W (element (i, j) at w[i·rs + j·cs]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc(m: usize, n: usize, k: usize, y: *mut f32, ldy: usize, x: *const f32, ldx: usize, w: *const f32, cs: isize, rs: isize, par: gemm::Parallelism) {
+    unsafe { gemm::gemm(m, n, k, y, 1, ldy as isize, true, x, 1, ldx as isize, w, cs, rs, 1.0, 1.0, false, false, false, par) }
+}
+
+/// `x` (..., k) times the weight `w` as stored ((k, n) for `InOut`, (n, k) for `OutIn`) plus
+/// `bias` (n): (..., n) in x's dtype. Our kernels on the CPU for f32/f16/bf16 weights (x and the
+/// bias are taken in f32), [`reference_matmul_weight`] elsewhere. Differentiable in all three.
+pub fn matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+    let ours = x.device().is_cpu() && w.device().is_cpu() && float(x.dtype()) && float(w.dtype()) && bias.is_none_or(|b| float(b.dtype()));
+    if !ours {
+        return reference_matmul_weight(x, w, bias, layout);
+    }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let w = w.contiguous()?;
+    let y = match bias {
+        Some(b) => x32.apply_op3(&w, &b.to_dtype(DType::F32)?.contiguous()?, WeightProduct(layout))?,
+        None => x32.apply_op2(&w, WeightProduct(layout))?,
+    };
+    y.to_dtype(x.dtype())
+}
+
+/// The same with plain candle ops: in f32 on the CPU (candle has no bf16 product there), in x's
+/// dtype elsewhere. Other devices, and the tests' reference.
+pub fn reference_matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    let dtype = if x.device().is_cpu() { DType::F32 } else { x.dtype() };
+    let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
+    super::linear::reference_linear(&x.to_dtype(dtype)?, &w.to_dtype(dtype)?, bias.as_ref(), layout)?.to_dtype(x.dtype())
+}
+
+/// The product as a candle op: x (..., k) f32, W, and optionally the bias (n) f32.
+struct WeightProduct(WeightLayout);
+
+impl WeightProduct {
+    /// (k, n) of the weight.
+    fn dims(&self, w: &[usize]) -> Result<(usize, usize)> {
+        let &[a, b] = w else { bail!("the weight of a product must be 2-dimensional, not {w:?}") };
+        Ok(match self.0 {
+            WeightLayout::InOut => (a, b),
+            WeightLayout::OutIn => (b, a),
+        })
+    }
+
+    fn forward(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let (k, n) = self.dims(wl.dims())?;
+        let x = cpu_f32(xs, xl, "weight product")?;
+        let w = weight_data(ws, wl)?;
+        if xl.dims().last() != Some(&k) {
+            bail!("weight product: input {:?} does not fit the weight {:?} ({:?})", xl.dims(), wl.dims(), self.0)
+        }
+        let m = xl.dims()[..xl.dims().len() - 1].iter().product();
+        let mut y = match bias {
+            Some((bs, bl)) => {
+                let b = cpu_f32(bs, bl, "weight product")?;
+                if b.len() != n {
+                    bail!("weight product: bias {:?} for {n} outputs", bl.dims())
+                }
+                b.repeat(m)
+            }
+            None => vec![0f32; m * n],
+        };
+        let p = Problem { m, k, n, layout: self.0 };
+        product(crate::cpu::isa(), x, w, p, &mut y, default_tasks(&p))?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().unwrap() = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// dx (x's shape, f32) and dW (W's shape and dtype).
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, n) = self.dims(w.dims())?;
+        // dx = dy·Wᵀ: the same product with W read in the other layout.
+        let flipped = match self.0 {
+            WeightLayout::InOut => WeightLayout::OutIn,
+            WeightLayout::OutIn => WeightLayout::InOut,
+        };
+        let dx = matmul_weight(grad, w, None, flipped)?;
+        let (x2, g2) = (x.reshape(((), k))?, grad.reshape(((), n))?);
+        let dw = match self.0 {
+            WeightLayout::InOut => x2.t()?.matmul(&g2)?,
+            WeightLayout::OutIn => g2.t()?.matmul(&x2)?,
+        };
+        Ok((dx, dw.to_dtype(w.dtype())?))
+    }
+}
+
+impl CustomOp2 for WeightProduct {
+    fn name(&self) -> &'static str {
+        "wick-weight-product"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(xs, xl, ws, wl, None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for WeightProduct {
+    fn name(&self) -> &'static str {
+        "wick-weight-product"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(xs, xl, ws, wl, Some((bs, bl)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, grad)?;
+        let db = grad.reshape(((), grad.dim(D::Minus1)?))?.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
