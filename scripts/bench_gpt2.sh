@@ -36,7 +36,9 @@ wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --dtype "$dtypes" --batch "$b
 torch_out=""
 for d in ${dtypes//,/ }; do
   for b in ${batches//,/ }; do
-    torch_out+=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_gpt2.py --threads "$threads" --dtype "$d" --batch "$b" --runs "$runs" --device "$device")$'\n'
+    line=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_gpt2.py --threads "$threads" --dtype "$d" --batch "$b" --runs "$runs" --device "$device")
+    echo "$line" >&2  # as it comes: PyTorch's bf16/f16 runs on the CPU are slow
+    torch_out+=$line$'\n'
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -8,10 +8,13 @@
 //! Every kernel accumulates into `y` (`y += x·W`), which the caller fills with the bias rows or
 //! zeros, so a tile loads its accumulators, adds a block of the sum and stores them back.
 
+// The kernels take raw pointers with their strides and sizes: more than clippy's 7 arguments.
+#![allow(clippy::too_many_arguments)]
+
 use super::{Kind, Weight};
 
 /// Rows of W per block in the (in, out) product. The tiles sweep a task's columns block by
-/// block: the block's rows are read as KB sequential streams (prefetch-friendly), while each
+/// block: the block's rows are read as KB streams (the next block's prefetched), while each
 /// tile's accumulators are loaded and stored once per KB rows (cheap next to KB · C loads of W).
 pub(super) const KB: usize = 16;
 
