@@ -160,7 +160,8 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// Attention as models train it: with dropout `p` on the attention probabilities when `train`
 /// (as transformers' BERT and GPT-2 do); otherwise [`attention`]. The mask comes from a hash of
 /// (seed, position) (`ops/dropout.rs`), so the fused CPU op applies it tile by tile in both
-/// passes and the reference path (other devices, `WICK_ATTENTION=reference`) draws the same mask.
+/// passes and the CPU reference path (`WICK_ATTENTION=reference`) draws the same mask; other
+/// devices run the reference path with their own generator.
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return attention(q, k, v, key_mask, scale, causal);
@@ -178,7 +179,10 @@ fn reference_attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let p = reference_attention_probs(q, k, key_mask, scale, causal)?;
     let p = match dropout {
-        Some(d) => (p * d.tensor(0, (b, h, lq, lk), q.device())?)?,
+        // The hashed mask on the CPU (the fused op's, so both paths train alike); the device's
+        // own generator elsewhere (a host-built mask would be batch·heads·q_len·kv_len floats).
+        Some(d) if q.device().is_cpu() => (p * d.tensor(0, (b, h, lq, lk), q.device())?)?,
+        Some(d) => crate::nn::dropout(&p, d.probability(), true)?,
         None => p,
     };
     p.matmul(&f32(v)?)?.to_dtype(dtype)

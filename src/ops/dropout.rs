@@ -37,6 +37,11 @@ impl DropoutMask {
         Self { seed, threshold: (p * 4_294_967_296.0) as u64, scale: (1.0 / (1.0 - p)) as f32 }
     }
 
+    /// The dropout probability p.
+    pub fn probability(&self) -> f64 {
+        self.threshold as f64 / 4_294_967_296.0
+    }
+
     /// The multiplier of element `index`: 0 or 1/(1−p).
     #[inline(always)]
     pub fn multiplier(&self, index: u64) -> f32 {
@@ -126,7 +131,8 @@ fn fused(x: &Tensor) -> bool {
 }
 
 /// Inverted dropout of `x` with probability `p` (in (0, 1)): one fused pass each way on the CPU
-/// in f32, the same mask times `x` with candle ops elsewhere.
+/// in f32, the same mask (built on the host) times `x` with candle ops otherwise; models call it
+/// through `wick::nn::dropout`, which uses the device's own generator off the CPU.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     let mask = DropoutMask::new(p)?;
     if fused(x) {
