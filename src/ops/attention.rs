@@ -469,49 +469,17 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
     Ok((Tensor::from_vec(dq, q.shape(), &dev)?, Tensor::from_vec(dk, k.shape(), &dev)?, Tensor::from_vec(dv, v.shape(), &dev)?))
 }
 
-/// dst (m×n) = alpha·dst + beta·lhs (m×k)·rhs (k×n), every matrix given by (pointer, row stride,
-/// column stride); single-threaded (the callers are rayon tasks already).
+/// dst (m×n) = [dst +] beta·lhs (m×k)·rhs (k×n), every matrix given by (slice, row stride,
+/// column stride); single-threaded (the callers are rayon tasks already). Through `ops::gemm`,
+/// which checks the bounds.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, beta: f32) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // Bounds: the last element each operand touches must lie in its slice.
-    assert!((m - 1) * dst_rs + n <= dst.len());
-    if k == 0 {
-        if !read_dst {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
-    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
-    // SAFETY: every index gemm forms is inside the slices (checked above); dst does not alias.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            read_dst,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+    use super::gemm::{product, View};
+    let (lhs, rhs) = (View { data: lhs, rs: lhs_rs, cs: lhs_cs }, View { data: rhs, rs: rhs_rs, cs: rhs_cs });
+    // The kernels' tile arithmetic keeps every view inside its slice; a failure is a bug here.
+    if let Err(e) = product(dst, dst_rs, m, n, k, lhs, rhs, read_dst, beta, gemm::Parallelism::None) {
+        panic!("fused attention: {e}")
     }
 }
 

@@ -36,17 +36,19 @@ fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
 pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, parallelism)
+    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, parallelism)
 }
 
 /// [`matmul`] on the calling thread only: for small products inside a parallel loop.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_serial(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool) -> Result<()> {
-    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, gemm::Parallelism::None)
+    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, gemm::Parallelism::None)
 }
 
+/// `dst = [dst +] scale·lhs·rhs` with the given parallelism: what [`matmul`] and
+/// [`matmul_serial`] call, and the kernels that pick their own thread split.
 #[allow(clippy::too_many_arguments)]
-fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, parallelism: gemm::Parallelism) -> Result<()> {
+pub(crate) fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) -> Result<()> {
     if !(fits(dst.len(), m, n, dst_rs, 1) && fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs)) {
         candle_core::bail!("matmul: a {m}×{k} by {k}×{n} product does not fit its buffers")
     }
@@ -80,7 +82,7 @@ fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: Vi
             rhs.cs as isize,
             rhs.rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,

@@ -37,6 +37,7 @@ use super::cpu_f32;
 use crate::cpu::Isa;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
+use crate::ops::gemm::View;
 use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -464,46 +465,13 @@ fn parallelism(threads: usize) -> Parallelism {
 }
 
 /// dst (m × n) = [dst +] lhs (m × k)·rhs (k × n), each matrix given by (slice, row stride, column
-/// stride; dst's column stride is 1).
+/// stride; dst's column stride is 1), through `ops::gemm` (which checks the bounds).
 #[allow(clippy::too_many_arguments)]
 fn gemm(par: Parallelism, m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // The last element each operand touches lies in its slice (the callers' index arithmetic).
-    assert!((m - 1) * dst_rs + n <= dst.len(), "{NAME}: gemm destination out of bounds");
-    if k == 0 {
-        if !read_dst {
-            for r in 0..m {
-                dst[r * dst_rs..][..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len() && (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(), "{NAME}: gemm operand out of bounds");
-    // SAFETY: every index gemm forms lies inside the slices (checked above); dst aliases neither.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            read_dst,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
+    let (lhs, rhs) = (View { data: lhs, rs: lhs_rs, cs: lhs_cs }, View { data: rhs, rs: rhs_rs, cs: rhs_cs });
+    // The callers' index arithmetic keeps every view inside its slice; a failure is a bug here.
+    if let Err(e) = crate::ops::gemm::product(dst, dst_rs, m, n, k, lhs, rhs, read_dst, 1.0, par) {
+        panic!("{NAME}: {e}")
     }
 }
 
