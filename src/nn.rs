@@ -7,8 +7,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use std::cell::RefCell;
 
 thread_local! {
-    // Xoshiro256++: dropout draws one number per activation, and ChaCha (StdRng) was 5% of a
-    // BERT training step. Statistical quality is ample for masks.
+    // Seeds of the CPU dropout masks (one draw per dropout op: the masks themselves are hashes of
+    // (seed, element), see `ops::dropout`). Xoshiro256++ is ample for seeds.
     static DROPOUT_RNG: RefCell<rand::rngs::SmallRng> = RefCell::new(rand::rngs::SmallRng::seed_from_u64(0));
 }
 
@@ -24,8 +24,8 @@ pub fn reseed(device: &Device, seed: u64, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// One number from the dropout generator: the seed of an op that draws its own masks (the
-/// fused attention's dropout), so that [`reseed`] fixes those masks too.
+/// One number from the dropout generator: the seed of one dropout op's mask (plain dropout,
+/// `dropout_add`, the fused attention's), so that [`reseed`] fixes those masks too.
 pub(crate) fn draw_dropout_seed() -> u64 {
     DROPOUT_RNG.with(|rng| rng.borrow_mut().next_u64())
 }
