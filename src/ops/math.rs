@@ -28,6 +28,32 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// [`exp`]'s twin for kernels whose every ISA level must give bit-identical results (the LSTM
+/// cell): the same polynomial with plain multiplies and adds (no FMA, whose contraction differs
+/// between levels), and x clamped to [−87, 88] so that the result is always finite and positive
+/// (e^−87 ≈ 1.6e−38 stands in for 0: a sigmoid or tanh built on it needs no special cases).
+#[inline(always)]
+pub fn exp_exact_ops(x: f32) -> f32 {
+    // 1.5·2²³ + 127: adding it rounds x·log2(e) to an integer n (ties to even, in the low
+    // mantissa bits) and leaves n + 127, the biased exponent of 2ⁿ, in those bits.
+    const SHIFT: f32 = 12_582_912.0 + 127.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let shifted = xc * std::f32::consts::LOG2_E + SHIFT;
+    let n = shifted - SHIFT;
+    let two_n = f32::from_bits(shifted.to_bits() << 23);
+    // r = x − n·ln 2 in two parts (0.693359375 has 9 significant bits: n·it is exact).
+    let r = xc - n * 0.693_359_4;
+    let r = r + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * two_n
+}
+
 /// erf(x) to 5e-7 absolute in f32, branch-free: Abramowitz & Stegun 7.1.26 (1.5e-7 in exact
 /// arithmetic), 1 − t·P(t)·e^(−x²) with t = 1/(1 + p|x|), and the sign restored.
 #[inline(always)]
