@@ -64,6 +64,11 @@ pub fn detected_isa() -> Isa {
     Isa::Portable
 }
 
+/// The levels this CPU can run, lowest first: tests run a kernel at each and compare.
+pub fn available_levels() -> Vec<Isa> {
+    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= detected_isa()).collect()
+}
+
 /// 255 = no cap set from code yet (then the environment decides).
 static CAP: AtomicU8 = AtomicU8::new(255);
 

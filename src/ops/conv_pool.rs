@@ -497,9 +497,7 @@ mod tests {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
-    fn levels() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= crate::cpu::detected_isa()).collect()
-    }
+    use crate::cpu::available_levels as levels;
 
     #[test]
     fn matches_the_composition_forward_and_backward() -> Result<()> {

@@ -105,12 +105,6 @@ pub fn run_at<R>(level: crate::cpu::Isa, f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// The levels this CPU can run, lowest first (for tests that compare them).
-pub fn available_levels() -> Vec<crate::cpu::Isa> {
-    use crate::cpu::Isa;
-    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= crate::cpu::detected_isa()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +140,7 @@ mod tests {
             run_at(level, #[inline(always)] || xs.iter().map(|&x| erf(x) + exp(-x * x)).collect::<Vec<f32>>())
         };
         let portable = run(crate::cpu::Isa::Portable);
-        for level in available_levels() {
+        for level in crate::cpu::available_levels() {
             for (a, b) in run(level).iter().zip(&portable) {
                 assert!((a - b).abs() < 1e-6, "{level:?}: {a} vs {b}");
             }

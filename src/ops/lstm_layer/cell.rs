@@ -146,12 +146,6 @@ pub(super) fn backward(isa: Isa, row: &BackwardRow, dc: &mut [f32], dgates: &mut
     }
 }
 
-/// The levels this CPU can run, lowest first (for the tests).
-#[cfg(test)]
-pub(super) fn supported_levels() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= crate::cpu::detected_isa()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +192,7 @@ mod tests {
             assert_eq!(reference[1][j], c);
             assert_eq!(reference[3][j], o * tanh(c));
         }
-        for isa in supported_levels() {
+        for isa in crate::cpu::available_levels() {
             assert_eq!(run(isa), reference, "{isa:?}");
         }
     }

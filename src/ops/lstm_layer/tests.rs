@@ -66,7 +66,7 @@ fn check(b: usize, t: usize, i: usize, h: usize, layers: usize, with_state: bool
     for (h0, c0) in &states {
         vars.extend([h0, c0]);
     }
-    for isa in cell::supported_levels() {
+    for isa in crate::cpu::available_levels() {
         for threads in [1, 2, 3, 5] {
             let kernel = Kernel { isa, threads };
             let (outputs, loss) = run(&|x, w, h0, c0| fused_lstm_layer(x, w, h0, c0, kernel))?;

@@ -29,9 +29,7 @@ fn weight(vals: &[f32], dtype: DType) -> Result<(CpuStorage, Vec<f32>)> {
     Ok((storage, exact))
 }
 
-fn levels() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= crate::cpu::detected_isa()).collect()
-}
+use crate::cpu::available_levels as levels;
 
 #[test]
 fn every_level_dtype_and_layout_matches_f64() -> Result<()> {
