@@ -59,11 +59,9 @@ impl CustomOp1 for Reshuffle {
         let mut y = vec![0f32; x.len()];
         // One task per (batch, time) row of the token layout: it reads or writes h·d contiguous
         // floats there and h runs of d floats in the head layout.
-        let to_heads = self.to_heads;
-        let (src, dst) = (x, &mut y);
-        if to_heads {
-            // dst[b][h][t][:] = src[b][t][h·d..]
-            dst.par_chunks_mut(h * t * d).zip(src.par_chunks(t * h * d)).for_each(|(db, sb)| {
+        if self.to_heads {
+            // y[b][h][t][:] = x[b][t][h·d..]
+            y.par_chunks_mut(h * t * d).zip(x.par_chunks(t * h * d)).for_each(|(db, sb)| {
                 for (ti, row) in sb.chunks(h * d).enumerate() {
                     for (hi, part) in row.chunks(d).enumerate() {
                         db[(hi * t + ti) * d..][..d].copy_from_slice(part);
@@ -71,7 +69,7 @@ impl CustomOp1 for Reshuffle {
                 }
             });
         } else {
-            dst.par_chunks_mut(t * h * d).zip(src.par_chunks(h * t * d)).for_each(|(db, sb)| {
+            y.par_chunks_mut(t * h * d).zip(x.par_chunks(h * t * d)).for_each(|(db, sb)| {
                 for (ti, row) in db.chunks_mut(h * d).enumerate() {
                     for (hi, part) in row.chunks_mut(d).enumerate() {
                         part.copy_from_slice(&sb[(hi * t + ti) * d..][..d]);
