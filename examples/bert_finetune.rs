@@ -112,7 +112,9 @@ struct TrainArgs {
     #[arg(long)]
     minutes: Option<f64>,
     #[command(flatten)]
-    common: wick::cli::CommonArgs,
+    run: wick::cli::RunArgs,
+    #[command(flatten)]
+    out: wick::cli::OutputArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,8 +147,8 @@ fn main() -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let output = args.common.output.clone().context("train needs --output DIR: the fine-tuned model is saved there")?;
-    let device = args.common.device()?;
+    let output = args.out.output.clone().context("train needs --output DIR: the fine-tuned model is saved there")?;
+    let device = args.run.device()?;
     let files = args.model.resolve()?;
     let mut cfg: bert::Config = files.config()?;
     let tokenizer = files.tokenizer()?;
@@ -182,7 +184,7 @@ fn train(args: TrainArgs) -> Result<()> {
         cfg.set_labels(&labels.names);
     }
     let varmap = VarMap::new();
-    let model = BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &device, args.common.seed), &cfg)?;
+    let model = BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &device, args.run.seed), &cfg)?;
     if let Some(warning) = hub::copy_into_varmap(&varmap, &weights)?.warning() {
         eprintln!("note: {warning}");
     }
@@ -202,13 +204,13 @@ fn train(args: TrainArgs) -> Result<()> {
         goal: Some(MetricGoal::maximize("accuracy")),
         time_limit: args.minutes.map(|m| std::time::Duration::from_secs_f64(m * 60.0)),
         log_every: 10,
-        ..args.common.trainer_config()
+        ..args.out.trainer_config(&args.run)
     };
     let total = config.total_steps(train_set.len());
     config.schedule = Schedule::LinearWarmup { warmup: Schedule::warmup_steps(args.warmup_ratio, total) };
     let params = optim::params(&varmap, optim::is_bias_or_norm);
     let optimizer = OptimizerConfig::adamw(args.weight_decay).build(params)?;
-    if !args.common.json {
+    if !args.run.json {
         eprintln!(
             "fine-tuning {} ({} labels) on {} texts (mean {:.1} tokens, {} cut at {}), evaluating on {}; {total} steps on {}",
             args.model.model,
@@ -246,7 +248,7 @@ fn train(args: TrainArgs) -> Result<()> {
         "output": output,
         "device": wick::device::device_name(&device),
     });
-    if args.common.json {
+    if args.run.json {
         println!("{summary}");
     } else {
         eprintln!(

@@ -71,13 +71,15 @@ struct Args {
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
     #[command(flatten)]
-    common: wick::cli::CommonArgs,
+    run: wick::cli::RunArgs,
+    #[command(flatten)]
+    out: wick::cli::OutputArgs,
 }
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = Args::parse();
-    let device = args.common.device()?;
+    let device = args.run.device()?;
     let corpus = CharCorpus::from_file(&args.data)?;
     // Checked before training, so a prompt the corpus cannot spell fails at once.
     let prompt = corpus.encode(&args.prompt)?;
@@ -86,7 +88,7 @@ fn main() -> Result<()> {
     let val = TokenWindows::new(val_ids, args.seq_len)?;
 
     let varmap = VarMap::new();
-    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.common.seed);
+    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.run.seed);
     let mut cfg = CharRnnConfig::new(args.cell, corpus.vocab.len(), args.embedding, args.hidden, args.layers);
     cfg.rnn.dropout = args.dropout;
     cfg.dropout = args.dropout;
@@ -109,7 +111,7 @@ fn main() -> Result<()> {
         save_each_epoch: false,
         goal: Some(MetricGoal::minimize("loss")),
         log_every: 10,
-        ..args.common.trainer_config()
+        ..args.out.trainer_config(&args.run)
     };
     let mut trainer = Trainer::new(config, varmap.clone(), OptimizerConfig::adam().build(params)?, device.clone());
     let report = trainer.fit(&model, &train, Some(&val))?;
@@ -118,9 +120,9 @@ fn main() -> Result<()> {
     let val_metrics = trainer.evaluate(&model, &val)?;
     let val_loss = val_metrics["loss"];
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.common.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.run.seed);
     let sample = corpus.decode(&model.net.sample(&prompt, args.sample_len, args.temperature, &mut rng)?);
-    if !args.common.json {
+    if !args.run.json {
         println!("{}{}", args.prompt, sample);
     }
     let summary = serde_json::json!({
@@ -135,7 +137,7 @@ fn main() -> Result<()> {
         "sample": format!("{}{}", args.prompt, sample),
         "device": wick::device::device_name(&device),
     });
-    if args.common.json {
+    if args.run.json {
         println!("{summary}");
     } else {
         eprintln!("validation loss {val_loss:.4} nats/char after {} steps ({:.0} s, {:.0} chars/s)", report.steps, report.train_seconds, report.samples_per_s * args.seq_len as f64);

@@ -99,7 +99,9 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     top_k: usize,
     #[command(flatten)]
-    common: wick::cli::CommonArgs,
+    run: wick::cli::RunArgs,
+    #[command(flatten)]
+    out: wick::cli::OutputArgs,
 }
 
 /// Writes the `tokenizer_config.json` transformers reads when the tokenizer folder had none.
@@ -119,7 +121,7 @@ fn write_tokenizer_config(to: &Path, block_size: usize, eos: &str) -> Result<()>
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = Args::parse();
-    let device = args.common.device()?;
+    let device = args.run.device()?;
     let tokenizer_dir = match &args.tokenizer {
         Some(d) => d.clone(),
         None if Path::new(DEFAULT_TOKENIZER).is_dir() => PathBuf::from(DEFAULT_TOKENIZER),
@@ -150,7 +152,7 @@ fn main() -> Result<()> {
     cfg.eos_token_id = Some(TokenIds::One(eos));
     cfg.check()?;
     let varmap = VarMap::new();
-    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.common.seed);
+    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.run.seed);
     let model = GPT2LMHeadModel::load(vb, &cfg)?;
     let params = optim::params(&varmap, optim::is_bias_or_norm);
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
@@ -173,7 +175,7 @@ fn main() -> Result<()> {
         save_each_epoch: false,
         goal: Some(MetricGoal::minimize("loss")),
         log_every: 10,
-        ..args.common.trainer_config()
+        ..args.out.trainer_config(&args.run)
     };
     let mut trainer = Trainer::new(config, varmap.clone(), optimizer.build(params)?, device.clone());
     let report = trainer.fit(&model, &train, Some(&val))?;
@@ -183,7 +185,7 @@ fn main() -> Result<()> {
 
     // The trained weights as plain tensors: export, and sample without building autograd graphs.
     let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
-    let inference = match &args.common.output {
+    let inference = match &args.out.output {
         Some(dir) => {
             gpt2::save_pretrained(dir, &cfg, &tensors, Some(&tokenizer_dir))?;
             write_tokenizer_config(dir, args.block_size, eos_text)?;
@@ -201,7 +203,7 @@ fn main() -> Result<()> {
         top_k: Some(args.top_k),
         eos_token_ids: vec![],
         pad_token_id: eos,
-        seed: args.common.seed,
+        seed: args.run.seed,
         ..Default::default()
     };
     let mut prompt_ids = generate::encode_prompts(&tokenizer, &[args.prompt.as_str()])?;
@@ -211,7 +213,7 @@ fn main() -> Result<()> {
     prompt_ids[0].truncate(16);
     let out = generate::generate(&inference, &prompt_ids, &gen, Some(&tokenizer), None)?;
     let sample = format!("{}{}", tokenizer.decode(&prompt_ids[0], true).unwrap_or_default(), out.texts[0]);
-    if !args.common.json {
+    if !args.run.json {
         println!("{sample}");
     }
     let tokens_per_step = (args.batch_size * args.grad_accum * args.block_size) as f64;
@@ -226,9 +228,9 @@ fn main() -> Result<()> {
         "sample": sample,
         "sample_tokens_per_s": out.tokens_per_s,
         "device": wick::device::device_name(&device),
-        "output": args.common.output,
+        "output": args.out.output,
     });
-    if args.common.json {
+    if args.run.json {
         println!("{summary}");
     } else {
         eprintln!(

@@ -51,20 +51,22 @@ struct Args {
     #[arg(long)]
     max_train: Option<usize>,
     #[command(flatten)]
-    common: wick::cli::CommonArgs,
+    run: wick::cli::RunArgs,
+    #[command(flatten)]
+    out: wick::cli::OutputArgs,
 }
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = Args::parse();
-    let device = args.common.device()?;
+    let device = args.run.device()?;
     let mnist = wick::data::mnist::load_dir(&args.data)?;
     let train = match args.max_train {
         Some(n) => mnist.train.take(n)?,
         None => mnist.train,
     };
     let varmap = VarMap::new();
-    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.common.seed);
+    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.run.seed);
     let config = TrainerConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -72,7 +74,7 @@ fn main() -> Result<()> {
         schedule: Schedule::CosineWarmup { warmup: 100, min_ratio: 0.0 },
         goal: Some(MetricGoal::maximize("accuracy")),
         log_every: 20,
-        ..args.common.trainer_config()
+        ..args.out.trainer_config(&args.run)
     };
     let opt = OptimizerConfig::adamw(args.weight_decay);
     let (report, params) = match args.model {
@@ -97,7 +99,7 @@ fn main() -> Result<()> {
         "device": wick::device::device_name(&device),
         "threads": candle_core::utils::get_num_threads(),
     });
-    if args.common.json {
+    if args.run.json {
         println!("{summary}");
     } else {
         eprintln!(
