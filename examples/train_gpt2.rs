@@ -1,244 +1,54 @@
-//! Train a small GPT-2 from scratch on a text file, nanoGPT-style, through wick's Trainer, and
-//! save it as a Hugging Face GPT-2 folder (`gpt2_generate --model DIR` and transformers'
-//! `GPT2LMHeadModel.from_pretrained(DIR)` both load it).
+//! A small GPT-2 trained from scratch on a text file and saved as a Hugging Face folder that
+//! transformers' `GPT2LMHeadModel.from_pretrained` and `wick generate --model DIR` load: model,
+//! data, Trainer and save in one page. `wick train gpt2` is the full command.
 //!
-//! cargo run --release --example train_gpt2 -- --data ../shared/data/tinyshakespeare/input.txt --output runs/gpt2-shakespeare --minutes 10
+//! cargo run --release --example train_gpt2 -- ../shared/data/tinyshakespeare/input.txt \
+//!     ../shared/data/gpt2-tokenizer runs/gpt2-tiny
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::DType;
 use candle_nn::VarMap;
-use clap::Parser;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 use wick::data::chars::TokenWindows;
-use wick::generate::{self, GenerationConfig};
-use wick::models::gpt2::{self, Config, GPT2LMHeadModel, TokenIds};
-use wick::train::{optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
-
-const DEFAULT_TOKENIZER: &str = "../shared/data/gpt2-tokenizer";
-
-/// Train a GPT-2 language model from scratch on a text file (the last 10% is the validation set)
-/// with GPT-2's byte-level BPE tokenizer, AdamW (no weight decay on biases and LayerNorms) and a
-/// warmup + cosine learning-rate schedule; report validation loss and perplexity, save a Hugging
-/// Face GPT-2 folder in --output (config.json, model.safetensors, tokenizer files, next to the
-/// trainer's checkpoints/ and metrics), and print a sample.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// A plain-text corpus (e.g. tinyshakespeare's input.txt).
-    #[arg(long)]
-    data: PathBuf,
-    /// Folder with a GPT-2 tokenizer (tokenizer.json, or vocab.json + merges.txt); default
-    /// ../shared/data/gpt2-tokenizer. The vocabulary size of the model is the tokenizer's.
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Transformer blocks.
-    #[arg(long, default_value_t = 4)]
-    n_layer: usize,
-    /// Width of the model (embedding and residual stream).
-    #[arg(long, default_value_t = 192)]
-    n_embd: usize,
-    /// Attention heads per block (must divide --n-embd).
-    #[arg(long, default_value_t = 6)]
-    n_head: usize,
-    /// Context length in tokens: training sequences and the model's n_positions.
-    #[arg(long, default_value_t = 128)]
-    block_size: usize,
-    /// Dropout on embeddings, residual branches and attention probabilities (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f64,
-    /// Optimizer steps (the LR schedule spans them).
-    #[arg(long, default_value_t = 2000)]
-    steps: usize,
-    /// Stop early, with a checkpoint, after this many minutes of training.
-    #[arg(long)]
-    minutes: Option<f64>,
-    /// Sequences per optimizer step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Micro-batches accumulated per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Linear warmup steps, then cosine decay to --min-lr-ratio of the peak.
-    #[arg(long, default_value_t = 100)]
-    warmup: usize,
-    /// Where the cosine decay ends, as a fraction of the peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    min_lr_ratio: f64,
-    /// AdamW weight decay (not applied to biases and LayerNorm parameters).
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f64,
-    /// AdamW's beta2 (0.95 as nanoGPT's GPT-2 runs; PyTorch's default is 0.999).
-    #[arg(long, default_value_t = 0.95)]
-    beta2: f64,
-    /// Clip the gradients' global norm to this value (0 = no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    /// Evaluate on (part of) the validation set every N steps.
-    #[arg(long, default_value_t = 200)]
-    eval_every: usize,
-    /// Validation batches per periodic evaluation (the final one uses the whole set).
-    #[arg(long, default_value_t = 16)]
-    eval_batches: usize,
-    /// Tokens to sample after training.
-    #[arg(long, default_value_t = 200)]
-    sample_tokens: usize,
-    /// Text the sample starts from.
-    #[arg(long, default_value = "ROMEO:")]
-    prompt: String,
-    /// Sampling temperature of the sample (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Sample among the K most likely tokens.
-    #[arg(long, default_value_t = 200)]
-    top_k: usize,
-    #[command(flatten)]
-    run: wick::cli::RunArgs,
-    #[command(flatten)]
-    out: wick::cli::OutputArgs,
-}
-
-/// Writes the `tokenizer_config.json` transformers reads when the tokenizer folder had none.
-fn write_tokenizer_config(to: &Path, block_size: usize, eos: &str) -> Result<()> {
-    if !to.join("tokenizer_config.json").is_file() {
-        let config = serde_json::json!({
-            "tokenizer_class": "GPT2Tokenizer",
-            "bos_token": eos, "eos_token": eos, "unk_token": eos,
-            "add_prefix_space": false,
-            "model_max_length": block_size,
-        });
-        std::fs::write(to.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    }
-    Ok(())
-}
+use wick::models::gpt2::{Config, GPT2LMHeadModel};
+use wick::train::{checkpoint, optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 fn main() -> Result<()> {
-    wick::keep_freed_memory();
-    let args = Args::parse();
-    let device = args.run.device()?;
-    let tokenizer_dir = match &args.tokenizer {
-        Some(d) => d.clone(),
-        None if Path::new(DEFAULT_TOKENIZER).is_dir() => PathBuf::from(DEFAULT_TOKENIZER),
-        None => bail!("no --tokenizer given and {DEFAULT_TOKENIZER} does not exist: give a folder with GPT-2's tokenizer files"),
+    let args: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    let [text, tokenizer_dir, output] = args.as_slice() else {
+        anyhow::bail!("usage: train_gpt2 TEXT_FILE TOKENIZER_DIR OUTPUT_DIR");
     };
-    let tokenizer = wick::tokenizer::load(&tokenizer_dir)?;
-    let vocab_size = tokenizer.get_vocab_size(true);
-    let eos_text = "<|endoftext|>";
-    let eos = tokenizer.token_to_id(eos_text).with_context(|| format!("{}: no {eos_text} token", tokenizer_dir.display()))?;
+    let tokenizer = wick::tokenizer::load(tokenizer_dir)?;
+    let corpus = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let ids = tokenizer.encode(corpus.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    let cut = ids.len() * 9 / 10;
+    let (train, val) = (TokenWindows::new(ids[..cut].to_vec(), 128)?, TokenWindows::new(ids[cut..].to_vec(), 128)?);
 
-    let text = std::fs::read_to_string(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
-    if text.trim().is_empty() {
-        bail!("{}: the corpus is empty", args.data.display());
-    }
-    let t0 = std::time::Instant::now();
-    let ids = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
-    let cut = ids.len() - ids.len() / 10;
-    let (train_ids, val_ids) = (ids[..cut].to_vec(), ids[cut..].to_vec());
-    eprintln!("{} characters → {} tokens ({:.1} s); {} for training, {} for validation; vocabulary {vocab_size}", text.len(), ids.len(), t0.elapsed().as_secs_f64(), train_ids.len(), val_ids.len());
-    let train = TokenWindows::new(train_ids, args.block_size)?;
-    let val = TokenWindows::new(val_ids, args.block_size).context("the validation part is too short for one block")?;
-
-    let mut cfg = Config::new(vocab_size, args.block_size, args.n_embd, args.n_layer, args.n_head);
-    cfg.resid_pdrop = args.dropout;
-    cfg.embd_pdrop = args.dropout;
-    cfg.attn_pdrop = args.dropout;
-    cfg.bos_token_id = Some(TokenIds::One(eos));
-    cfg.eos_token_id = Some(TokenIds::One(eos));
-    cfg.check()?;
+    // 4 layers, width 192, 6 heads, context 128: about 10 M parameters with GPT-2's vocabulary.
+    let config = Config::new(tokenizer.get_vocab_size(true), 128, 192, 4, 6);
+    let device = wick::device::device("auto")?;
     let varmap = VarMap::new();
-    let vb = wick::nn::var_builder(&varmap, DType::F32, &device, args.run.seed);
-    let model = GPT2LMHeadModel::load(vb, &cfg)?;
-    let params = optim::params(&varmap, optim::is_bias_or_norm);
-    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
-    eprintln!("GPT-2 with {} layers, n_embd {}, {} heads, context {}: {:.2} M parameters", args.n_layer, args.n_embd, args.n_head, args.block_size, n_params as f64 / 1e6);
-    let optimizer = OptimizerConfig::AdamW { beta1: 0.9, beta2: args.beta2, eps: 1e-8, weight_decay: args.weight_decay };
-    let config = TrainerConfig {
+    let model = GPT2LMHeadModel::load(wick::nn::var_builder(&varmap, DType::F32, &device, 42), &config)?;
+    let trainer_config = TrainerConfig {
         epochs: usize::MAX,
-        max_steps: Some(args.steps),
-        time_limit: args.minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
-        batch_size: args.batch_size,
-        eval_batch_size: args.batch_size,
+        max_steps: Some(500),
+        batch_size: 8,
         drop_last: true,
-        grad_accum: args.grad_accum,
-        lr: args.lr,
-        schedule: Schedule::CosineWarmup { warmup: args.warmup, min_ratio: args.min_lr_ratio },
-        max_grad_norm: (args.clip > 0.0).then_some(args.clip),
-        eval_every: Some(args.eval_every),
+        lr: 1e-3,
+        schedule: Schedule::CosineWarmup { warmup: 50, min_ratio: 0.1 },
+        max_grad_norm: Some(1.0),
+        eval_every: Some(100),
         eval_each_epoch: false,
-        max_eval_batches: Some(args.eval_batches),
-        save_each_epoch: false,
+        max_eval_batches: Some(8),
         goal: Some(MetricGoal::minimize("loss")),
-        log_every: 10,
-        ..args.out.trainer_config(&args.run)
-    };
-    let mut trainer = Trainer::new(config, varmap.clone(), optimizer.build(params)?, device.clone());
-    let report = trainer.fit(&model, &train, Some(&val))?;
-    trainer.config.max_eval_batches = None;
-    let val_metrics = trainer.evaluate(&model, &val)?;
-    let (val_loss, val_ppl) = (val_metrics["loss"], val_metrics["perplexity"]);
-
-    // The trained weights as plain tensors: export, and sample without building autograd graphs.
-    let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
-    let inference = match &args.out.output {
-        Some(dir) => {
-            gpt2::save_pretrained(dir, &cfg, &tensors, Some(&tokenizer_dir))?;
-            write_tokenizer_config(dir, args.block_size, eos_text)?;
-            eprintln!("saved a Hugging Face GPT-2 folder in {} (gpt2_generate --model {0}; GPT2LMHeadModel.from_pretrained)", dir.display());
-            gpt2::load_lm(&wick::hub::ModelFiles::from_dir(dir)?, DType::F32, &device)?
-        }
-        None => {
-            eprintln!("no --output: the model is not saved");
-            GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, DType::F32, &device), &cfg)?
-        }
-    };
-    let gen = GenerationConfig {
-        max_new_tokens: args.sample_tokens.min(args.block_size.saturating_sub(16)),
-        temperature: args.temperature,
-        top_k: Some(args.top_k),
-        eos_token_ids: vec![],
-        pad_token_id: eos,
-        seed: args.run.seed,
         ..Default::default()
     };
-    let mut prompt_ids = generate::encode_prompts(&tokenizer, &[args.prompt.as_str()])?;
-    if prompt_ids[0].is_empty() {
-        prompt_ids[0].push(eos);
-    }
-    prompt_ids[0].truncate(16);
-    let out = generate::generate(&inference, &prompt_ids, &gen, Some(&tokenizer), None)?;
-    let sample = format!("{}{}", tokenizer.decode(&prompt_ids[0], true).unwrap_or_default(), out.texts[0]);
-    if !args.run.json {
-        println!("{sample}");
-    }
-    let tokens_per_step = (args.batch_size * args.grad_accum * args.block_size) as f64;
-    let summary = serde_json::json!({
-        "parameters": n_params,
-        "steps": report.steps,
-        "val_loss": val_loss,
-        "val_perplexity": val_ppl,
-        "train_tokens_per_s": report.samples_per_s * args.block_size as f64,
-        "tokens_seen": report.steps as f64 * tokens_per_step,
-        "seconds": report.train_seconds,
-        "sample": sample,
-        "sample_tokens_per_s": out.tokens_per_s,
-        "device": wick::device::device_name(&device),
-        "output": args.out.output,
-    });
-    if args.run.json {
-        println!("{summary}");
-    } else {
-        eprintln!(
-            "validation loss {val_loss:.4} nats/token (perplexity {val_ppl:.1}) after {} steps ({:.0} s, {:.0} tokens/s)",
-            report.steps,
-            report.train_seconds,
-            report.samples_per_s * args.block_size as f64
-        );
-    }
+    let optimizer = OptimizerConfig::AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let optimizer = optimizer.build(optim::params(&varmap, optim::is_bias_or_norm))?;
+    let report = Trainer::new(trainer_config, varmap.clone(), optimizer, device).fit(&model, &train, Some(&val))?;
+    eprintln!("validation loss {:.3} after {} steps", report.last_eval().map_or(f64::NAN, |m| m["loss"]), report.steps);
+
+    wick::pretrained::save::<GPT2LMHeadModel>(output, &config, checkpoint::varmap_tensors(&varmap)?, Some(tokenizer_dir))?;
+    println!("saved to {}", output.display());
     Ok(())
 }

@@ -333,6 +333,32 @@ pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> H
         .collect()
 }
 
+impl crate::pretrained::Pretrained for BertModel {
+    type Config = Config;
+    const MODEL_TYPES: &'static [&'static str] = &["bert"];
+    const ARCHITECTURE: &'static str = "BertModel";
+    /// With the pooler when the checkpoint has one (sentence-transformers' folders do not).
+    fn build(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let with_pooler = vb.contains_tensor("pooler.dense.weight");
+        Self::load(vb, config, with_pooler)
+    }
+    fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
+        canonical_names(tensors, false)
+    }
+}
+
+impl crate::pretrained::Pretrained for BertForSequenceClassification {
+    type Config = Config;
+    const MODEL_TYPES: &'static [&'static str] = &["bert"];
+    const ARCHITECTURE: &'static str = "BertForSequenceClassification";
+    fn build(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Self::load(vb, config)
+    }
+    fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
+        canonical_names(tensors, true)
+    }
+}
+
 /// Fine-tuning through the shared trainer: cross-entropy on the logits of padded text batches.
 impl crate::train::TrainModel for BertForSequenceClassification {
     type Batch = crate::data::text::TextBatch;

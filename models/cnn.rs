@@ -144,3 +144,22 @@ impl ModuleT for ConvNet {
         self.head.forward(&x)
     }
 }
+
+/// Saved and loaded as wick model folders (`model_type: "wick-lenet5"`, `"wick-convnet"`).
+impl crate::pretrained::Pretrained for LeNet5 {
+    type Config = LeNetConfig;
+    const MODEL_TYPES: &'static [&'static str] = &["wick-lenet5"];
+    const ARCHITECTURE: &'static str = "LeNet5";
+    fn build(vb: VarBuilder, config: &LeNetConfig) -> Result<Self> {
+        Self::load(vb, config)
+    }
+}
+
+impl crate::pretrained::Pretrained for ConvNet {
+    type Config = ConvNetConfig;
+    const MODEL_TYPES: &'static [&'static str] = &["wick-convnet"];
+    const ARCHITECTURE: &'static str = "ConvNet";
+    fn build(vb: VarBuilder, config: &ConvNetConfig) -> Result<Self> {
+        Self::load(vb, config)
+    }
+}

@@ -777,26 +777,26 @@ pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool, keep
         .collect()
 }
 
-/// Loads a GPT-2 LM from a model folder or Hub repo's files, in `dtype` on `device`.
-pub fn load_lm(files: &crate::hub::ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<GPT2LMHeadModel> {
-    use anyhow::Context;
-    files.check_model_type(&["gpt2"])?;
-    let cfg: Config = files.config()?;
-    let tensors = canonical_names(files.load_tensors(device)?, true, !cfg.tie_word_embeddings);
-    let vb = crate::hub::inference_var_builder(tensors, dtype, device);
-    GPT2LMHeadModel::load(vb, &cfg).with_context(|| format!("loading GPT-2 from {}", files.dir.display()))
+impl crate::pretrained::Pretrained for GPT2LMHeadModel {
+    type Config = Config;
+    const MODEL_TYPES: &'static [&'static str] = &["gpt2"];
+    const ARCHITECTURE: &'static str = "GPT2LMHeadModel";
+    fn build(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Self::load(vb, config)
+    }
+    fn canonical_names(tensors: HashMap<String, Tensor>, config: &Config) -> HashMap<String, Tensor> {
+        canonical_names(tensors, true, !config.tie_word_embeddings)
+    }
 }
 
-/// Writes `config.json` and `model.safetensors` (f32, transformers' names) into `dir` through
-/// [`crate::hub::save_pretrained`] (atomic): a folder `GPT2LMHeadModel.from_pretrained` and
-/// [`load_lm`] both load. `tensors` are the model's parameters by name (`transformer.*`, and
-/// `lm_head.weight` only if untied), e.g. a training `VarMap`'s; the tokenizer files in
-/// `tokenizer_from` are copied along.
-pub fn save_pretrained(dir: &std::path::Path, cfg: &Config, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let mut cfg = cfg.clone();
-    cfg.model_type = Some("gpt2".into());
-    cfg.extra.entry("architectures").or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
-    cfg.extra.entry("dtype").or_insert_with(|| serde_json::json!("float32"));
-    let f32_tensors = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
-    crate::hub::save_pretrained(dir, &cfg, &f32_tensors, tokenizer_from)
+impl crate::pretrained::Pretrained for GPT2Model {
+    type Config = Config;
+    const MODEL_TYPES: &'static [&'static str] = &["gpt2"];
+    const ARCHITECTURE: &'static str = "GPT2Model";
+    fn build(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Self::load(vb, config)
+    }
+    fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
+        canonical_names(tensors, false, false)
+    }
 }

@@ -63,3 +63,13 @@ impl ModuleT for Mlp {
         Ok(x)
     }
 }
+
+/// Saved and loaded as a wick model folder (`model_type: "wick-mlp"`).
+impl crate::pretrained::Pretrained for Mlp {
+    type Config = MlpConfig;
+    const MODEL_TYPES: &'static [&'static str] = &["wick-mlp"];
+    const ARCHITECTURE: &'static str = "Mlp";
+    fn build(vb: VarBuilder, config: &MlpConfig) -> Result<Self> {
+        Self::load(vb, config)
+    }
+}

@@ -318,3 +318,13 @@ impl ModuleT for RnnClassifier {
         self.head.forward(&last)
     }
 }
+
+/// Saved and loaded as a wick model folder (`model_type: "wick-char-rnn"`).
+impl crate::pretrained::Pretrained for CharRnn {
+    type Config = CharRnnConfig;
+    const MODEL_TYPES: &'static [&'static str] = &["wick-char-rnn"];
+    const ARCHITECTURE: &'static str = "CharRnn";
+    fn build(vb: VarBuilder, config: &CharRnnConfig) -> Result<Self> {
+        Self::load(vb, config)
+    }
+}

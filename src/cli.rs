@@ -86,6 +86,15 @@ impl RunArgs {
         }
         Ok((device, self.dtype))
     }
+
+    /// The device for a training command: training keeps f32 master weights on every device,
+    /// so another `--dtype` is an error rather than a flag silently ignored.
+    pub fn training_device(&self) -> Result<Device> {
+        if self.dtype != DType::F32 {
+            anyhow::bail!("--dtype {}: training runs in f32 (mixed precision is not supported yet); leave --dtype out", self.dtype.as_str());
+        }
+        self.device()
+    }
 }
 
 /// Where a training run writes, and whether it continues an earlier one.
@@ -165,6 +174,15 @@ pub fn probability(s: &str) -> Result<f64, String> {
         Ok(x)
     } else {
         Err(format!("{x} must be greater than 0 and at most 1"))
+    }
+}
+
+/// A string that is not empty (stop strings, column names).
+pub fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
     }
 }
 

@@ -234,7 +234,7 @@ pub fn generate<M: CausalLm>(
             bail!("the prompt has {longest} tokens but the model's context is {ctx} positions: shorten the prompt")
         }
         // The last new token is sampled but never fed back: prompt + new - 1 positions must fit.
-        if longest + config.max_new_tokens > ctx + 1 {
+        if longest.saturating_add(config.max_new_tokens) > ctx + 1 {
             bail!(
                 "the prompt ({longest} tokens) plus max_new_tokens ({}) exceeds the model's context of {ctx} positions: ask for at most {} new tokens",
                 config.max_new_tokens,

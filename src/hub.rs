@@ -1,5 +1,5 @@
-//! The Hub weight loader: a Hugging Face repo id (+ revision) or a local folder → config,
-//! weights (one safetensors file, sharded safetensors, or `pytorch_model.bin`) and tokenizer.
+//! The Hub: a Hugging Face repo id (+ revision) or a local folder → a folder of model files on
+//! local disk ([`ModelFiles`], read by [`crate::weights`]).
 //!
 //! Downloads go through the `hf-hub` crate into the standard Hugging Face cache (`$HF_HOME/hub`,
 //! default `~/.cache/huggingface/hub`, laid out as `models--org--name/snapshots/<commit>/`), so
@@ -8,13 +8,15 @@
 //! honoured. When the Hub cannot be reached but the cache has the files, they are used with a
 //! warning, as `transformers` does.
 
+use crate::weights::{shard_names, weights_file, CONFIG, SAFETENSORS_INDEX, TOKENIZER_FILES};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+
+// What loaders used from here before the weight-file half moved to `crate::weights`.
+pub use crate::weights::{copy_into_varmap, inference_var_builder, read_safetensors, save_pretrained, CopyReport, ModelFiles, WeightFiles};
 
 /// Errors a caller may want to tell apart; everything else is an `anyhow` chain with context.
 #[derive(Debug, thiserror::Error)]
@@ -68,32 +70,6 @@ fn env_flag(name: &str) -> bool {
     std::env::var(name).map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")).unwrap_or(false)
 }
 
-/// The weight files of a model, in the format found.
-#[derive(Clone, Debug)]
-pub enum WeightFiles {
-    /// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
-    Safetensors(Vec<PathBuf>),
-    /// `pytorch_model.bin` (read without executing any code).
-    PytorchBin(PathBuf),
-}
-
-/// A model's files, all on local disk.
-#[derive(Clone, Debug)]
-pub struct ModelFiles {
-    /// The folder the files are in (a local folder or a cache snapshot).
-    pub dir: PathBuf,
-    pub config: PathBuf,
-    pub weights: WeightFiles,
-}
-
-const CONFIG: &str = "config.json";
-const SAFETENSORS: &str = "model.safetensors";
-const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
-const PYTORCH_BIN: &str = "pytorch_model.bin";
-/// Files a tokenizer may be built from, most complete first.
-const TOKENIZER_FILES: [&str; 6] =
-    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt"];
-
 /// Resolves `model` (a local folder, or a Hub repo id such as `openai-community/gpt2`) to files on
 /// disk, downloading what is missing from the cache unless offline.
 pub fn resolve(model: &str, options: &HubOptions) -> Result<ModelFiles> {
@@ -107,174 +83,21 @@ pub fn resolve(model: &str, options: &HubOptions) -> Result<ModelFiles> {
     if model.starts_with('.') || model.starts_with('/') || model.matches('/').count() > 1 || model.is_empty() {
         bail!("{model:?} is neither an existing folder nor a Hub repo id (like `org/name`)");
     }
+    if let Some(revision) = &options.revision {
+        check_revision(revision)?;
+    }
     let snapshot = fetch_snapshot(model, options)?;
     ModelFiles::from_dir(&snapshot).with_context(|| format!("Hub repo {model}"))
 }
 
-impl ModelFiles {
-    /// Finds config and weights in a folder; errors list what the folder has instead.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let has = |name: &str| dir.join(name).is_file();
-        if !has(CONFIG) {
-            return Err(missing("config.json", dir).into());
-        }
-        let weights = match weights_file(has) {
-            Some(SAFETENSORS_INDEX) => {
-                let shards = shard_names(&dir.join(SAFETENSORS_INDEX))?;
-                let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-                if let Some(absent) = paths.iter().find(|p| !p.is_file()) {
-                    return Err(missing(&format!("shard {} named by {SAFETENSORS_INDEX}", absent.display()), dir).into());
-                }
-                WeightFiles::Safetensors(paths)
-            }
-            Some(SAFETENSORS) => WeightFiles::Safetensors(vec![dir.join(SAFETENSORS)]),
-            Some(_) => WeightFiles::PytorchBin(dir.join(PYTORCH_BIN)),
-            None => return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into()),
-        };
-        Ok(Self { dir: dir.to_path_buf(), config: dir.join(CONFIG), weights })
+
+/// A revision is a branch, tag or commit name: it becomes a path under the cache's `refs/` and
+/// `snapshots/`, so one that could lead outside the cache (`/any/folder`, `../x`) is refused.
+fn check_revision(revision: &str) -> Result<()> {
+    if !crate::weights::is_inside_path(revision) || revision.starts_with('.') {
+        bail!("--revision {revision:?} is not a branch, tag or commit name (a local folder is given with --model, not --revision)");
     }
-
-    /// `config.json` parsed as `T`.
-    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        let text = std::fs::read_to_string(&self.config).with_context(|| format!("reading {}", self.config.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} does not parse as the model's config", self.config.display()))
-    }
-
-    /// Fails unless `config.json`'s `model_type` is one of `supported`.
-    pub fn check_model_type(&self, supported: &[&str]) -> Result<()> {
-        let value: serde_json::Value = self.config()?;
-        match value.get("model_type").and_then(|v| v.as_str()) {
-            Some(t) if supported.contains(&t) => Ok(()),
-            Some(t) => bail!("{}: model_type {t:?} is not supported here (expected {})", self.config.display(), supported.join(" or ")),
-            None => Ok(()), // old configs omit it; the weights decide
-        }
-    }
-
-    /// Every tensor of the checkpoint, by its name in the checkpoint.
-    pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        match &self.weights {
-            WeightFiles::Safetensors(paths) => {
-                let mut all = HashMap::new();
-                for path in paths {
-                    all.extend(read_safetensors(path, device)?);
-                }
-                Ok(all)
-            }
-            WeightFiles::PytorchBin(path) => {
-                let tensors = candle_core::pickle::read_all(path)
-                    .map_err(|e| anyhow::anyhow!("{}: not a readable PyTorch checkpoint ({e}); it may be truncated or corrupt", path.display()))?;
-                tensors.into_iter().map(|(name, t)| Ok((name, t.to_device(device)?))).collect()
-            }
-        }
-    }
-
-    /// The tokenizer: `tokenizer.json` when there is one, else built from `vocab.txt` (WordPiece,
-    /// BERT) or `vocab.json` + `merges.txt` (byte-level BPE, GPT-2). Padding and truncation saved
-    /// in the file are switched off: callers pad and truncate themselves.
-    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
-        crate::tokenizer::load(&self.dir)
-    }
-}
-
-/// Which weights file a model folder (local or on the Hub) is loaded from: a shard index, else
-/// one safetensors file, else a PyTorch pickle.
-fn weights_file(has: impl Fn(&str) -> bool) -> Option<&'static str> {
-    [SAFETENSORS_INDEX, SAFETENSORS, PYTORCH_BIN].into_iter().find(|f| has(f))
-}
-
-fn missing(what: &str, dir: &Path) -> HubError {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    names.sort();
-    let available = if names.is_empty() { "nothing".to_string() } else { names.join(", ") };
-    HubError::FileMissing { what: what.to_string(), location: dir.display().to_string(), available }
-}
-
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: HashMap<String, String>,
-    }
-    let text = std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
-    let parsed: Index = serde_json::from_str(&text).with_context(|| format!("{} is not a safetensors index", index.display()))?;
-    let shards: BTreeSet<String> = parsed.weight_map.into_values().collect();
-    if shards.is_empty() {
-        bail!("{} names no shards", index.display());
-    }
-    Ok(shards.into_iter().collect())
-}
-
-/// Reads a safetensors file; a truncated or corrupt file is a [`HubError::CorruptWeights`].
-pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let corrupt = |why: String| HubError::CorruptWeights { path: path.display().to_string(), why };
-    // Parse with the safetensors crate first: it checks the header against the file length, so a
-    // truncated download is reported as such and not as a confusing shape error later.
-    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let mut out = HashMap::with_capacity(parsed.len());
-    for (name, view) in parsed.tensors() {
-        let tensor = candle_core::safetensors::Load::load(&view, device).map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
-        out.insert(name, tensor);
-    }
-    Ok(out)
-}
-
-/// A `VarBuilder` over fixed (not trainable) tensors, for inference.
-pub fn inference_var_builder(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_tensors(tensors, dtype, device)
-}
-
-/// What copying a checkpoint into a model's variables did.
-#[derive(Debug, Default)]
-pub struct CopyReport {
-    /// Variables the checkpoint had no value for: they keep their fresh initialisation.
-    pub newly_initialized: Vec<String>,
-    /// Checkpoint tensors the model has no variable for.
-    pub unused: Vec<String>,
-}
-
-impl CopyReport {
-    /// The warning transformers prints for the same situation, or `None` when all matched.
-    pub fn warning(&self) -> Option<String> {
-        if self.newly_initialized.is_empty() && self.unused.is_empty() {
-            return None;
-        }
-        let mut parts = vec![];
-        if !self.newly_initialized.is_empty() {
-            parts.push(format!("newly initialised (train them before use): {}", self.newly_initialized.join(", ")));
-        }
-        if !self.unused.is_empty() {
-            parts.push(format!("checkpoint tensors not used: {}", self.unused.join(", ")));
-        }
-        Some(parts.join("; "))
-    }
-}
-
-/// Copies checkpoint values into the model's trainable variables (a `VarMap` the model was built
-/// from), converting dtypes. A shape mismatch is an error naming the tensor and both shapes.
-pub fn copy_into_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<CopyReport> {
-    let vars = varmap.data().lock().unwrap();
-    let mut report = CopyReport::default();
-    for (name, var) in vars.iter() {
-        match tensors.get(name) {
-            Some(value) => {
-                if value.dims() != var.dims() {
-                    bail!(
-                        "checkpoint tensor {name} has shape {:?} but the config makes it {:?}: config.json and the weights do not belong together",
-                        value.dims(),
-                        var.dims()
-                    );
-                }
-                var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
-            }
-            None => report.newly_initialized.push(name.clone()),
-        }
-    }
-    report.unused = tensors.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
-    report.newly_initialized.sort();
-    report.unused.sort();
-    Ok(report)
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------ the Hub
@@ -388,53 +211,11 @@ fn cached_snapshot(cache: &Cache, repo_id: &str, revision: &str) -> Option<PathB
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());
+    // A refs file names a commit; anything else in it must not become a path.
+    if !crate::weights::is_inside_path(&commit) || commit.contains('/') {
+        return None;
+    }
     let dir = repo.pointer_path(&commit);
     dir.join(CONFIG).is_file().then_some(dir)
 }
 
-// ------------------------------------------------------------------------------- saving
-
-/// Writes a Hugging Face model folder that `from_pretrained` loads unchanged: `config.json`,
-/// `model.safetensors` (`tensors`, by the checkpoint names transformers uses) and the tokenizer
-/// files found in `tokenizer_from`. Each file is written beside its target and renamed into place,
-/// so an interrupted save never leaves a half-written file where a good one was; `config.json`
-/// goes last. Weight files of another format left in the folder (shards, `pytorch_model.bin`)
-/// are removed, as loaders would prefer them to the new `model.safetensors`.
-pub fn save_pretrained(dir: &Path, config: &impl serde::Serialize, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&Path>) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write = |name: &str, fill: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
-        let (tmp, target) = (dir.join(format!(".{name}.tmp")), dir.join(name));
-        let written = fill(&tmp).and_then(|_| Ok(std::fs::File::open(&tmp)?.sync_all()?)).and_then(|_| Ok(std::fs::rename(&tmp, &target)?));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.with_context(|| format!("writing {}", target.display()))
-    };
-    // Contiguous copies on the CPU: what safetensors files hold.
-    let cpu: HashMap<String, Tensor> =
-        tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
-    write(SAFETENSORS, &|p| Ok(candle_core::safetensors::save(&cpu, p)?))?;
-    let index = dir.join(SAFETENSORS_INDEX);
-    let mut stale: Vec<PathBuf> = shard_names(&index).map(|shards| shards.iter().map(|s| dir.join(s)).collect()).unwrap_or_default();
-    stale.extend([index, dir.join(PYTORCH_BIN)]);
-    for path in stale.iter().filter(|p| p.is_file() && p.file_name() != Some(SAFETENSORS.as_ref())) {
-        std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
-    }
-    if let Some(src) = tokenizer_from.filter(|src| !same_dir(src, dir)) {
-        for name in TOKENIZER_FILES {
-            let from = src.join(name);
-            if from.is_file() {
-                write(name, &|p| Ok(std::fs::copy(&from, p).map(|_| ())?))?;
-            }
-        }
-    }
-    let json = serde_json::to_string_pretty(config)?;
-    write(CONFIG, &|p| Ok(std::fs::write(p, format!("{json}\n"))?))
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}

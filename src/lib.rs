@@ -1,15 +1,19 @@
 //! wick: train, fine-tune and run neural networks on candle, on CPU and CUDA.
 
 pub mod cli;
+pub mod cmd;
 pub mod cpu;
 pub mod data;
 pub mod device;
+pub mod embed;
 pub mod generate;
 pub mod hub;
 pub mod nn;
 pub mod ops;
+pub mod pretrained;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;
 
 #[path = "../models/mod.rs"]
 pub mod models;

@@ -21,7 +21,7 @@ fn tiny_dir() -> std::path::PathBuf {
 
 fn load_tiny(device: &Device) -> Result<GPT2LMHeadModel> {
     let files = wick::hub::resolve(tiny_dir().to_str().unwrap(), &Default::default())?;
-    gpt2::load_lm(&files, DType::F32, device)
+    Ok(wick::pretrained::load::<GPT2LMHeadModel>(&files, DType::F32, device)?.0)
 }
 
 fn tokenizer() -> Result<tokenizers::Tokenizer> {
@@ -231,7 +231,7 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     assert!(err.contains("transformer.h.0.attn.c_proj.weight") && err.contains("[32, 32]") && err.contains("[32, 31]"), "{err}");
     // A config that is not GPT-2's.
     let bert = wick::hub::resolve(fixture_path("hf/bert-tiny-base").to_str().unwrap(), &Default::default())?;
-    assert!(gpt2::load_lm(&bert, DType::F32, &dev).err().unwrap().to_string().contains("model_type"));
+    assert!(wick::pretrained::load::<GPT2LMHeadModel>(&bert, DType::F32, &dev).err().unwrap().to_string().contains("model_type"));
     Ok(())
 }
 
@@ -330,7 +330,7 @@ fn streaming_concatenates_to_the_final_text_with_multibyte_characters() -> Resul
 fn f16_runs_close_to_f32_with_the_cache() -> Result<()> {
     let fx = Fixture::load("hf/gpt2-tiny.reference")?;
     let files = wick::hub::resolve(tiny_dir().to_str().unwrap(), &Default::default())?;
-    let model = gpt2::load_lm(&files, DType::F16, &fx.device)?;
+    let model = wick::pretrained::load::<GPT2LMHeadModel>(&files, DType::F16, &fx.device)?.0;
     let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
     let logits = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
     assert_eq!(logits.dtype(), DType::F16);
@@ -352,7 +352,7 @@ fn f16_and_bf16_weights_decode_like_f32() -> Result<()> {
     let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
     let f32_model = load_tiny(&fx.device)?;
     for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
-        let model = gpt2::load_lm(&files, dtype, &fx.device)?;
+        let model = wick::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &fx.device)?.0;
         let logits = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
         assert_eq!(logits.dtype(), dtype);
         assert_close(&format!("{dtype:?} logits"), &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, tol)?;
@@ -421,10 +421,10 @@ fn trains_with_the_trainer_and_the_export_reloads() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
     assert!(!tensors.contains_key("lm_head.weight"), "the head is tied");
-    gpt2::save_pretrained(dir.path(), &cfg, &tensors, None)?;
+    wick::pretrained::save::<GPT2LMHeadModel>(dir.path(), &cfg, tensors, None)?;
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
     assert_eq!(saved["model_type"], "gpt2");
-    let reloaded = gpt2::load_lm(&wick::hub::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?;
+    let reloaded = wick::pretrained::load::<GPT2LMHeadModel>(&wick::hub::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?.0;
     let ids = Tensor::new(&[[1u32, 8, 2, 9, 3]], &dev)?;
     let a = model.forward(&ids, None, None, None, false)?;
     let b = reloaded.forward(&ids, None, None, None, false)?;

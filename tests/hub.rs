@@ -201,7 +201,14 @@ fn minilm_sentence_embeddings_match_sentence_transformers() -> Result<()> {
     let out = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(&batch.token_type_ids), false)?;
     let pooled = bert::mean_pool(&out.last_hidden_state, &batch.attention_mask)?;
     assert_close("mean-pooled embeddings", &pooled, &fx.get("output.mean_pooled")?, 1e-4)?;
-    assert_close("normalized embeddings", &bert::l2_normalize(&pooled)?, &fx.get("output.normalized")?, 1e-4)
+    assert_close("normalized embeddings", &bert::l2_normalize(&pooled)?, &fx.get("output.normalized")?, 1e-4)?;
+    // What `wick embed` runs: the folder's own pooling settings (sentence_bert_config.json,
+    // modules.json with Normalize) give sentence-transformers' vectors.
+    let embedder = wick::embed::SentenceEmbedder::load(&files, DType::F32, &fx.device)?;
+    assert!(embedder.normalize && embedder.max_len == 256);
+    let (vectors, _) = embedder.embed(&sentences)?;
+    let vectors = candle_core::Tensor::new(vectors, &fx.device)?;
+    assert_close("wick::embed vectors", &vectors, &fx.get("output.normalized")?, 1e-4)
 }
 
 // ------------------------------------------------- the download path, against a local fake Hub

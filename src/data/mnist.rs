@@ -69,7 +69,10 @@ fn parse_idx<'a>(path: &Path, bytes: &'a [u8], rank: usize) -> Result<(Vec<usize
     let dims: Vec<usize> = (0..rank)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
+    // Checked: four u32 dimensions can multiply past usize, which would wrap and pass the check.
+    let Some(n) = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
+        bail!("{}: header dimensions {dims:?} are impossibly large (corrupt header)", path.display());
+    };
     let payload = &bytes[header..];
     if payload.len() != n {
         bail!("{}: header says {dims:?} ({n} bytes) but the file holds {} bytes", path.display(), payload.len());
@@ -148,6 +151,9 @@ mod tests {
         assert!(read_images(&p).unwrap_err().to_string().contains("corrupt gzip"));
         write_idx(&p, &[2], &[1, 12])?;
         assert!(read_labels(&p).unwrap_err().to_string().contains("not a digit"));
+        // A header whose dimensions multiply past 2^64 (they would wrap to a small size).
+        write_idx(&p, &[u32::MAX as usize, u32::MAX as usize, u32::MAX as usize], &[0; 16])?;
+        assert!(read_images(&p).unwrap_err().to_string().contains("impossibly large"));
         Ok(())
     }
 }

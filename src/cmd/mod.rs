@@ -1,0 +1,58 @@
+//! The `wick` command's subcommands, one module each: its clap arguments and a `run` function.
+//! They live in the library so that the `wick` binary (src/main.rs) and the examples call the
+//! same code; the work itself is done by the library's other modules.
+
+pub mod download;
+pub mod embed;
+pub mod generate;
+pub mod info;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Train, fine-tune and run neural networks (GPT-2, BERT, MLP, CNN, LSTM/GRU) on candle, on the
+/// CPU or CUDA. Models are Hub repo ids (downloaded into the Hugging Face cache) or local folders.
+#[derive(Parser, Debug)]
+#[command(name = "wick", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Continue prompts with a GPT-2 model (streamed; greedy or sampled).
+    Generate(generate::GenerateArgs),
+    /// Sentence embeddings with a BERT-family encoder (all-MiniLM-L6-v2 by default).
+    Embed(embed::EmbedArgs),
+    /// Train a model from scratch (GPT-2, MNIST MLP/CNN, char-RNN).
+    Train(train::TrainArgs),
+    /// Download a model from the Hugging Face Hub into the local cache.
+    Download(download::DownloadArgs),
+    /// Describe a model: architecture, parameters, dtype, size, where it was found.
+    Info(info::InfoArgs),
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Download(args) => download::run(args),
+        Command::Info(args) => info::run(args),
+    }
+}
+
+/// A progress bar over `len` items on stderr, or a hidden one (`hidden`: JSON output, or too
+/// little work to be worth one).
+pub fn progress_bar(len: usize, unit: &str, hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}]");
+    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}

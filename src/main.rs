@@ -1,0 +1,19 @@
+//! The `wick` command: every job of the library behind one binary (`wick --help`).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    wick::keep_freed_memory();
+    let cli = wick::cmd::Cli::parse();
+    match wick::cmd::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole chain on one line: what failed, then why.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

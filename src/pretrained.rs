@@ -1,0 +1,171 @@
+//! One way to load and save every model: the [`Pretrained`] trait each model family implements
+//! (beside its model, in `models/`), and three functions on top of it.
+//!
+//! - [`load`]: a model folder's weights as fixed tensors, for inference, in any dtype.
+//! - [`load_trainable`]: the same weights as trainable variables in a `VarMap`, for fine-tuning;
+//!   variables the checkpoint lacks (a new classifier head) are freshly initialised from a seed.
+//! - [`save`]: a Hugging Face folder (`config.json` with `model_type` and `architectures`,
+//!   `model.safetensors` by transformers' names, the tokenizer files) that `from_pretrained` and
+//!   [`load`] both read, written atomically.
+//!
+//! Checkpoints name their tensors in several ways (a `bert.` prefix or none, legacy `gamma`/`beta`,
+//! GPT-2's `transformer.` prefix, tied or untied LM heads); each family's
+//! [`Pretrained::canonical_names`] maps them onto the names its `load(vb, &config)` asks for.
+//! A checkpoint with more layers than its config (`n_layer: 1` over three layers' weights) is an
+//! error, not a model that silently drops weights.
+
+use crate::weights::{copy_into_varmap, CopyReport, ModelFiles};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// A model family that loads Hugging Face checkpoints and saves them back.
+pub trait Pretrained: Sized {
+    type Config: serde::de::DeserializeOwned + serde::Serialize + Clone;
+    /// The `model_type`s of `config.json` this loads (a config without one is accepted).
+    const MODEL_TYPES: &'static [&'static str];
+    /// transformers' class for this model (`architectures` in a saved `config.json`).
+    const ARCHITECTURE: &'static str;
+
+    /// Builds the model from tensors named as [`Pretrained::canonical_names`] names them.
+    fn build(vb: VarBuilder, config: &Self::Config) -> candle_core::Result<Self>;
+
+    /// The checkpoint's tensors renamed to the names [`Pretrained::build`] asks for; tensors the
+    /// model never reads by design (another task's head, a tied LM head, buffers) are dropped.
+    /// Families whose checkpoints have one naming (wick's own small models) keep the default.
+    fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Self::Config) -> HashMap<String, Tensor> {
+        tensors
+    }
+
+    /// The model's variables (by the names `build` gave them) renamed to the names transformers
+    /// writes. Most families use the same names.
+    fn checkpoint_names(tensors: HashMap<String, Tensor>, _config: &Self::Config) -> HashMap<String, Tensor> {
+        tensors
+    }
+}
+
+/// Loads `M` for inference: weights in `dtype` on `device`, not trainable.
+pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(M, M::Config)> {
+    files.check_model_type(M::MODEL_TYPES)?;
+    let config: M::Config = files.config()?;
+    let tensors = M::canonical_names(files.load_tensors(device)?, &config);
+    let names: BTreeSet<String> = tensors.keys().cloned().collect();
+    let used = Arc::new(Mutex::new(BTreeSet::new()));
+    let backend = UseTracking { tensors, used: used.clone() };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let model = M::build(vb, &config).with_context(|| format!("loading {} from {}", M::ARCHITECTURE, files.dir.display()))?;
+    let used = used.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?;
+    check_no_extra_layers(&names, &used, files)?;
+    Ok((model, config))
+}
+
+/// A model whose weights are trainable variables.
+pub struct Trainable<M> {
+    pub model: M,
+    /// The model's variables, by the names `build` gave them: hand it to the trainer.
+    pub varmap: VarMap,
+    /// Which variables the checkpoint had no value for, and which checkpoint tensors went unused.
+    pub report: CopyReport,
+}
+
+/// Loads `M` for training with `config` (the folder's own, or one changed by the caller: new
+/// labels, a different dropout). Checkpoint tensors for which `keep` is false are left out (their
+/// variables start fresh, e.g. a classifier head for other labels); every fresh variable is drawn
+/// from `seed`. Shapes that do not match the config are an error naming the tensor.
+pub fn load_trainable<M: Pretrained>(
+    files: &ModelFiles,
+    config: &M::Config,
+    device: &Device,
+    seed: u64,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Trainable<M>> {
+    files.check_model_type(M::MODEL_TYPES)?;
+    let mut tensors = M::canonical_names(files.load_tensors(device)?, config);
+    tensors.retain(|name, _| keep(name));
+    let varmap = VarMap::new();
+    let model = M::build(crate::nn::var_builder(&varmap, DType::F32, device, seed), config)
+        .with_context(|| format!("building {} for {}", M::ARCHITECTURE, files.dir.display()))?;
+    let report = copy_into_varmap(&varmap, &tensors)?;
+    let used: BTreeSet<String> = tensors.keys().filter(|k| !report.unused.contains(k)).cloned().collect();
+    check_no_extra_layers(&tensors.keys().cloned().collect(), &used, files)?;
+    Ok(Trainable { model, varmap, report })
+}
+
+/// Writes `tensors` (a model's variables by the names `build` gave them, e.g. a `VarMap`'s) and
+/// `config` as a Hugging Face folder in `dir`, with the tokenizer files of `tokenizer_from`.
+/// Weights are written in f32, the dtype transformers loads by default.
+pub fn save<M: Pretrained>(dir: &Path, config: &M::Config, tensors: HashMap<String, Tensor>, tokenizer_from: Option<&Path>) -> Result<()> {
+    let mut json = serde_json::to_value(config).context("the model config does not serialise")?;
+    let object = json.as_object_mut().context("the model config is not a JSON object")?;
+    if let Some(model_type) = M::MODEL_TYPES.first() {
+        object.insert("model_type".into(), (*model_type).into());
+    }
+    object.insert("architectures".into(), serde_json::json!([M::ARCHITECTURE]));
+    object.entry("dtype").or_insert_with(|| "float32".into());
+    let tensors = M::checkpoint_names(tensors, config)
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    crate::weights::save_pretrained(dir, &json, &tensors, tokenizer_from)
+}
+
+/// Saves the variables of `varmap` (see [`save`]).
+pub fn save_varmap<M: Pretrained>(dir: &Path, config: &M::Config, varmap: &VarMap, tokenizer_from: Option<&Path>) -> Result<()> {
+    save::<M>(dir, config, crate::train::checkpoint::varmap_tensors(varmap)?, tokenizer_from)
+}
+
+/// Errors when the checkpoint holds layers the config did not build: an unused tensor whose name
+/// has a layer index (`h.2.attn.c_attn.weight`) under a path the model does use (`h.0...`).
+/// Other unused tensors (another task's head) are what a base model legitimately skips.
+fn check_no_extra_layers(all: &BTreeSet<String>, used: &BTreeSet<String>, files: &ModelFiles) -> Result<()> {
+    let layer_path = |name: &str| -> Option<String> {
+        let parts: Vec<&str> = name.split('.').collect();
+        let index = parts.iter().position(|p| p.parse::<usize>().is_ok())?;
+        Some(parts[..index].join("."))
+    };
+    let used_paths: BTreeSet<String> = used.iter().filter_map(|n| layer_path(n)).collect();
+    let extra: Vec<&String> =
+        all.iter().filter(|n| !used.contains(*n)).filter(|n| layer_path(n).is_some_and(|p| used_paths.contains(&p))).collect();
+    if let Some(first) = extra.first() {
+        bail!(
+            "{}: the weights have {} tensor(s) the config does not build, such as {first}: config.json and the weights do not belong together (is the number of layers right?)",
+            files.dir.display(),
+            extra.len()
+        );
+    }
+    Ok(())
+}
+
+/// candle's tensor-map backend, recording which names the model asked for.
+struct UseTracking {
+    tensors: HashMap<String, Tensor>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl UseTracking {
+    fn record(&self, name: &str) {
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+    }
+}
+
+impl SimpleBackend for UseTracking {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.record(name);
+        SimpleBackend::get(&self.tensors, s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.record(name);
+        self.tensors.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
