@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check a GPT-2 folder saved by wick (examples/train_gpt2.rs) against transformers.
+"""Check a GPT-2 folder saved by wick (wick train gpt2) against transformers.
 
 Loads DIR unchanged with AutoTokenizer + GPT2LMHeadModel.from_pretrained (eval, float32, CPU),
 then, for the prompt:
@@ -8,7 +8,7 @@ then, for the prompt:
   * runs greedy generation (--new-tokens, no EOS stop) and, given wick's --json output, checks the
     generated ids are identical.
 
-    cargo run --release --example gpt2_generate -- --model DIR --prompt "ROMEO:" --temperature 0 \
+    cargo run --release -- generate --model DIR --prompt "ROMEO:" --temperature 0 \
         --max-new-tokens 20 --ignore-eos --save-logits /tmp/wick_logits.safetensors --json > /tmp/wick.json
     venv/bin/python scripts/check_gpt2_export.py DIR --prompt "ROMEO:" \
         --wick-logits /tmp/wick_logits.safetensors --wick-json /tmp/wick.json
@@ -28,8 +28,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--wick-logits", required=True, help="safetensors file from gpt2_generate --save-logits")
-    ap.add_argument("--wick-json", help="gpt2_generate --json output (its last line is used)")
+    ap.add_argument("--wick-logits", required=True, help="safetensors file from wick generate --save-logits")
+    ap.add_argument("--wick-json", help="wick generate --json output (its last line is used)")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args()
