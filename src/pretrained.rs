@@ -53,6 +53,7 @@ pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) ->
     files.check_model_type(M::MODEL_TYPES)?;
     let config: M::Config = files.config()?;
     let tensors = M::canonical_names(files.load_tensors(device)?, &config);
+    check_finite(&tensors, files)?;
     let names: BTreeSet<String> = tensors.keys().cloned().collect();
     let used = Arc::new(Mutex::new(BTreeSet::new()));
     let backend = UseTracking { tensors, used: used.clone() };
@@ -60,6 +61,13 @@ pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) ->
     let model = M::build(vb, &config).with_context(|| format!("loading {} from {}", M::ARCHITECTURE, files.dir.display()))?;
     let used = used.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?;
     check_no_extra_layers(&names, &used, files)?;
+    let unused: Vec<&String> = names.difference(&used).collect();
+    if !unused.is_empty() {
+        // What transformers prints in the same case: legitimate (a base model from a checkpoint
+        // with a task head), but worth knowing.
+        let shown: Vec<&str> = unused.iter().take(4).map(|s| s.as_str()).collect();
+        eprintln!("note: {} checkpoint tensor(s) not used by {}: {}{}", unused.len(), M::ARCHITECTURE, shown.join(", "), if unused.len() > 4 { ", ..." } else { "" });
+    }
     Ok((model, config))
 }
 
@@ -86,6 +94,7 @@ pub fn load_trainable<M: Pretrained>(
     files.check_model_type(M::MODEL_TYPES)?;
     let mut tensors = M::canonical_names(files.load_tensors(device)?, config);
     tensors.retain(|name, _| keep(name));
+    check_finite(&tensors, files)?;
     let varmap = VarMap::new();
     let model = M::build(crate::nn::var_builder(&varmap, DType::F32, device, seed), config)
         .with_context(|| format!("building {} for {}", M::ARCHITECTURE, files.dir.display()))?;
@@ -136,6 +145,30 @@ fn check_no_extra_layers(all: &BTreeSet<String>, used: &BTreeSet<String>, files:
             files.dir.display(),
             extra.len()
         );
+    }
+    Ok(())
+}
+
+/// Errors on the first tensor holding a NaN or an infinity, naming it: such a checkpoint (a run
+/// that diverged, a corrupt file) would otherwise predict NaN without a word.
+fn check_finite(tensors: &HashMap<String, Tensor>, files: &ModelFiles) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        // A sum is finite when every element is (short of overflow, which the exact check below
+        // rules out): one cheap pass for the common case.
+        let t32 = t.to_dtype(DType::F32)?;
+        if t32.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            continue;
+        }
+        let values = t32.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            bail!("{}: tensor {name} holds {bad} values: the checkpoint is damaged or comes from a run that diverged", files.dir.display());
+        }
     }
     Ok(())
 }

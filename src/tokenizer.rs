@@ -17,6 +17,9 @@ use tokenizers::Tokenizer;
 /// (BERT), else byte-level BPE from `vocab.json` + `merges.txt` (GPT-2). Padding and truncation
 /// a `tokenizer.json` may carry are switched off (MiniLM's pads everything to 128 tokens).
 pub fn load(dir: &Path) -> Result<Tokenizer> {
+    for name in crate::weights::TOKENIZER_FILES {
+        crate::weights::check_inside(dir, &dir.join(name))?;
+    }
     let json = dir.join("tokenizer.json");
     let mut tokenizer = if json.is_file() {
         Tokenizer::from_file(&json).map_err(|e| anyhow!("{}: {e}", json.display()))?

@@ -79,6 +79,10 @@ impl ModelFiles {
             Some(_) => WeightFiles::PytorchBin(dir.join(PYTORCH_BIN)),
             None => return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into()),
         };
+        check_inside(dir, &config)?;
+        for path in weights.paths() {
+            check_inside(dir, path)?;
+        }
         Ok(Self { dir: dir.to_path_buf(), config, weights })
     }
 
@@ -167,6 +171,26 @@ pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
 pub(crate) fn is_inside_path(relative: &str) -> bool {
     let path = Path::new(relative);
     !relative.is_empty() && !relative.contains('\\') && path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// Errors unless `file` (which may be a symbolic link) really lies inside the model folder `dir`:
+/// a link to `/etc/passwd` or to another user's files is never opened. A Hugging Face cache
+/// snapshot (`models--org--name/snapshots/<commit>/`) is made of links into the repo's own
+/// `blobs/`, so there the repo's folder is the boundary.
+pub fn check_inside(dir: &Path, file: &Path) -> Result<()> {
+    let Ok(target) = file.canonicalize() else {
+        return Ok(()); // absent: whoever opens it reports that
+    };
+    let folder = dir.canonicalize().with_context(|| format!("reading the folder {}", dir.display()))?;
+    let in_cache = folder.parent().filter(|p| p.file_name() == Some("snapshots".as_ref())).and_then(Path::parent);
+    let root = match in_cache {
+        Some(repo) if repo.file_name().is_some_and(|n| n.to_string_lossy().starts_with("models--")) => repo.to_path_buf(),
+        _ => folder,
+    };
+    if !target.starts_with(&root) {
+        bail!("{} leads to {}, outside the model folder {}; refusing to open it (copy the file into the folder instead of linking it)", file.display(), target.display(), root.display());
+    }
+    Ok(())
 }
 
 /// Reads a safetensors file through a memory map; a truncated or corrupt file is a
