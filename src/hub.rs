@@ -165,7 +165,7 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
         if local.is_file() {
             return Ok(local);
         }
-        let path = repo.download(file).map_err(|e| download_error(file, e))?;
+        let path = download_waiting_for_others(&repo, file, &local)?;
         if path != local {
             bail!("the Hub served {file} from another commit than {} (the branch moved during the download?): try again", info.sha);
         }
@@ -188,6 +188,33 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
     }
     cache.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision)).create_ref(&info.sha)?;
     Ok(snapshot)
+}
+
+/// How long a download waits for another process that is fetching the same file into the same
+/// cache (hf-hub locks each blob while it downloads it and itself gives up after 5 s).
+const WAIT_FOR_OTHER_DOWNLOAD: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Downloads `file` into the cache. When another process holds the file's lock, waits for it
+/// (and uses its result once the snapshot has the file) instead of failing or fetching twice;
+/// a failure after the other process completed the file (two processes linking the same
+/// snapshot entry) is no failure. A killed download leaves only hf-hub's `.sync.part` file,
+/// which the next download resumes; the snapshot entry appears only once the blob is complete.
+fn download_waiting_for_others(repo: &hf_hub::api::sync::ApiRepo, file: &str, local: &Path) -> Result<PathBuf> {
+    let start = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match repo.download(file) {
+            Ok(path) => return Ok(path),
+            Err(_) if local.is_file() => return Ok(local.to_path_buf()),
+            Err(ApiError::LockAcquisition(lock)) if start.elapsed() < WAIT_FOR_OTHER_DOWNLOAD => {
+                if !std::mem::replace(&mut told, true) {
+                    eprintln!("another process is downloading {file} ({} is locked); waiting for it", lock.display());
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(download_error(file, e)),
+        }
+    }
 }
 
 fn download_error(file: &str, e: ApiError) -> anyhow::Error {

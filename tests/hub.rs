@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use wick::hub::{self, HubError, HubOptions};
 use wick::models::bert::{self, BertModel};
 
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+use common::fake_hub::{fake_hub, COMMIT};
 
 /// Lays `src`'s files out as the Hub cache does: blobs, a snapshot of symlinks, refs/<branch>.
 fn fake_cache(cache: &Path, repo_id: &str, src: &Path, branch: &str) -> Result<PathBuf> {
@@ -213,66 +213,10 @@ fn minilm_sentence_embeddings_match_sentence_transformers() -> Result<()> {
 
 // ------------------------------------------------- the download path, against a local fake Hub
 
-/// A minimal stand-in for the Hub's HTTP API on 127.0.0.1: `GET /api/models/{repo}/revision/{rev}`
-/// lists the files of `repo_dir`, and `GET /{repo}/resolve/{rev}/{file}` serves them with the
-/// headers hf-hub reads (`x-repo-commit`, `etag`, `content-range`). Only `org/tiny` at `main`
-/// exists; anything else is a 404. Returns the endpoint URL.
-fn fake_hub(repo_dir: PathBuf) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
-                continue;
-            }
-            let mut range_start = 0usize;
-            let mut range_end: Option<usize> = None;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
-                    break;
-                }
-                if let Some(range) = header.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    let (a, b) = range.trim().split_once('-').unwrap();
-                    range_start = a.parse().unwrap();
-                    range_end = b.parse().ok();
-                }
-            }
-            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut files: Vec<String> = std::fs::read_dir(&repo_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-            files.sort();
-            let (status, headers, body): (&str, String, Vec<u8>) = if path == "/api/models/org/tiny/revision/main" {
-                let siblings: Vec<_> = files.iter().map(|f| serde_json::json!({ "rfilename": f })).collect();
-                let json = serde_json::json!({ "sha": COMMIT, "siblings": siblings }).to_string();
-                ("200 OK", "content-type: application/json\r\n".into(), json.into_bytes())
-            } else if let Some(file) = path.strip_prefix("/org/tiny/resolve/main/").filter(|f| files.iter().any(|x| x == f)) {
-                let bytes = std::fs::read(repo_dir.join(file)).unwrap();
-                let end = range_end.unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
-                let headers = format!(
-                    "x-repo-commit: {COMMIT}\r\netag: \"{}-{}\"\r\ncontent-range: bytes {range_start}-{end}/{}\r\n",
-                    file.replace('.', "-"),
-                    bytes.len(),
-                    bytes.len()
-                );
-                ("206 Partial Content", headers, bytes[range_start..=end].to_vec())
-            } else {
-                ("404 Not Found", String::new(), b"{\"error\":\"Repository not found\"}".to_vec())
-            };
-            let head = format!("HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n", body.len());
-            let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(&body));
-        }
-    });
-    endpoint
-}
-
 #[test]
 fn downloads_into_the_cache_layout_then_works_offline() -> Result<()> {
     let cache = tempfile::tempdir()?;
-    let endpoint = fake_hub(fixture_path("hf/bert-tiny-cls"));
+    let endpoint = fake_hub(fixture_path("hf/bert-tiny-cls"), None);
     let online = HubOptions { cache_dir: Some(cache.path().to_path_buf()), endpoint: Some(endpoint.clone()), offline: Some(false), quiet: true, ..Default::default() };
     let files = hub::resolve("org/tiny", &online)?;
     let snapshot = cache.path().join("models--org--tiny/snapshots").join(COMMIT);

@@ -2,6 +2,8 @@
 //! `tests/fixtures/make_fixtures.py` (PyTorch / transformers).
 #![allow(dead_code)]
 
+pub mod fake_hub;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
