@@ -58,7 +58,7 @@ pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) ->
     let used = Arc::new(Mutex::new(BTreeSet::new()));
     let backend = UseTracking { tensors, used: used.clone() };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let model = M::build(vb, &config).with_context(|| format!("loading {} from {}", M::ARCHITECTURE, files.dir.display()))?;
+    let model = M::build(vb, &config).with_context(|| format!("loading {} from {} (its config.json and weights)", M::ARCHITECTURE, files.dir.display()))?;
     let used = used.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?;
     check_no_extra_layers(&names, &used, files)?;
     let unused: Vec<&String> = names.difference(&used).collect();

@@ -80,6 +80,12 @@ impl ModelFiles {
             None => return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into()),
         };
         check_inside(dir, &config)?;
+        let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(_)) => {}
+            Ok(_) => bail!("{} is not a JSON object of model settings", config.display()),
+            Err(e) => bail!("{} is not valid JSON ({e})", config.display()),
+        }
         for path in weights.paths() {
             check_inside(dir, path)?;
         }

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 /// With --json, stdout has one JSON array of floats per line, in input order, then one summary
 /// object as the last line; otherwise one line per text with the vector's first values.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 #[command(mut_arg("model", |a| a.default_value("sentence-transformers/all-MiniLM-L6-v2").required(false)))]
 pub struct EmbedArgs {
     #[command(flatten)]

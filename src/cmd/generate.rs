@@ -16,6 +16,7 @@ use std::path::PathBuf;
 /// With one prompt the text is streamed to stdout as it is generated; with several they run as
 /// one left-padded batch and are printed at the end. Speed (tokens/s) goes to stderr.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 #[command(mut_arg("model", |a| a.default_value("openai-community/gpt2").required(false)))]
 pub struct GenerateArgs {
     #[command(flatten)]

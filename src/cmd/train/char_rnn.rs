@@ -2,7 +2,7 @@
 //! trained on a text file, with validation loss in nats per character and a sample.
 
 use crate::cli::{self, OutputArgs, RunArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::DType;
 use candle_nn::VarMap;
 use clap::Args;
@@ -19,6 +19,7 @@ pub const CHAR_VOCAB: &str = "char_vocab.json";
 
 /// Train a character-level RNN language model on a text file and sample from it.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct CharRnnArgs {
     /// A plain-text corpus (e.g. tinyshakespeare's input.txt); the last 10% is the validation set.
     #[arg(long)]
@@ -80,8 +81,9 @@ pub fn run(args: CharRnnArgs) -> Result<()> {
     // Checked before training, so a prompt the corpus cannot spell fails at once.
     let prompt = corpus.encode(&args.prompt).map_err(|e| anyhow::anyhow!("--prompt {:?}: {e}", args.prompt))?;
     let (train_ids, val_ids) = corpus.split(0.1);
-    let train = TokenWindows::new(train_ids, args.seq_len)?;
-    let val = TokenWindows::new(val_ids, args.seq_len)?;
+    let data = args.data.display();
+    let train = TokenWindows::new(train_ids, args.seq_len).with_context(|| format!("{data}: the training part (90%) is too short for --seq-len {}", args.seq_len))?;
+    let val = TokenWindows::new(val_ids, args.seq_len).with_context(|| format!("{data}: the validation part (10%) is too short for --seq-len {}", args.seq_len))?;
 
     let varmap = VarMap::new();
     let vb = crate::nn::var_builder(&varmap, DType::F32, &device, args.run.seed);

@@ -22,6 +22,7 @@ const DEFAULT_TOKENIZER: &str = "../shared/data/gpt2-tokenizer";
 /// Face GPT-2 folder in --output (config.json, model.safetensors, tokenizer files, next to the
 /// trainer's checkpoints/ and metrics), and print a sample.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct Gpt2Args {
     /// A plain-text corpus (e.g. tinyshakespeare's input.txt).
     #[arg(long)]
@@ -134,8 +135,9 @@ pub fn run(args: Gpt2Args) -> Result<()> {
     let cut = ids.len() - ids.len() / 10;
     let (train_ids, val_ids) = (ids[..cut].to_vec(), ids[cut..].to_vec());
     eprintln!("{} characters → {} tokens ({:.1} s); {} for training, {} for validation; vocabulary {vocab_size}", text.len(), ids.len(), t0.elapsed().as_secs_f64(), train_ids.len(), val_ids.len());
-    let train = TokenWindows::new(train_ids, args.block_size)?;
-    let val = TokenWindows::new(val_ids, args.block_size).context("the validation part is too short for one block")?;
+    let data = args.data.display();
+    let train = TokenWindows::new(train_ids, args.block_size).with_context(|| format!("{data}: the training part (90%) is too short for --block-size {}", args.block_size))?;
+    let val = TokenWindows::new(val_ids, args.block_size).with_context(|| format!("{data}: the validation part (10%) is too short for --block-size {}", args.block_size))?;
 
     let mut cfg = Config::new(vocab_size, args.block_size, args.n_embd, args.n_layer, args.n_head);
     cfg.resid_pdrop = args.dropout;

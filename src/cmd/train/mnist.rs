@@ -27,6 +27,7 @@ pub enum ModelKind {
 
 /// Train a digit classifier on MNIST (IDX files, gzipped or not) and evaluate on its test set.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct MnistArgs {
     /// Which network to train.
     #[arg(long, value_enum, default_value = "cnn")]
