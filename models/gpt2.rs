@@ -533,7 +533,7 @@ impl GPT2Model {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = block.forward(&x, key_mask.as_ref(), layer_cache, train)?;
         }
-        if let Some(c) = cache.as_deref_mut() {
+        if let Some(c) = cache {
             c.advance(new_mask.as_deref(), b, t);
         }
         match select {
