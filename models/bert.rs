@@ -6,34 +6,18 @@
 //! Every op on the training path has a gradient: LayerNorm and softmax switch to candle's fused
 //! (gradient-less) kernels only when nothing needs a gradient.
 
+use super::Activation;
 use crate::nn::{dropout, dropout_add, LayerNorm};
 use crate::ops::heads::{merge_heads, split_heads};
 use candle_core::{DType, Module, Result, Tensor, D};
-use crate::ops::linear::{Dense as Linear, WeightLayout};
+use crate::ops::linear::{Dense, WeightLayout};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HiddenAct {
-    /// The exact (erf) GELU, transformers' "gelu".
-    #[default]
-    Gelu,
-    /// The tanh approximation.
-    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluNew,
-    Relu,
-}
-
-impl HiddenAct {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Gelu => crate::ops::activation::gelu_erf(x),
-            Self::GeluNew => x.gelu(),
-            Self::Relu => x.relu(),
-        }
-    }
+/// transformers' default `hidden_act` for BERT: the exact GELU.
+fn default_act() -> Activation {
+    Activation::Gelu
 }
 
 fn default_eps() -> f64 {
@@ -58,8 +42,8 @@ pub struct Config {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
-    #[serde(default)]
-    pub hidden_act: HiddenAct,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
     #[serde(default = "default_dropout")]
     pub hidden_dropout_prob: f64,
     #[serde(default = "default_dropout")]
@@ -124,10 +108,8 @@ impl Config {
 
 
 /// Linear layers initialised as transformers does (normal, std 0.02; zero bias) when new.
-fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Linear> {
-    let weight = vb.get_with_hints((d_out, d_in), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
-    let bias = vb.get_with_hints(d_out, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear::new(weight, Some(bias), WeightLayout::OutIn))
+fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Dense> {
+    Dense::load_normal(vb, d_in, d_out, 0.02, WeightLayout::OutIn)
 }
 
 struct Embeddings {
@@ -163,16 +145,16 @@ impl Embeddings {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attention_output: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attention_output: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
     heads: usize,
-    act: HiddenAct,
+    act: Activation,
     hidden_dropout: f64,
     attention_dropout: f64,
 }
@@ -200,7 +182,7 @@ impl Layer {
     fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let h = x.dim(2)?;
         let head_dim = h / self.heads;
-        let split = |l: &Linear| -> Result<Tensor> { split_heads(&l.forward(x)?, self.heads) };
+        let split = |l: &Dense| -> Result<Tensor> { split_heads(&l.forward(x)?, self.heads) };
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, scale, false, self.attention_dropout, train)?;
@@ -215,7 +197,7 @@ impl Layer {
 pub struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    pooler: Option<Linear>,
+    pooler: Option<Dense>,
     pub config: Config,
 }
 
@@ -272,7 +254,7 @@ impl BertModel {
 /// `BertForSequenceClassification`: `bert.*` and `classifier.*`.
 pub struct BertForSequenceClassification {
     pub bert: BertModel,
-    classifier: Linear,
+    classifier: Dense,
     dropout: f64,
 }
 

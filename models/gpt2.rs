@@ -9,10 +9,10 @@
 //!
 //! GPT-2's `Conv1D` layers store their weights as (in, out): they are used as stored, never
 //! transposed or copied per step. The LM head reads `wte` (vocab, n_embd) as its transpose, also
-//! without a copy. On the CPU, products with few rows (decoding) and every product with f16/bf16
-//! weights go through [`crate::ops::matvec`], which reads the weight once, converting it inside
-//! the product, on every thread of the rayon pool; f32 prompt passes and training use one fused
-//! GEMM per layer.
+//! without a copy. Both are wick's one linear layer ([`Dense`]): on the CPU, products with few
+//! rows (decoding) and every product with f16/bf16 weights go through [`crate::ops::matvec`],
+//! which reads the weight once, converting it inside the product, on every thread of the rayon
+//! pool; f32 prompt passes and training use one fused GEMM per layer.
 //!
 //! Inference keeps a [`KvCache`] per generation: keys and values of every layer live in
 //! tensors preallocated for the whole generation and new positions are written in place
@@ -22,10 +22,10 @@
 //!
 //! Padding: rows of a batch may be left-padded (transformers' convention for generation) with
 //! `attention_mask` 0 on the padding and positions `cumsum(mask) - 1`. A padding token that
-//! precedes every real token of its row would have nothing to attend to (a softmax over nothing
-//! is NaN, which would leak into the gradients and the cache), so such batches run with each
-//! row's real tokens moved in front of its padding (a stable reordering: the real tokens see
-//! exactly what they would see in place) and outputs are put back in the caller's order.
+//! precedes every real token of its row has nothing to attend to (a plain softmax over nothing
+//! is NaN); wick's attention gives such a query a zero output and zero gradient on every path,
+//! as PyTorch's SDPA does, so batches run in the caller's order and even the logits at padding
+//! positions match transformers'.
 //!
 //! Every op on the training path has a gradient (LayerNorm and softmax use candle's fused,
 //! gradient-less kernels only when nothing needs a gradient); dropout is active only in training.
@@ -37,47 +37,13 @@
 //! outputs (hidden states, logits) come back in the model's dtype. On CUDA everything is in the
 //! model's dtype.
 
+use super::Activation;
 use crate::nn::{dropout, dropout_add, LayerNorm};
-use crate::ops::linear::WeightLayout;
-use crate::ops::matvec::{self, MATVEC_ROWS};
-use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, D};
+use crate::ops::linear::{Dense, WeightLayout};
+use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-
-/// The activation of the MLP, by transformers' names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// The tanh approximation of GELU (GPT-2's own).
-    #[default]
-    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluNew,
-    /// The exact (erf) GELU.
-    Gelu,
-    Relu,
-    #[serde(alias = "swish")]
-    Silu,
-    Tanh,
-    /// x · sigmoid(1.702 x)
-    QuickGelu,
-    #[serde(alias = "identity")]
-    Linear,
-}
-
-impl Activation {
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::GeluNew => x.gelu(),
-            Self::Gelu => x.gelu_erf(),
-            Self::Relu => x.relu(),
-            Self::Silu => x.silu(),
-            Self::Tanh => x.tanh(),
-            Self::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
-            Self::Linear => Ok(x.clone()),
-        }
-    }
-}
 
 /// One token id or several (`eos_token_id` may be a list in recent configs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +86,9 @@ fn default_init_range() -> f64 {
 fn default_true() -> bool {
     true
 }
+fn default_act() -> Activation {
+    Activation::GeluNew
+}
 fn default_special() -> Option<TokenIds> {
     Some(TokenIds::One(50256))
 }
@@ -142,7 +111,7 @@ pub struct Config {
     /// Width of the MLP; 4 · n_embd when absent or null.
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default)]
+    #[serde(default = "default_act")]
     pub activation_function: Activation,
     #[serde(default = "default_pdrop")]
     pub resid_pdrop: f64,
@@ -218,38 +187,9 @@ impl Config {
 }
 
 
-/// transformers' `Conv1D`: weight (in, out), y = x · W + b.
-#[derive(Clone, Debug)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn load(vb: VarBuilder, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints((d_in, d_out), "weight", Init::Randn { mean: 0.0, stdev: std })?,
-            bias: vb.get_with_hints(d_out, "bias", Init::Const(0.0))?,
-        })
-    }
-
-    /// x: (..., in) → (..., out)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() || f32_gemm(x, &self.weight)? {
-            // CUDA, and f32 prefill and training: one fused node (bias in the GEMM, contiguous
-            // gradients).
-            return crate::ops::linear::linear(x, &self.weight, Some(&self.bias), WeightLayout::InOut);
-        }
-        // Decoding, and f16/bf16 weights: the weight read once, split over the rayon pool.
-        matvec::matmul_weight(x, &self.weight, Some(&self.bias), WeightLayout::InOut)
-    }
-}
-
-/// Whether a CPU product of `x` (..., in) with `w` goes to a GEMM: f32 weights with many rows
-/// or a gradient to track (the fused GEMM's backward pass is the fastest).
-fn f32_gemm(x: &Tensor, w: &Tensor) -> Result<bool> {
-    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    Ok(x.dtype() == DType::F32 && w.dtype() == DType::F32 && (rows > MATVEC_ROWS || x.track_op() || w.track_op()))
+/// transformers' `Conv1D`: weight (in, out), y = x · W + b, N(0, `std`²) and 0 when new.
+fn conv1d(vb: VarBuilder, d_in: usize, d_out: usize, std: f64) -> Result<Dense> {
+    Dense::load_normal(vb, d_in, d_out, std, WeightLayout::InOut)
 }
 
 /// LayerNorm in x's dtype (f32 on the CPU): parameters kept in another dtype (training
@@ -347,25 +287,57 @@ impl KvCache {
         Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
     }
 
-    fn advance(&mut self, new_mask: &[Vec<u32>]) {
+    /// Whether row `r` holds a real (unpadded) token.
+    fn has_tokens(&self, r: usize) -> bool {
+        self.mask.get(r).is_some_and(|m| m.contains(&1))
+    }
+
+    /// The key mask of an attention over the cached positions and `t` new ones of `b` rows
+    /// (`new`: their mask, None = no padding): (b, len + t), 1 = attend; None when no position
+    /// is padding.
+    fn key_mask(&self, new: Option<&[Vec<u32>]>, b: usize, t: usize, device: &Device) -> Result<Option<Tensor>> {
+        if new.is_none() && !self.padded {
+            return Ok(None);
+        }
+        let mut flat = Vec::with_capacity(b * (self.len + t));
+        for r in 0..b {
+            if let Some(cached) = self.mask.get(r) {
+                flat.extend_from_slice(cached);
+            }
+            match new {
+                Some(rows) => flat.extend_from_slice(&rows[r]),
+                None => flat.extend(std::iter::repeat_n(1u32, t)),
+            }
+        }
+        Tensor::from_vec(flat, (b, self.len + t), device).map(Some)
+    }
+
+    /// Records `t` new positions of `b` rows with their mask (None = no padding), after every
+    /// layer has appended their keys and values.
+    fn advance(&mut self, new: Option<&[Vec<u32>]>, b: usize, t: usize) {
         if self.mask.is_empty() {
-            self.mask = vec![vec![]; new_mask.len()];
+            self.mask = vec![vec![]; b];
         }
-        for (row, m) in self.mask.iter_mut().zip(new_mask) {
-            self.padded |= m.contains(&0);
-            row.extend_from_slice(m);
+        for (r, row) in self.mask.iter_mut().enumerate() {
+            match new {
+                Some(rows) => {
+                    self.padded |= rows[r].contains(&0);
+                    row.extend_from_slice(&rows[r]);
+                }
+                None => row.extend(std::iter::repeat_n(1u32, t)),
+            }
         }
-        self.len += new_mask.first().map_or(0, Vec::len);
+        self.len += t;
     }
 }
 
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
+    c_attn: Dense,
+    attn_proj: Dense,
     ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+    c_fc: Dense,
+    mlp_proj: Dense,
     n_head: usize,
     scale: f64,
     act: Activation,
@@ -385,11 +357,11 @@ impl Block {
         }
         let mut block = Self {
             ln_1: LayerNorm::load(vb.pp("ln_1"), h, cfg.layer_norm_epsilon)?,
-            c_attn: Conv1D::load(vb.pp("attn.c_attn"), h, 3 * h, std)?,
-            attn_proj: Conv1D::load(vb.pp("attn.c_proj"), h, h, proj_std)?,
+            c_attn: conv1d(vb.pp("attn.c_attn"), h, 3 * h, std)?,
+            attn_proj: conv1d(vb.pp("attn.c_proj"), h, h, proj_std)?,
             ln_2: LayerNorm::load(vb.pp("ln_2"), h, cfg.layer_norm_epsilon)?,
-            c_fc: Conv1D::load(vb.pp("mlp.c_fc"), h, inner, std)?,
-            mlp_proj: Conv1D::load(vb.pp("mlp.c_proj"), inner, h, proj_std)?,
+            c_fc: conv1d(vb.pp("mlp.c_fc"), h, inner, std)?,
+            mlp_proj: conv1d(vb.pp("mlp.c_proj"), inner, h, proj_std)?,
             n_head: cfg.n_head,
             scale,
             act: cfg.activation_function,
@@ -399,12 +371,12 @@ impl Block {
         ln_to_cpu_compute(&mut block.ln_1)?;
         ln_to_cpu_compute(&mut block.ln_2)?;
         for conv in [&mut block.c_attn, &mut block.attn_proj, &mut block.c_fc, &mut block.mlp_proj] {
-            conv.bias = to_cpu_compute(conv.bias.clone())?;
+            conv.bias = conv.bias.take().map(to_cpu_compute).transpose()?;
         }
         Ok(block)
     }
 
-    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, query_keep: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>, train: bool) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.n_head;
         let qkv = self.c_attn.forward(&norm(&self.ln_1, x)?)?;
@@ -417,10 +389,7 @@ impl Block {
         };
         let causal = t > 1; // one new query sees every cached key
         let context = crate::ops::attention::attention_with_dropout(&q, &k, &v, key_mask, self.scale, causal, self.attn_pdrop, train)?;
-        let mut context = crate::ops::heads::merge_heads(&context)?;
-        if let Some(keep) = query_keep {
-            context = context.broadcast_mul(keep)?;
-        }
+        let context = crate::ops::heads::merge_heads(&context)?;
         let x = dropout_add(&self.attn_proj.forward(&context)?, x, self.resid_pdrop, train)?;
         let inner = self.act.apply(&self.c_fc.forward(&norm(&self.ln_2, &x)?)?)?;
         dropout_add(&self.mlp_proj.forward(&inner)?, &x, self.resid_pdrop, train)
@@ -541,62 +510,20 @@ impl GPT2Model {
             }
             None => None,
         };
-        // Rows whose padding comes before any real token (left padding on an empty cache) are
-        // reordered real-tokens-first; `order[r][slot]` is the input column at that slot.
-        let past_real: Vec<bool> = (0..b).map(|r| cache.as_ref().is_some_and(|c| c.mask.get(r).is_some_and(|m| m.contains(&1)))).collect();
-        let mut order: Option<Vec<Vec<usize>>> = None;
         if let Some(rows) = &new_mask {
             for (r, row) in rows.iter().enumerate() {
-                if !past_real[r] && !row.contains(&1) {
+                if !row.contains(&1) && !cache.as_ref().is_some_and(|c| c.has_tokens(r)) {
                     bail!("row {r} of the batch has no tokens (its attention_mask is all 0)")
                 }
             }
-            let needs = rows.iter().enumerate().any(|(r, row)| !past_real[r] && row[0] == 0);
-            if needs {
-                order = Some(
-                    rows.iter()
-                        .map(|row| (0..t).filter(|&j| row[j] == 1).chain((0..t).filter(|&j| row[j] == 0)).collect())
-                        .collect(),
-                );
-            }
         }
-        // Queries with nothing to attend to (padding before any real token) get a zero attention
-        // output, as PyTorch's scaled_dot_product_attention gives them; 1 = keep, 0 = zero.
-        let query_keep = match (&order, &new_mask) {
-            (Some(order), Some(rows)) => {
-                let mut keep = Vec::with_capacity(b * t);
-                for (r, (o, row)) in order.iter().zip(rows).enumerate() {
-                    let first_real = row.iter().position(|&m| m == 1).unwrap_or(t);
-                    keep.extend(o.iter().map(|&j| if !past_real[r] && j < first_real { 0f32 } else { 1.0 }));
-                }
-                Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?.to_dtype(self.compute_dtype())?)
-            }
-            _ => None,
-        };
-        let (ids, positions, new_mask) = match &order {
-            None => (ids, positions, new_mask),
-            Some(order) => {
-                let gather = |x: &Tensor| -> Result<Tensor> { reorder_rows(x, order) };
-                let mask = new_mask.as_ref().map(|rows| order.iter().zip(rows).map(|(o, row)| o.iter().map(|&j| row[j]).collect()).collect());
-                (gather(&ids)?, gather(&positions)?, mask)
-            }
-        };
-        let new_mask_rows = new_mask.clone().unwrap_or_else(|| vec![vec![1u32; t]; b]);
-
-        // The key mask over every position attention sees (cached + new), or None if no padding.
-        let padded_past = cache.as_ref().is_some_and(|c| c.padded);
-        let key_mask = if new_mask.is_some() || padded_past {
-            let mut flat = Vec::with_capacity(b * (past + t));
-            for (r, row) in new_mask_rows.iter().enumerate() {
-                match cache.as_ref() {
-                    Some(c) if past > 0 => flat.extend_from_slice(&c.mask[r]),
-                    _ => {}
-                }
-                flat.extend_from_slice(row);
-            }
-            Some(Tensor::from_vec(flat, (b, past + t), &self.device)?)
-        } else {
-            None
+        // Left padding needs nothing special: a padding query before its row's first token sees
+        // no key, and the attention op gives such a query a zero output with zero gradient (as
+        // PyTorch's SDPA does), so nothing undefined reaches the real tokens, the cache or the
+        // gradients.
+        let key_mask = match cache.as_ref() {
+            Some(c) => c.key_mask(new_mask.as_deref(), b, t, &self.device)?,
+            None => new_mask.as_ref().and(attention_mask.cloned()),
         };
 
         let act = self.compute_dtype();
@@ -604,45 +531,14 @@ impl GPT2Model {
         let mut x = dropout(&x, self.config.embd_pdrop, train)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = block.forward(&x, key_mask.as_ref(), query_keep.as_ref(), layer_cache, train)?;
+            x = block.forward(&x, key_mask.as_ref(), layer_cache, train)?;
         }
-        if let Some(c) = cache.as_deref_mut() {
-            c.advance(&new_mask_rows);
+        if let Some(c) = cache {
+            c.advance(new_mask.as_deref(), b, t);
         }
         match select {
-            Select::All => {
-                let x = norm(&self.ln_f, &x)?;
-                match &order {
-                    None => Ok(x),
-                    Some(order) => {
-                        // Back to the caller's column order.
-                        let inverse: Vec<Vec<usize>> = order
-                            .iter()
-                            .map(|o| {
-                                let mut inv = vec![0; o.len()];
-                                for (slot, &col) in o.iter().enumerate() {
-                                    inv[col] = slot;
-                                }
-                                inv
-                            })
-                            .collect();
-                        reorder_rows(&x, &inverse)
-                    }
-                }
-            }
-            Select::Last => {
-                let last: Vec<u32> = match &order {
-                    None => (0..b).map(|r| (r * t + t - 1) as u32).collect(),
-                    Some(order) => order.iter().enumerate().map(|(r, o)| (r * t + o.iter().position(|&c| c == t - 1).unwrap()) as u32).collect(),
-                };
-                let x = if t == 1 {
-                    x.reshape((b, x.dim(2)?))?
-                } else {
-                    let idx = Tensor::from_vec(last, b, &self.device)?;
-                    x.reshape((b * t, x.dim(2)?))?.index_select(&idx, 0)?
-                };
-                norm(&self.ln_f, &x)
-            }
+            Select::All => norm(&self.ln_f, &x),
+            Select::Last => norm(&self.ln_f, &x.narrow(1, t - 1, 1)?.squeeze(1)?),
         }
     }
 }
@@ -653,34 +549,23 @@ fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, table.dim(1)?))
 }
 
-/// Row `r` of the result is row `r` of `x` (batch, seq, ...) with its columns in `order[r]`.
-fn reorder_rows(x: &Tensor, order: &[Vec<usize>]) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (b, t) = (dims[0], dims[1]);
-    let idx: Vec<u32> = order.iter().enumerate().flat_map(|(r, o)| o.iter().map(move |&j| (r * t + j) as u32)).collect();
-    let idx = Tensor::from_vec(idx, b * t, x.device())?;
-    let mut flat = vec![b * t];
-    flat.extend_from_slice(&dims[2..]);
-    x.reshape(flat)?.index_select(&idx, 0)?.reshape(dims)
-}
-
 /// `GPT2LMHeadModel`: `transformer.*`, and the LM head, tied to `transformer.wte.weight` (an
 /// untied `lm_head.weight` is read when the config says `tie_word_embeddings: false`).
 pub struct GPT2LMHeadModel {
     pub transformer: GPT2Model,
-    /// (vocab, n_embd): `wte` itself when tied.
-    lm_head: Tensor,
+    /// (vocab, n_embd), no bias: `wte` itself when tied, read as its transpose without a copy.
+    lm_head: Dense,
 }
 
 impl GPT2LMHeadModel {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let transformer = GPT2Model::load(vb.pp("transformer"), cfg)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let weight = if cfg.tie_word_embeddings {
             transformer.wte.clone()
         } else {
             vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "lm_head.weight", Init::Randn { mean: 0.0, stdev: cfg.initializer_range })?
         };
-        Ok(Self { transformer, lm_head })
+        Ok(Self { transformer, lm_head: Dense::new(weight, None, WeightLayout::OutIn) })
     }
 
     pub fn config(&self) -> &Config {
@@ -696,19 +581,10 @@ impl GPT2LMHeadModel {
         let dims = hidden.dims().to_vec();
         let h = dims[dims.len() - 1];
         let rows = hidden.elem_count() / h;
-        let logits = self.head_product(&hidden.reshape((rows, h))?)?;
+        let logits = self.lm_head.forward(&hidden.reshape((rows, h))?)?;
         let mut out = dims;
-        *out.last_mut().unwrap() = self.lm_head.dim(0)?;
+        *out.last_mut().unwrap() = self.lm_head.weight.dim(0)?;
         logits.reshape(out)?.to_dtype(self.transformer.dtype())
-    }
-
-    /// (rows, n_embd) → (rows, vocab) logits, in the hidden states' dtype: the product with the
-    /// (vocab, n_embd) weight read as its transpose, without a copy.
-    fn head_product(&self, hidden: &Tensor) -> Result<Tensor> {
-        if !hidden.device().is_cpu() || f32_gemm(hidden, &self.lm_head)? {
-            return hidden.matmul(&self.lm_head.t()?);
-        }
-        matvec::matmul_weight(hidden, &self.lm_head, None, WeightLayout::OutIn)
     }
 
     /// Logits (batch, seq, vocab); the arguments are [`GPT2Model::forward`]'s.
@@ -732,7 +608,7 @@ impl GPT2LMHeadModel {
         let hidden = self.transformer.forward(input_ids, None, None, None, train)?;
         let h = hidden.dim(2)?;
         let hidden = hidden.reshape(((), h))?;
-        let logits = self.head_product(&hidden)?;
+        let logits = self.lm_head.forward(&hidden)?;
         crate::nn::cross_entropy(&logits, &targets.flatten_all()?)
     }
 }
@@ -748,6 +624,28 @@ impl crate::train::TrainModel for GPT2LMHeadModel {
     }
     fn evaluate(&self, (x, y): &Self::Batch) -> anyhow::Result<crate::train::EvalBatch> {
         crate::train::EvalBatch::from_logits(&self.forward(x, None, None, None, false)?, y)
+    }
+}
+
+/// Generation (`wick::generate`) with the KV cache: the prompt pass and each decoding step
+/// compute the logits of the last column only.
+impl crate::generate::CausalLm for GPT2LMHeadModel {
+    type Cache = KvCache;
+
+    fn new_cache(&self, _batch: usize, capacity: usize) -> anyhow::Result<KvCache> {
+        Ok(self.new_cache(capacity))
+    }
+
+    fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut KvCache) -> anyhow::Result<Tensor> {
+        Ok(GPT2LMHeadModel::forward_last(self, ids, Some(positions), Some(mask), Some(cache))?)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().n_positions)
+    }
+
+    fn device(&self) -> &Device {
+        self.transformer.device()
     }
 }
 

@@ -14,10 +14,14 @@ pub struct MlpConfig {
     pub input: usize,
     pub hidden: Vec<usize>,
     pub output: usize,
-    #[serde(default)]
+    #[serde(default = "relu")]
     pub activation: Activation,
     #[serde(default)]
     pub dropout: f64,
+}
+
+fn relu() -> Activation {
+    Activation::Relu
 }
 
 impl MlpConfig {

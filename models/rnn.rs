@@ -8,10 +8,11 @@
 //! cell pass a step, the weight gradients of all steps as one GEMM). Elsewhere, and for the GRU,
 //! the layers run step by step with candle ops ([`Rnn::forward_steps`]).
 
-use crate::ops::linear::{Dense, WeightLayout};
+use crate::generate::{CausalLm, GenerationConfig};
+use crate::ops::linear::Dense;
 use crate::ops::lstm_layer::{lstm_layer, LstmWeights};
-use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Init, Linear, Module, ModuleT, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{embedding, Embedding, Init, Module, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +67,20 @@ pub struct RnnState {
     pub c: Option<Tensor>,
 }
 
+impl RnnState {
+    /// The state of batch row `r` alone (batch 1).
+    pub fn row(&self, r: usize) -> Result<Self> {
+        Ok(Self { h: self.h.narrow(1, r, 1)?, c: self.c.as_ref().map(|c| c.narrow(1, r, 1)).transpose()? })
+    }
+
+    /// The states of several batches, one after the other along the batch.
+    pub fn cat_rows(states: &[Self]) -> Result<Self> {
+        let h = Tensor::cat(&states.iter().map(|s| &s.h).collect::<Vec<_>>(), 1)?;
+        let c = states.iter().map(|s| s.c.as_ref()).collect::<Option<Vec<_>>>().map(|c| Tensor::cat(&c, 1)).transpose()?;
+        Ok(Self { h, c })
+    }
+}
+
 pub struct Rnn {
     cfg: RnnConfig,
     layers: Vec<Layer>,
@@ -99,9 +114,10 @@ impl Rnn {
     }
 
     /// Whether a (batch, time, ·) sequence in `dtype` on `device` runs through the fused
-    /// whole-layer LSTM op: an LSTM with f32 weights on the CPU.
+    /// whole-layer LSTM op: an LSTM with f32 weights on the CPU (unless `WICK_OPS=reference`).
     fn fused(&self, dtype: DType, device: &Device) -> bool {
-        self.cfg.cell == Cell::Lstm && device.is_cpu() && dtype == DType::F32 && self.layers.iter().all(|l| l.w_ih.dtype() == DType::F32)
+        let f32_weights = self.layers.iter().all(|l| l.w_ih.dtype() == DType::F32);
+        self.cfg.cell == Cell::Lstm && crate::ops::fused_path(device) && dtype == DType::F32 && f32_weights
     }
 
     /// Runs `x` (batch, time, input) from `state` (zeros when `None`); returns the last layer's
@@ -207,12 +223,6 @@ impl Rnn {
     }
 }
 
-/// candle_nn's `linear` (its initialisation and names) as a [`Dense`] layer.
-fn dense_head(input: usize, output: usize, vb: VarBuilder) -> Result<Dense> {
-    let head = linear(input, output, vb)?;
-    Ok(Dense::new(head.weight().clone(), head.bias().cloned(), WeightLayout::OutIn))
-}
-
 /// One embedding lookup per time step of `ids` (batch, time): see [`Rnn::forward_steps`].
 fn embed_steps(embedding: &Embedding, ids: &Tensor) -> Result<Vec<Tensor>> {
     (0..ids.dim(1)?).map(|t| embedding.forward(&ids.narrow(1, t, 1)?.squeeze(1)?)).collect()
@@ -249,7 +259,7 @@ impl CharRnn {
         Ok(Self {
             embedding: embedding(cfg.vocab_size, cfg.embedding_size, vb.pp("embedding"))?,
             rnn: Rnn::load(vb.pp("rnn"), &cfg.rnn)?,
-            head: dense_head(cfg.rnn.hidden_size, cfg.vocab_size, vb.pp("head"))?,
+            head: Dense::load(vb.pp("head"), cfg.rnn.hidden_size, cfg.vocab_size)?,
             dropout: cfg.dropout,
         })
     }
@@ -261,30 +271,60 @@ impl CharRnn {
         Ok((self.head.forward(&out)?, state))
     }
 
-    /// Samples `len` characters after `prompt` (ids) with temperature `temperature`, drawing
-    /// from `rng`; returns the new ids.
+    /// Samples `len` characters after `prompt` (ids) with temperature `temperature` (0 =
+    /// greedy), seeded from `rng`; returns the new ids. A shorthand for [`crate::generate`], which
+    /// also has top-k, top-p, a repetition penalty and streaming.
     pub fn sample(&self, prompt: &[u32], len: usize, temperature: f64, rng: &mut impl rand::Rng) -> anyhow::Result<Vec<u32>> {
         if prompt.is_empty() {
             anyhow::bail!("sampling needs a prompt of at least one character");
         }
-        let device = self.head.weight.device();
-        let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-        let (mut logits, mut state) = self.forward_with_state(&ids, None, false)?;
-        let mut out = Vec::with_capacity(len);
-        for _ in 0..len {
-            let last = logits.get(0)?.get(logits.dim(1)? - 1)?.to_dtype(DType::F32)?;
-            let next = if temperature <= 0.0 {
-                last.argmax(D::Minus1)?.to_scalar::<u32>()?
-            } else {
-                let probs = candle_nn::ops::softmax(&(last / temperature)?, D::Minus1)?.to_vec1::<f32>()?;
-                let dist = rand::distr::weighted::WeightedIndex::new(&probs)?;
-                rng.sample(dist) as u32
-            };
-            out.push(next);
-            let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
-            (logits, state) = self.forward_with_state(&ids, Some(&state), false)?;
+        let config = GenerationConfig { max_new_tokens: len, temperature, seed: rng.random(), ..Default::default() };
+        Ok(crate::generate::generate(self, &[prompt.to_vec()], &config, None, None)?.generated_ids.remove(0))
+    }
+}
+
+/// Generation (`wick::generate`): the cache is the recurrent state, and a step costs the same
+/// at any length. An RNN has no positions, and padding must not enter the state: a batch with
+/// padding runs each row alone on its real tokens (only the prompt pass of a left-padded batch
+/// has any).
+impl CausalLm for CharRnn {
+    type Cache = Option<RnnState>;
+
+    fn new_cache(&self, _batch: usize, _capacity: usize) -> anyhow::Result<Self::Cache> {
+        Ok(None)
+    }
+
+    fn forward_last(&self, ids: &Tensor, _positions: &Tensor, mask: &Tensor, cache: &mut Self::Cache) -> anyhow::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mask = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let last = |logits: Tensor| logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1);
+        if mask.iter().flatten().all(|&m| m != 0) {
+            let (logits, state) = self.forward_with_state(ids, cache.as_ref(), false)?;
+            *cache = Some(state);
+            return Ok(last(logits)?);
         }
-        Ok(out)
+        let (mut logits, mut states) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for (r, row_mask) in mask.iter().enumerate() {
+            let real: Vec<u32> = (0..t as u32).filter(|&j| row_mask[j as usize] != 0).collect();
+            if real.is_empty() {
+                anyhow::bail!("row {r} of the batch has no tokens (its attention mask is all 0)");
+            }
+            let row_ids = ids.get(r)?.index_select(&Tensor::new(real, ids.device())?, 0)?.unsqueeze(0)?;
+            let state = cache.as_ref().map(|s| s.row(r)).transpose()?;
+            let (row_logits, row_state) = self.forward_with_state(&row_ids, state.as_ref(), false)?;
+            logits.push(last(row_logits)?);
+            states.push(row_state);
+        }
+        *cache = Some(RnnState::cat_rows(&states)?);
+        Ok(Tensor::cat(&logits, 0)?)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    fn device(&self) -> &Device {
+        self.head.weight.device()
     }
 }
 
@@ -298,7 +338,7 @@ impl ModuleT for CharRnn {
 pub struct RnnClassifier {
     embedding: Embedding,
     rnn: Rnn,
-    head: Linear,
+    head: Dense,
 }
 
 impl RnnClassifier {
@@ -306,7 +346,7 @@ impl RnnClassifier {
         Ok(Self {
             embedding: embedding(vocab_size, rnn.input_size, vb.pp("embedding"))?,
             rnn: Rnn::load(vb.pp("rnn"), rnn)?,
-            head: linear(rnn.hidden_size, num_classes, vb.pp("head"))?,
+            head: Dense::load(vb.pp("head"), rnn.hidden_size, num_classes)?,
         })
     }
 }

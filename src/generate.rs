@@ -32,23 +32,21 @@ pub trait CausalLm {
     fn device(&self) -> &Device;
 }
 
-impl CausalLm for crate::models::gpt2::GPT2LMHeadModel {
-    type Cache = crate::models::gpt2::KvCache;
+/// Turns token ids back into text: a Hugging Face tokenizer (special tokens skipped), or a
+/// character vocabulary.
+pub trait Detokenize {
+    fn detokenize(&self, ids: &[u32]) -> Result<String>;
+}
 
-    fn new_cache(&self, _batch: usize, capacity: usize) -> Result<Self::Cache> {
-        Ok(self.transformer.new_cache(capacity))
+impl Detokenize for tokenizers::Tokenizer {
+    fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        self.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
     }
+}
 
-    fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut Self::Cache) -> Result<Tensor> {
-        Ok(crate::models::gpt2::GPT2LMHeadModel::forward_last(self, ids, Some(positions), Some(mask), Some(cache))?)
-    }
-
-    fn max_positions(&self) -> Option<usize> {
-        Some(self.config().n_positions)
-    }
-
-    fn device(&self) -> &Device {
-        self.transformer.device()
+impl Detokenize for crate::data::chars::CharCorpus {
+    fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.decode(ids))
     }
 }
 
@@ -141,51 +139,72 @@ pub struct GenerationOutput {
     pub decode_tokens_per_s: f64,
 }
 
-/// Text as it is produced, without breaking multi-byte characters: the full new-token sequence
-/// is decoded each time and only the stable new suffix is released (a trailing U+FFFD, an
-/// incomplete UTF-8 sequence so far, is held back until the next token completes it).
+/// Text as it is produced, token by token, without breaking multi-byte characters, and without
+/// decoding the whole output at every step (which costs O(n²) in the output length): each step
+/// decodes a short window of recent tokens twice, the tokens whose text was released last (as
+/// context: decoders drop a leading space or join word pieces depending on what precedes) with
+/// and without the tokens since, and releases the difference once it is stable (an incomplete
+/// UTF-8 sequence decodes to a trailing U+FFFD and is held back until a later token completes
+/// it). The window then restarts at the tokens just released. (Text Generation Inference
+/// streams the same way.)
+#[derive(Debug, Default)]
 pub struct TextStream {
-    emitted: usize,
+    /// The window: `ids[..context]` decode to text already released, the rest is not released.
+    ids: Vec<u32>,
+    context: usize,
+    /// Everything released so far.
+    text: String,
+    /// The decoding of the unreleased tokens (may end in U+FFFD).
+    held: String,
 }
 
 impl TextStream {
     pub fn new() -> Self {
-        Self { emitted: 0 }
+        Self::default()
     }
 
-    /// The new stable text given the decoding of every token so far.
-    pub fn push(&mut self, full: &str) -> Option<String> {
-        let stable = full.trim_end_matches('\u{FFFD}');
-        self.release(full, stable.len())
+    /// Adds the next token; returns the text that became stable, if any.
+    pub fn push(&mut self, decoder: &dyn Detokenize, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        self.release(decoder, false)
     }
 
     /// Whatever is left at the end (including a trailing U+FFFD that never completed).
-    pub fn finish(&mut self, full: &str) -> Option<String> {
-        self.release(full, full.len())
+    pub fn finish(&mut self, decoder: &dyn Detokenize) -> Result<Option<String>> {
+        self.release(decoder, true)
     }
 
-    fn release(&mut self, full: &str, upto: usize) -> Option<String> {
-        if upto <= self.emitted || !full.is_char_boundary(self.emitted) {
-            return None;
+    /// The text released so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The decoded text not released yet (it may end in U+FFFD): after [`TextStream::text`],
+    /// everything decoded so far.
+    pub fn held(&self) -> &str {
+        &self.held
+    }
+
+    fn release(&mut self, decoder: &dyn Detokenize, at_end: bool) -> Result<Option<String>> {
+        let before = decoder.detokenize(&self.ids[..self.context])?;
+        let now = decoder.detokenize(&self.ids)?;
+        // A decoder whose output for the window does not extend its context's (none of the
+        // Hugging Face ones) keeps the tokens held until it does.
+        let extends = now.len() > before.len() && now.starts_with(&before);
+        self.held = if extends { now[before.len()..].to_string() } else { String::new() };
+        if !extends || (!at_end && now.ends_with('\u{FFFD}')) {
+            return Ok(None);
         }
-        let out = full[self.emitted..upto].to_string();
-        self.emitted = upto;
-        Some(out)
-    }
-}
-
-impl Default for TextStream {
-    fn default() -> Self {
-        Self::new()
+        let new = std::mem::take(&mut self.held);
+        self.text.push_str(&new);
+        self.ids.drain(..self.context);
+        self.context = self.ids.len();
+        Ok(Some(new))
     }
 }
 
 /// Called with (row, new text) as text becomes stable.
 pub type OnText<'a> = dyn FnMut(usize, &str) + 'a;
-
-fn decode(tokenizer: &tokenizers::Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
-}
 
 /// Encodes prompts for generation (no special tokens added, as transformers' GPT-2 does).
 pub fn encode_prompts(tokenizer: &tokenizers::Tokenizer, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
@@ -209,13 +228,14 @@ pub fn left_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<u32>, u
     (ids, mask, pos, t)
 }
 
-/// Generates from `prompts` (token ids, one row each). With a `tokenizer`, texts are decoded,
-/// stop strings checked and `on_text` called as text becomes stable.
+/// Generates from `prompts` (token ids, one row each). With a `tokenizer` (a Hugging Face
+/// tokenizer, a character vocabulary), texts are decoded, stop strings checked and `on_text`
+/// called as text becomes stable.
 pub fn generate<M: CausalLm>(
     model: &M,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
-    tokenizer: Option<&tokenizers::Tokenizer>,
+    tokenizer: Option<&dyn Detokenize>,
     mut on_text: Option<&mut OnText<'_>>,
 ) -> Result<GenerationOutput> {
     config.check()?;
@@ -282,16 +302,15 @@ pub fn generate<M: CausalLm>(
                     finish[r] = Some(FinishReason::Eos);
                 }
                 if let Some(tok) = tokenizer {
-                    let text = decode(tok, &generated[r])?;
-                    if let Some(cb) = on_text.as_deref_mut() {
-                        if let Some(new) = streams[r].push(&text) {
+                    let released_before = streams[r].text().len();
+                    if let Some(new) = streams[r].push(tok, token)? {
+                        if let Some(cb) = on_text.as_deref_mut() {
                             cb(r, &new);
                         }
                     }
-                    if finish[r].is_none() && config.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    if finish[r].is_none() && contains_stop_string(&streams[r], released_before, &config.stop_strings) {
                         finish[r] = Some(FinishReason::StopString);
                     }
-                    texts[r] = text;
                 }
             }
             if finish.iter().all(Option::is_some) || step + 1 == config.max_new_tokens {
@@ -309,11 +328,12 @@ pub fn generate<M: CausalLm>(
             )?;
         }
     }
-    if let Some(cb) = on_text.as_deref_mut() {
+    if let Some(tok) = tokenizer {
         for r in 0..b {
-            if let Some(rest) = streams[r].finish(&texts[r]) {
+            if let (Some(rest), Some(cb)) = (streams[r].finish(tok)?, on_text.as_deref_mut()) {
                 cb(r, &rest);
             }
+            texts[r] = tok.detokenize(&generated[r])?;
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -342,6 +362,21 @@ pub fn generate_text<M: CausalLm>(
 ) -> Result<GenerationOutput> {
     let ids = encode_prompts(tokenizer, prompts)?;
     generate(model, &ids, config, Some(tokenizer), on_text).context("generating")
+}
+
+/// Whether the text of `stream` (released and held) contains one of `stops` that it did not
+/// contain before the last token: only the part that can have changed is searched (from
+/// `released_before`, the released length before that token, less a stop string's length), so
+/// the check costs O(1) per token, not O(text).
+fn contains_stop_string(stream: &TextStream, released_before: usize, stops: &[String]) -> bool {
+    let Some(longest) = stops.iter().map(String::len).max() else { return false };
+    let text = stream.text();
+    let mut from = released_before.saturating_sub(longest.saturating_sub(1));
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let tail = format!("{}{}", &text[from..], stream.held());
+    stops.iter().any(|s| tail.contains(s.as_str()))
 }
 
 /// Applies the penalty, temperature, top-k and top-p to one row of logits and picks a token.
@@ -422,14 +457,69 @@ fn argmax(v: &[f32]) -> Option<u32> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn text_stream_holds_back_incomplete_characters() {
+    /// Token = one byte; decoding is lossy UTF-8 (as byte-level BPE's), and the decoder counts
+    /// the tokens it is given.
+    struct Bytes(std::cell::Cell<usize>);
+
+    impl Detokenize for Bytes {
+        fn detokenize(&self, ids: &[u32]) -> Result<String> {
+            self.0.set(self.0.get().max(ids.len()));
+            Ok(String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned())
+        }
+    }
+
+    fn stream(decoder: &Bytes, ids: &[u32]) -> Result<Vec<String>> {
         let mut s = TextStream::new();
-        assert_eq!(s.push("ab").as_deref(), Some("ab"));
-        assert_eq!(s.push("ab\u{FFFD}"), None);
-        assert_eq!(s.push("abé").as_deref(), Some("é"));
-        assert_eq!(s.push("abé\u{FFFD}"), None);
-        assert_eq!(s.finish("abé\u{FFFD}").as_deref(), Some("\u{FFFD}"));
+        let mut pieces = vec![];
+        for &id in ids {
+            pieces.extend(s.push(decoder, id)?);
+        }
+        pieces.extend(s.finish(decoder)?);
+        assert_eq!(s.text(), pieces.concat());
+        Ok(pieces)
+    }
+
+    #[test]
+    fn text_stream_holds_back_split_characters_and_decodes_a_short_window() -> Result<()> {
+        let decoder = Bytes(Default::default());
+        // "abé" with é's two bytes in two tokens, then an incomplete character at the end.
+        let pieces = stream(&decoder, &[b'a' as u32, b'b' as u32, 0xC3, 0xA9, 0xE2, 0x82])?;
+        assert_eq!(pieces, ["a", "b", "é", "\u{FFFD}"]);
+        // A long text of 1-, 2-, 3- and 4-byte characters split into byte tokens: the pieces add up
+        // to the full decoding, no piece but the last ends in U+FFFD, and no decoding sees more
+        // than a few tokens.
+        let text = "naïve café — 漢字 🦀 ".repeat(50);
+        let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        let decoder = Bytes(Default::default());
+        let pieces = stream(&decoder, &ids)?;
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| !p.ends_with('\u{FFFD}')));
+        assert!(decoder.0.get() <= 8, "a decoding saw {} tokens", decoder.0.get());
+        Ok(())
+    }
+
+    #[test]
+    fn stop_strings_are_found_across_tokens_and_in_held_text() -> Result<()> {
+        let decoder = Bytes(Default::default());
+        let mut s = TextStream::new();
+        let stops = vec!["cd".to_string(), "é".to_string()];
+        let mut hits = vec![];
+        for &id in b"abcd" {
+            let before = s.text().len();
+            s.push(&decoder, id as u32)?;
+            hits.push(contains_stop_string(&s, before, &stops));
+        }
+        assert_eq!(hits, [false, false, false, true]);
+        // A stop string inside text still held back (the next character is incomplete).
+        let mut s = TextStream::new();
+        for id in [b'x' as u32, 0xC3, 0xA9] {
+            s.push(&decoder, id)?;
+        }
+        let before = s.text().len();
+        s.push(&decoder, 0xE2)?;
+        assert!(s.held().ends_with('\u{FFFD}') && contains_stop_string(&s, before, &["é\u{FFFD}".to_string()]));
+        assert!(!contains_stop_string(&s, before, &[]));
+        Ok(())
     }
 
     #[test]

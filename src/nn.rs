@@ -46,7 +46,9 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         candle_core::bail!("dropout probability must be in [0, 1), got {p}")
     }
     if x.device().is_cpu() {
-        // One fused pass each way, the mask regenerated from its seed in the backward pass.
+        // Masks from our seeded hash (candle's CPU generator cannot be seeded): one fused pass
+        // each way, the mask regenerated in the backward pass (a mask tensor and a product
+        // with `WICK_OPS=reference`, the same mask).
         return crate::ops::dropout::dropout(x, p);
     }
     let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
@@ -82,7 +84,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             logits.dim(0)?
         )
     }
-    if logits.device().is_cpu() {
+    if crate::ops::fused_path(logits.device()) {
         // One pass each way instead of a dozen (items × classes) temporaries.
         return crate::ops::cross_entropy::cross_entropy_cpu(&logits, &targets);
     }
@@ -91,10 +93,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension with a gradient for every input: our fused op on f32 CPU
 /// tensors (one pass forward, one backward), candle's fused kernel when nothing needs a gradient
-/// (`candle_nn::LayerNorm` has no backward pass, silently), plain ops otherwise.
+/// (`candle_nn::LayerNorm` has no backward pass, silently), plain ops otherwise. (Off the fused
+/// path, `WICK_OPS=reference`, the CPU takes the choice other devices make.)
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     if let Some(bias) = bias {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if crate::ops::fused_path(x.device()) && x.dtype() == DType::F32 {
             return crate::ops::norm::layer_norm(x, weight, bias, eps);
         }
         let tracked = x.track_op() || weight.track_op() || bias.track_op();

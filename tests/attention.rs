@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, Fixture};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use wick::ops::attention::{attention, fused_attention, reference_attention, set_attention_impl, AttentionImpl};
+use wick::ops::attention::{attention, fused_attention, reference_attention};
+use wick::ops::OpsPath;
 
 fn randn(rng: &mut StdRng, shape: &[usize], std: f32, dev: &Device) -> Result<Tensor> {
     let n = shape.iter().product();
@@ -114,16 +115,18 @@ fn rows_that_see_nothing_are_zero() -> Result<()> {
 }
 
 #[test]
-fn dispatcher_follows_the_setting() -> Result<()> {
+fn dispatcher_follows_wick_ops() -> Result<()> {
     let dev = wick::device::test_device()?;
     let mut rng = StdRng::seed_from_u64(4);
     let (q, k, v) = (randn(&mut rng, &[1, 2, 5, 32], 1.0, &dev)?, randn(&mut rng, &[1, 2, 7, 32], 1.0, &dev)?, randn(&mut rng, &[1, 2, 7, 32], 1.0, &dev)?);
     let reference = reference_attention(&q, &k, &v, None, 0.3, true)?;
-    for which in [AttentionImpl::Reference, AttentionImpl::Fused] {
-        set_attention_impl(which);
-        assert_eq!(wick::ops::attention::attention_impl(), which);
-        assert_close(&format!("{which:?}"), &attention(&q, &k, &v, None, 0.3, true)?, &reference, 1e-5)?;
+    let path = OpsPath::from_env()?;
+    assert_eq!(OpsPath::current(), path);
+    let ours = attention(&q, &k, &v, None, 0.3, true)?;
+    if path == OpsPath::Reference {
+        assert_close("attention under WICK_OPS=reference", &ours, &reference, 0.0)?;
     }
+    assert_close(&format!("{path:?}"), &ours, &reference, 1e-5)?;
     Ok(())
 }
 

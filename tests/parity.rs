@@ -129,3 +129,22 @@ fn carried_state_equals_one_long_sequence() -> Result<()> {
     }
     Ok(())
 }
+
+/// `.ci/run` runs this file again with `WICK_OPS=reference`: this test makes sure that run
+/// really took the plain-candle path (the one CUDA runs), not only that the switch parsed.
+#[test]
+fn wick_ops_selects_the_path_the_ops_take() -> Result<()> {
+    use candle_core::{Device, Var};
+    use wick::ops::linear::{linear_relu, WeightLayout};
+    use wick::ops::OpsPath;
+    let path = OpsPath::from_env()?;
+    assert_eq!(OpsPath::current(), path);
+    assert_eq!(wick::ops::fused_path(&Device::Cpu), path == OpsPath::Fused);
+    // The two formulations differ observably at ReLU's kink: the fused linear op passes no
+    // gradient where the output is exactly 0 (PyTorch's rule), candle's relu passes all of it.
+    let (x, w, b) = (Var::new(&[[0f32]], &Device::Cpu)?, Var::new(&[[1f32]], &Device::Cpu)?, Var::new(&[0f32], &Device::Cpu)?);
+    let grads = linear_relu(&x, &w, Some(&b), WeightLayout::OutIn)?.sum_all()?.backward()?;
+    let dx = grads.get(&x).expect("x is a variable").to_vec2::<f32>()?[0][0];
+    assert_eq!(dx, if path == OpsPath::Fused { 0.0 } else { 1.0 }, "{path:?}");
+    Ok(())
+}

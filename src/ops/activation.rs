@@ -13,9 +13,10 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 const CHUNK: usize = 16 * 1024;
 
-/// x·Φ(x), differentiable; f32 CPU tensors take the fused op, others candle's `gelu_erf`.
+/// x·Φ(x), differentiable; f32 CPU tensors take the fused op, others (and `WICK_OPS=reference`)
+/// candle's `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_path(x.device()) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
         x.gelu_erf()
@@ -76,7 +77,7 @@ mod tests {
     fn matches_candle_gelu_erf_and_its_gradient() -> Result<()> {
         let x = Var::from_tensor(&Tensor::randn(0f32, 2., (5, 301), &Device::Cpu)?)?;
         let probe = Tensor::randn(0f32, 1., (5, 301), &Device::Cpu)?;
-        let ours = gelu_erf(&x)?;
+        let ours = x.apply_op1(GeluErf)?;
         let theirs = x.gelu_erf()?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
         assert!(diff(&ours, &theirs)? < 1e-6);

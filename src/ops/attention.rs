@@ -1,5 +1,6 @@
 //! Scaled dot-product attention as one fused op (flash attention), with a reference made of
-//! plain candle ops and a process-wide switch between the two.
+//! plain candle ops; [`attention`] takes the reference with `WICK_OPS=reference` (see
+//! [`super::OpsPath`]).
 //!
 //! Shapes: q is (batch, heads, q_len, head_dim); k and v are (batch, heads, kv_len, head_dim);
 //! `key_mask`, when given, is (batch, kv_len) of any dtype, nonzero where a key may be attended
@@ -44,9 +45,9 @@
 //! backward is future work).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use super::OpsPath;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Query rows per CPU task in the portable kernel (they share every K/V tile load).
 const BR: usize = 64;
@@ -56,48 +57,13 @@ const BC: usize = 256;
 const BWD_BR: usize = 64;
 const BWD_BC: usize = 128;
 
-/// Which implementation [`attention`] runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionImpl {
-    /// [`fused_attention`] (the default).
-    Fused,
-    /// [`reference_attention`]: plain candle ops.
-    Reference,
-}
-
-static IMPL: AtomicU8 = AtomicU8::new(0);
-
-/// Sets the implementation [`attention`] uses from now on, in the whole process (this overrides
-/// the environment variable `WICK_ATTENTION`).
-pub fn set_attention_impl(which: AttentionImpl) {
-    IMPL.store(if which == AttentionImpl::Fused { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-/// The implementation [`attention`] uses: the last [`set_attention_impl`], else
-/// `WICK_ATTENTION=fused|reference` (read once), else fused.
-pub fn attention_impl() -> AttentionImpl {
-    static ENV: OnceLock<AttentionImpl> = OnceLock::new();
-    match IMPL.load(Ordering::Relaxed) {
-        1 => AttentionImpl::Fused,
-        2 => AttentionImpl::Reference,
-        _ => *ENV.get_or_init(|| match std::env::var("WICK_ATTENTION") {
-            Ok(s) if s.eq_ignore_ascii_case("reference") => AttentionImpl::Reference,
-            Ok(s) if s.is_empty() || s.eq_ignore_ascii_case("fused") => AttentionImpl::Fused,
-            Ok(s) => {
-                eprintln!("warning: WICK_ATTENTION={s:?} is neither \"fused\" nor \"reference\"; using fused");
-                AttentionImpl::Fused
-            }
-            Err(_) => AttentionImpl::Fused,
-        }),
-    }
-}
-
-/// Attention as models call it: [`fused_attention`] or [`reference_attention`] according to
-/// [`attention_impl`]. Same arguments and result as both.
+/// Attention as models call it: [`fused_attention`] (on the CPU and CUDA), or
+/// [`reference_attention`] with `WICK_OPS=reference` (on every device). Same arguments and
+/// result as both.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool) -> Result<Tensor> {
-    match attention_impl() {
-        AttentionImpl::Fused => fused_attention(q, k, v, key_mask, scale, causal),
-        AttentionImpl::Reference => reference_attention(q, k, v, key_mask, scale, causal),
+    match OpsPath::current() {
+        OpsPath::Fused => fused_attention(q, k, v, key_mask, scale, causal),
+        OpsPath::Reference => reference_attention(q, k, v, key_mask, scale, causal),
     }
 }
 
@@ -160,16 +126,17 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// Attention as models train it: with dropout `p` on the attention probabilities when `train`
 /// (as transformers' BERT and GPT-2 do); otherwise [`attention`]. The mask comes from a hash of
 /// (seed, position) (`ops/dropout.rs`), so the fused CPU op applies it tile by tile in both
-/// passes and the CPU reference path (`WICK_ATTENTION=reference`) draws the same mask; other
+/// passes and the CPU reference path (`WICK_OPS=reference`) draws the same mask; other
 /// devices run the reference path with their own generator.
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return attention(q, k, v, key_mask, scale, causal);
     }
     let dropout = DropoutMask::new(p)?;
-    match (attention_impl(), q.device()) {
-        (AttentionImpl::Fused, Device::Cpu) => fused_attention_impl(q, k, v, key_mask, scale, causal, Some(dropout), false),
-        _ => reference_attention_with_dropout(q, k, v, key_mask, scale, causal, Some(&dropout)),
+    if super::fused_path(q.device()) {
+        fused_attention_impl(q, k, v, key_mask, scale, causal, Some(dropout), false)
+    } else {
+        reference_attention_with_dropout(q, k, v, key_mask, scale, causal, Some(&dropout))
     }
 }
 

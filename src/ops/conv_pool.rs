@@ -456,17 +456,19 @@ fn axpy<const FMA: bool>(dst: &mut [f32], a: f32, src: &[f32]) {
 
 /// `max_pool2d(relu(conv2d(x, kernel) + bias), pool)`, with `padding` on every side and a
 /// stride; differentiable in all three inputs. CPU f32 takes the fused op, everything else
-/// the composition of [`super::conv::conv2d`], ReLU and [`super::pool::max_pool2d`].
+/// (and `WICK_OPS=reference`) the composition of [`super::conv::conv2d`], ReLU and
+/// [`super::pool::max_pool2d`].
 pub fn conv2d_relu_max_pool(x: &Tensor, kernel: &Tensor, bias: &Tensor, padding: usize, stride: usize, pool: usize) -> Result<Tensor> {
-    conv2d_relu_max_pool_at(crate::cpu::isa(), x, kernel, bias, padding, stride, pool)
-}
-
-/// [`conv2d_relu_max_pool`] with the kernel level given (tests run every level the CPU has).
-fn conv2d_relu_max_pool_at(level: Isa, x: &Tensor, kernel: &Tensor, bias: &Tensor, padding: usize, stride: usize, pool: usize) -> Result<Tensor> {
-    let fused = x.device().is_cpu() && [x.dtype(), kernel.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32);
+    let fused = super::fused_path(x.device()) && [x.dtype(), kernel.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32);
     if !fused {
         return reference(x, kernel, bias, padding, stride, pool);
     }
+    conv2d_relu_max_pool_at(crate::cpu::isa(), x, kernel, bias, padding, stride, pool)
+}
+
+/// The fused op itself (f32 CPU tensors) with the kernel level given: tests run every level the
+/// CPU has, whatever the path.
+fn conv2d_relu_max_pool_at(level: Isa, x: &Tensor, kernel: &Tensor, bias: &Tensor, padding: usize, stride: usize, pool: usize) -> Result<Tensor> {
     let (_, channels, h, w) = x.dims4()?;
     let (out_channels, c, k_h, k_w) = kernel.dims4()?;
     if c != channels || bias.dims1()? != out_channels || [channels, h, w, out_channels].contains(&0) {
@@ -538,7 +540,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 1, 12, 12), &dev)?;
         let kernel = Var::randn(0f32, 0.5, (4, 1, 3, 3), &dev)?;
         let bias = Var::randn(0f32, 0.5, 4, &dev)?;
-        let ours = conv2d_relu_max_pool(&x, &kernel, &bias, 1, 1, 2)?;
+        let ours = conv2d_relu_max_pool_at(crate::cpu::isa(), &x, &kernel, &bias, 1, 1, 2)?;
         let theirs = reference(&x, &kernel, &bias, 1, 1, 2)?;
         let g1 = ours.sum_all()?.backward()?;
         let g2 = theirs.sum_all()?.backward()?;
@@ -558,7 +560,7 @@ mod tests {
         let nan = f32::NAN;
         // Windows: a tie at 2 (first wins), NaN beside a larger number, all negative, max exactly 0.
         let x = Var::from_tensor(&Tensor::new(&[[[[2f32, 2., 5., nan, -1., -2., 0., -3.], [1., 2., 1., 1., -3., -4., -1., -1.]]]], &dev)?)?;
-        let y = conv2d_relu_max_pool(&x, &kernel, &bias, 0, 1, 2)?;
+        let y = conv2d_relu_max_pool_at(crate::cpu::isa(), &x, &kernel, &bias, 0, 1, 2)?;
         let v = y.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(v[0], 2.0);
         assert!(v[1].is_nan());

@@ -127,11 +127,12 @@ impl CustomOp2 for DropoutAdd {
 }
 
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::fused_path(x.device()) && x.dtype() == DType::F32
 }
 
 /// Inverted dropout of `x` with probability `p` (in (0, 1)): one fused pass each way on the CPU
-/// in f32, the same mask (built on the host) times `x` with candle ops otherwise; models call it
+/// in f32, the same mask (built on the host) times `x` with candle ops otherwise (other dtypes
+/// and devices, and `WICK_OPS=reference`: the masks are the same on both paths); models call it
 /// through `wick::nn::dropout`, which uses the device's own generator off the CPU.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     let mask = DropoutMask::new(p)?;
@@ -145,7 +146,7 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 /// `dropout(x, p) + residual` as one op (the residual connections of transformer layers).
 pub fn dropout_add(x: &Tensor, residual: &Tensor, p: f64) -> Result<Tensor> {
     let mask = DropoutMask::new(p)?;
-    if fused(x) && residual.dtype() == DType::F32 && residual.device().is_cpu() && x.shape() == residual.shape() {
+    if fused(x) && residual.dtype() == DType::F32 && fused(residual) && x.shape() == residual.shape() {
         x.contiguous()?.apply_op2(&residual.contiguous()?, DropoutAdd(mask))
     } else {
         x.mul(&mask.tensor(0, x.shape(), x.device())?.to_dtype(x.dtype())?)?.broadcast_add(residual)

@@ -5,7 +5,7 @@
 //! the backward pass each node's gradient costs a zero-filled buffer plus an add (candle sums
 //! every incoming gradient into a fresh zeros tensor), so a BERT layer's four reshuffles made
 //! about a dozen activation-sized passes backwards. Here each is one copy forwards and the
-//! inverse copy backwards (f32 on the CPU; candle ops elsewhere).
+//! inverse copy backwards (f32 on the CPU; candle ops elsewhere and with `WICK_OPS=reference`).
 
 use super::cpu_f32;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -17,7 +17,7 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     if heads == 0 || hd % heads != 0 {
         candle_core::bail!("split_heads: width {hd} is not a multiple of {heads} heads")
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_path(x.device()) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(Reshuffle { to_heads: true, heads })
     } else {
         x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()
@@ -27,7 +27,7 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// (batch, heads, time, head_dim) → (batch, time, heads·head_dim), contiguous.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_path(x.device()) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(Reshuffle { to_heads: false, heads: h })
     } else {
         x.transpose(1, 2)?.reshape((b, t, h * d))
@@ -95,12 +95,13 @@ mod tests {
     fn both_directions_match_the_candle_ops_with_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (2, 5, 3 * 4), &dev)?;
-        let split = split_heads(&x, 3)?;
+        // The op itself (the dispatchers may take the candle ops under WICK_OPS=reference).
+        let split = x.apply_op1(Reshuffle { to_heads: true, heads: 3 })?;
         let reference = x.reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous()?;
         assert_eq!(split.dims(), &[2, 3, 5, 4]);
         let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
         assert_eq!(close(&split, &reference)?, 0.0);
-        let merged = merge_heads(&split)?;
+        let merged = split.apply_op1(Reshuffle { to_heads: false, heads: 3 })?;
         assert_eq!(close(&merged, &x)?, 0.0);
         let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
         let g = (split * &probe)?.sum_all()?.backward()?;
@@ -108,7 +109,7 @@ mod tests {
         assert_eq!(close(g.get(&x).unwrap(), &expected)?, 0.0);
         let y = Var::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
         let probe = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev)?;
-        let g = (merge_heads(&y)? * &probe)?.sum_all()?.backward()?;
+        let g = (y.apply_op1(Reshuffle { to_heads: false, heads: 3 })? * &probe)?.sum_all()?.backward()?;
         let expected = probe.reshape((2, 5, 3, 4))?.transpose(1, 2)?;
         assert_eq!(close(g.get(&y).unwrap(), &expected)?, 0.0);
         assert!(split_heads(&x, 5).is_err());

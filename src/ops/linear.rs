@@ -10,9 +10,15 @@
 //! layout), db (column sums of dY) and dX (a GEMM) into one buffer that the three gradients view.
 //! dX is skipped when the input is not tracked (a model's first layer on its data): for an MLP's
 //! 784-wide first layer that product is a quarter of a training step's arithmetic.
+//!
+//! [`Dense`] is the one linear layer every model uses (PyTorch's and GPT-2's layouts). Its
+//! forward pass chooses between this op and [`super::matvec`]: f32 products with many rows or
+//! a gradient to track take the GEMM here; decoding-sized products (a few rows) and f16/bf16
+//! weights on the CPU take the matrix-vector kernels, which read the weight once as stored.
 
 use super::cpu_f32;
 use super::gemm::{matmul, View};
+use super::matvec::{matmul_weight, MATVEC_ROWS};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -37,9 +43,9 @@ pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: W
 }
 
 fn fused_or_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout, relu: bool) -> Result<Tensor> {
-    let fused = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    let f32 = |t: &Tensor| t.dtype() == DType::F32;
     match bias {
-        Some(b) if fused && b.dtype() == DType::F32 => x.contiguous()?.apply_op3(&weight.contiguous()?, &b.contiguous()?, Linear { layout, relu }),
+        Some(b) if super::fused_path(x.device()) && f32(x) && f32(weight) && f32(b) => fused_linear(x, weight, b, layout, relu),
         _ => {
             let y = reference_linear(x, weight, bias, layout)?;
             if relu {
@@ -49,6 +55,11 @@ fn fused_or_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout
             }
         }
     }
+}
+
+/// The fused op itself (f32 CPU tensors), whatever the path: what the tests compare.
+fn fused_linear(x: &Tensor, weight: &Tensor, bias: &Tensor, layout: WeightLayout, relu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear { layout, relu })
 }
 
 /// The same with plain candle ops (other devices and dtypes, and the tests' reference).
@@ -90,15 +101,45 @@ impl Dense {
         Ok(Self::new(weight, Some(bias), WeightLayout::OutIn))
     }
 
+    /// A layer stored as `layout` with transformers' initialisation when new: weight
+    /// N(0, `std`²), bias 0 (BERT's `Linear`, GPT-2's `Conv1D`).
+    pub fn load_normal(vb: candle_nn::VarBuilder, d_in: usize, d_out: usize, std: f64, layout: WeightLayout) -> Result<Self> {
+        let shape = match layout {
+            WeightLayout::OutIn => (d_out, d_in),
+            WeightLayout::InOut => (d_in, d_out),
+        };
+        let weight = vb.get_with_hints(shape, "weight", candle_nn::Init::Randn { mean: 0.0, stdev: std })?;
+        let bias = vb.get_with_hints(d_out, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self::new(weight, Some(bias), layout))
+    }
+
     /// `relu(self.forward(x))` as one node (see [`linear_relu`]).
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
         linear_relu(x, &self.weight, self.bias.as_ref(), self.layout)
     }
+
+    /// Whether `x`'s product goes to the GEMM ([`linear`]) rather than the matrix-vector
+    /// kernels ([`matmul_weight`]): always off the CPU; on it, f32 weights with more than
+    /// [`MATVEC_ROWS`] rows or a gradient to track (the fused GEMM's backward is the fastest).
+    fn gemm(&self, x: &Tensor) -> Result<bool> {
+        if !x.device().is_cpu() {
+            return Ok(true);
+        }
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let tracked = x.track_op() || self.weight.track_op();
+        Ok(x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && (rows > MATVEC_ROWS || tracked))
+    }
 }
 
 impl candle_core::Module for Dense {
+    /// `x` (..., in) → (..., out) in x's dtype. On the CPU a model may keep f16/bf16 weights
+    /// with f32 activations: those products compute in f32 (see [`matmul_weight`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref(), self.layout)
+        if self.gemm(x)? {
+            linear(x, &self.weight, self.bias.as_ref(), self.layout)
+        } else {
+            matmul_weight(x, &self.weight, self.bias.as_ref(), self.layout)
+        }
     }
 }
 
@@ -266,11 +307,9 @@ mod tests {
                     let w = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)?;
                     let b = Var::from_tensor(&Tensor::randn(0f32, 1., d_out, &dev)?)?;
                     let probe = Tensor::randn(0f32, 1., y_dims, &dev)?;
-                    let (fused, plain) = if relu {
-                        (linear_relu(&x, &w, Some(&b), layout)?, reference_linear(&x, &w, Some(&b), layout)?.relu()?)
-                    } else {
-                        (linear(&x, &w, Some(&b), layout)?, reference_linear(&x, &w, Some(&b), layout)?)
-                    };
+                    let fused = fused_linear(&x, &w, &b, layout, relu)?;
+                    let plain = reference_linear(&x, &w, Some(&b), layout)?;
+                    let plain = if relu { plain.relu()? } else { plain };
                     assert!(max_diff(&fused, &plain) < 1e-4);
                     let gf = (fused * &probe)?.sum_all()?.backward()?;
                     let gp = (plain * &probe)?.sum_all()?.backward()?;
@@ -292,7 +331,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 6), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., 4, &dev)?)?;
         let probe = Tensor::randn(0f32, 1., (9, 4), &dev)?;
-        let gf = (linear_relu(&x, &w, Some(&b), WeightLayout::OutIn)? * &probe)?.sum_all()?.backward()?;
+        let gf = (fused_linear(&x, &w, &b, WeightLayout::OutIn, true)? * &probe)?.sum_all()?.backward()?;
         let gp = (reference_linear(&x, &w, Some(&b), WeightLayout::OutIn)?.relu()? * &probe)?.sum_all()?.backward()?;
         assert!(gf.get(&x).is_none());
         for v in [&w, &b] {
@@ -308,7 +347,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::new(&[[1f32], [0.], [f32::NAN]], &dev)?)?;
         let w = Var::from_tensor(&Tensor::new(&[[-1f32]], &dev)?)?;
         let b = Var::from_tensor(&Tensor::new(&[0f32], &dev)?)?;
-        let y = linear_relu(&x, &w, Some(&b), WeightLayout::OutIn)?;
+        let y = fused_linear(&x, &w, &b, WeightLayout::OutIn, true)?;
         let v = y.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(&v[..2], &[0.0, 0.0]);
         assert!(v[2].is_nan());

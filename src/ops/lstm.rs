@@ -4,7 +4,8 @@
 //! Written with candle ops the cell is about a dozen small tensors a time step forwards and twice
 //! that backwards; at char-RNN sizes (batch 32, hidden 256) each op costs more in dispatch and
 //! allocation than in arithmetic. Here it is one pass forwards and one backwards (CPU, f32);
-//! other devices and dtypes use the candle-ops formulation, [`lstm_cell_ops`].
+//! other devices and dtypes, and `WICK_OPS=reference`, use the candle-ops formulation,
+//! [`lstm_cell_ops`].
 //!
 //! The forward pass keeps the activated gates and tanh(c) beside h and c (B × 7H), so the
 //! backward pass is arithmetic only: the transcendental functions (libm's tanhf above all) were
@@ -108,13 +109,18 @@ pub fn lstm_cell_ops(gates: &Tensor, c_prev: &Tensor) -> Result<(Tensor, Tensor)
 
 /// One LSTM cell step: (h, c) from gate pre-activations (B, 4H) and the previous cell state.
 pub fn lstm_cell(gates: &Tensor, c_prev: &Tensor) -> Result<(Tensor, Tensor)> {
-    if gates.device().is_cpu() && gates.dtype() == DType::F32 && c_prev.dtype() == DType::F32 {
-        let h = c_prev.dim(1)?;
-        let saved = gates.contiguous()?.apply_op2(&c_prev.contiguous()?, LstmCell)?;
-        Ok((saved.narrow(1, 0, h)?, saved.narrow(1, h, h)?))
+    if super::fused_path(gates.device()) && gates.dtype() == DType::F32 && c_prev.dtype() == DType::F32 {
+        fused_lstm_cell(gates, c_prev)
     } else {
         lstm_cell_ops(gates, c_prev)
     }
+}
+
+/// The fused op itself (f32 CPU tensors), whatever the path: what the tests compare.
+fn fused_lstm_cell(gates: &Tensor, c_prev: &Tensor) -> Result<(Tensor, Tensor)> {
+    let h = c_prev.dim(1)?;
+    let saved = gates.contiguous()?.apply_op2(&c_prev.contiguous()?, LstmCell)?;
+    Ok((saved.narrow(1, 0, h)?, saved.narrow(1, h, h)?))
 }
 
 #[cfg(test)]
@@ -127,7 +133,7 @@ mod tests {
         let dev = Device::Cpu;
         let gates = Var::randn(0f32, 2.0, (3, 4 * 5), &dev)?;
         let c_prev = Var::randn(0f32, 1.0, (3, 5), &dev)?;
-        let (h1, c1) = lstm_cell(&gates, &c_prev)?;
+        let (h1, c1) = fused_lstm_cell(&gates, &c_prev)?;
         let (h2, c2) = lstm_cell_ops(&gates, &c_prev)?;
         let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
         assert!(close(&h1, &h2)? < 1e-6 && close(&c1, &c2)? < 1e-6);

@@ -56,11 +56,11 @@ pub struct LstmWeights<'a> {
 
 /// Runs x (B, T, I) through one layer from the state (h0, c0) (each (B, H), zeros when `None`).
 /// Returns the hidden state of every step (B, T, H) and the final h and c (B, H), all
-/// differentiable in every input. CPU f32 runs the fused op; other devices and dtypes run
-/// [`lstm_layer_ops`].
+/// differentiable in every input. CPU f32 runs the fused op; other devices and dtypes, and
+/// `WICK_OPS=reference`, run [`lstm_layer_ops`].
 pub fn lstm_layer(x: &Tensor, w: LstmWeights, h0: Option<&Tensor>, c0: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
     let tensors = [x, w.w_ih, w.w_hh, w.b_ih, w.b_hh].into_iter().chain(h0).chain(c0);
-    if tensors.clone().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) {
+    if tensors.clone().all(|t| super::fused_path(t.device()) && t.dtype() == DType::F32) {
         fused_lstm_layer(x, w, h0, c0, Kernel { isa: crate::cpu::isa(), threads: candle_core::utils::get_num_threads() })
     } else {
         lstm_layer_ops(x, w, h0, c0)

@@ -302,13 +302,19 @@ unsafe fn gemm_acc(m: usize, n: usize, k: usize, y: *mut f32, ldy: usize, x: *co
 
 /// `x` (..., k) times the weight `w` as stored ((k, n) for `InOut`, (n, k) for `OutIn`) plus
 /// `bias` (n): (..., n) in x's dtype. Our kernels on the CPU for f32/f16/bf16 weights (x and the
-/// bias are taken in f32), [`reference_matmul_weight`] elsewhere. Differentiable in all three.
+/// bias are taken in f32), [`reference_matmul_weight`] elsewhere and with `WICK_OPS=reference`.
+/// Differentiable in all three.
 pub fn matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
     let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
-    let ours = x.device().is_cpu() && w.device().is_cpu() && float(x.dtype()) && float(w.dtype()) && bias.is_none_or(|b| float(b.dtype()));
+    let ours = super::fused_path(x.device()) && w.device().is_cpu() && float(x.dtype()) && float(w.dtype()) && bias.is_none_or(|b| float(b.dtype()));
     if !ours {
         return reference_matmul_weight(x, w, bias, layout);
     }
+    fused_matmul_weight(x, w, bias, layout)
+}
+
+/// Our op itself (CPU tensors of float dtypes), whatever the path: what the tests compare.
+pub(crate) fn fused_matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let w = w.contiguous()?;
     let y = match bias {
@@ -372,7 +378,7 @@ impl WeightProduct {
             WeightLayout::InOut => WeightLayout::OutIn,
             WeightLayout::OutIn => WeightLayout::InOut,
         };
-        let dx = matmul_weight(grad, w, None, flipped)?;
+        let dx = fused_matmul_weight(grad, w, None, flipped)?;
         let (x2, g2) = (x.reshape(((), k))?, grad.reshape(((), n))?);
         let dw = match self.0 {
             WeightLayout::InOut => x2.t()?.matmul(&g2)?,

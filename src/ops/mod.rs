@@ -1,4 +1,10 @@
 //! Custom operations with CPU implementations of our own (and, with `--features cuda`, kernels).
+//!
+//! Every fused op has a plain-candle formulation of the same function: other devices (CUDA)
+//! and dtypes take it, and so does the CPU when the environment says `WICK_OPS=reference`
+//! (default `fused`). That one switch lets the parity tests check, on the CPU, the code a GPU
+//! runs. Each op's dispatch asks [`fused_path`]; attention, which has a CUDA kernel of its own,
+//! asks [`OpsPath::current`]. Tests that compare the two formulations call both explicitly.
 
 pub mod activation;
 pub mod attention;
@@ -16,7 +22,57 @@ pub mod matvec;
 pub mod norm;
 pub mod pool;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Device, Layout, Result};
+use std::sync::OnceLock;
+
+/// Which formulation of the ops runs: `WICK_OPS=fused|reference`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpsPath {
+    /// Our fused CPU ops (and the CUDA attention kernel): the default.
+    Fused,
+    /// The plain-candle formulations, on every device: what the fused CPU ops fall back to on
+    /// a GPU.
+    Reference,
+}
+
+impl OpsPath {
+    /// The environment variable that chooses the path.
+    pub const ENV: &'static str = "WICK_OPS";
+
+    /// A `WICK_OPS` value: "fused" (or empty) or "reference", any case; anything else is an
+    /// error naming the allowed values.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "fused" => Ok(Self::Fused),
+            "reference" => Ok(Self::Reference),
+            _ => candle_core::bail!("{}={value:?} is not a path: expected \"fused\" (the default) or \"reference\"", Self::ENV),
+        }
+    }
+
+    /// The path the environment asks for now (unset: fused), or the error of [`OpsPath::parse`]
+    /// (a command can call this at start to refuse a misspelt value).
+    pub fn from_env() -> Result<Self> {
+        std::env::var(Self::ENV).map_or(Ok(Self::Fused), |v| Self::parse(&v))
+    }
+
+    /// The path of this process: `WICK_OPS`, read once. An unknown value is reported on stderr
+    /// and the fused path taken.
+    pub fn current() -> Self {
+        static PATH: OnceLock<OpsPath> = OnceLock::new();
+        *PATH.get_or_init(|| {
+            Self::from_env().unwrap_or_else(|e| {
+                eprintln!("warning: {e}; using fused");
+                Self::Fused
+            })
+        })
+    }
+}
+
+/// Whether an op on `device` takes its fused CPU implementation: the CPU, unless
+/// `WICK_OPS=reference`. (Each op also checks the dtypes its kernel takes.)
+pub fn fused_path(device: &Device) -> bool {
+    device.is_cpu() && OpsPath::current() == OpsPath::Fused
+}
 
 /// The f32 elements a contiguous CPU tensor covers; other layouts and dtypes are an error naming `op`.
 pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -31,5 +87,19 @@ pub(crate) fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Re
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("{op} needs contiguous f32 tensors"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_path_values_parse_and_unknown_ones_name_the_allowed_values() {
+        assert_eq!(OpsPath::parse("Reference").unwrap(), OpsPath::Reference);
+        assert_eq!(OpsPath::parse("fused").unwrap(), OpsPath::Fused);
+        assert_eq!(OpsPath::parse("").unwrap(), OpsPath::Fused);
+        let err = OpsPath::parse("refrence").unwrap_err().to_string();
+        assert!(err.contains("WICK_OPS") && err.contains("\"refrence\"") && err.contains("fused") && err.contains("reference"), "{err}");
     }
 }

@@ -12,14 +12,19 @@ use super::cpu_f32;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// LayerNorm of `x` (..., d) with `weight` and `bias` (d). f32 CPU tensors take the fused op;
-/// anything else the plain-op version.
+/// LayerNorm of `x` (..., d) with `weight` and `bias` (d). f32 CPU tensors take the fused op
+/// (unless `WICK_OPS=reference`); anything else the plain-op version.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) {
-        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
+    if super::fused_path(x.device()) && [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) {
+        fused_layer_norm(x, weight, bias, eps)
     } else {
         crate::nn::layer_norm_plain(x, weight, Some(bias), eps)
     }
+}
+
+/// The fused op itself (f32 CPU tensors), whatever the path: what the tests compare.
+fn fused_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
 }
 
 struct LayerNorm {
@@ -140,7 +145,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 24, &dev)?)?;
         let probe = Tensor::randn(0f32, 1., (3, 37, 24), &dev)?;
-        let fused = layer_norm(&x, &w, &b, 1e-5)?;
+        let fused = fused_layer_norm(&x, &w, &b, 1e-5)?;
         let plain = crate::nn::layer_norm_plain(&x, &w, Some(&b), 1e-5)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
         assert!(diff(&fused, &plain)? < 1e-5);

@@ -88,10 +88,10 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     if k == 0 || oh == 0 || ow == 0 {
         candle_core::bail!("max_pool2d: a {k}×{k} window does not fit a {h}×{w} input")
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_path(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(MaxPool { k });
     }
-    // Elsewhere: two max-reductions. candle passes the gradient whole to every tied maximum
+    // Elsewhere (and with `WICK_OPS=reference`): two max-reductions. candle passes the gradient whole to every tied maximum
     // (PyTorch: to the first only); with continuous inputs ties are rare.
     let x = if h % k != 0 || w % k != 0 { x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)? } else { x.clone() };
     x.reshape((b, c, oh, k, ow, k))?.max(5)?.max(3)
@@ -107,7 +107,7 @@ mod tests {
         let dev = Device::Cpu;
         for (h, w, k) in [(9, 8, 2), (6, 6, 3), (5, 7, 2)] {
             let x = Var::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
-            let ours = max_pool2d(&x, k)?;
+            let ours = x.apply_op1(MaxPool { k })?;
             let theirs = x.max_pool2d(k)?;
             assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, theirs.flatten_all()?.to_vec1::<f32>()?);
             let probe = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;

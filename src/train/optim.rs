@@ -205,26 +205,10 @@ impl<F: Fn(f32, f32, f32) -> f32 + Sync> candle_core::InplaceOp3 for Update3<F> 
     }
 }
 
-/// Whether this parameter can take the in-place CPU path.
+/// Whether this parameter can take the in-place CPU path (not with `WICK_OPS=reference`, which
+/// runs the candle-ops updates other devices take).
 fn in_place(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() && !force_generic()
-}
-
-thread_local! {
-    static GENERIC_UPDATES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with the in-place CPU path turned off on this thread, so tests can check that the
-/// candle-ops path (the one other devices take) gives the same numbers.
-pub fn with_generic_updates<T>(f: impl FnOnce() -> T) -> T {
-    GENERIC_UPDATES.with(|g| g.set(true));
-    let out = f();
-    GENERIC_UPDATES.with(|g| g.set(false));
-    out
-}
-
-fn force_generic() -> bool {
-    GENERIC_UPDATES.with(|g| g.get())
+    crate::ops::fused_path(var.device()) && var.dtype() == DType::F32 && var.is_contiguous()
 }
 
 /// The gradients of `params` from a backward pass, in the same order.

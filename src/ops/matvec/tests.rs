@@ -91,11 +91,11 @@ fn bad_levels_and_sizes_are_errors() -> Result<()> {
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 5), DType::F32, &dev)?;
     let w = Tensor::zeros((4, 3), DType::BF16, &dev)?;
-    assert!(matmul_weight(&x, &w, None, WeightLayout::InOut).is_err());
+    assert!(fused_matmul_weight(&x, &w, None, WeightLayout::InOut).is_err());
     let b = Tensor::zeros(5, DType::F32, &dev)?;
     let w = Tensor::zeros((5, 3), DType::BF16, &dev)?;
-    assert!(matmul_weight(&x, &w, Some(&b), WeightLayout::InOut).is_err());
-    assert_eq!(matmul_weight(&x, &w, None, WeightLayout::InOut)?.dims(), [2, 3]);
+    assert!(fused_matmul_weight(&x, &w, Some(&b), WeightLayout::InOut).is_err());
+    assert_eq!(fused_matmul_weight(&x, &w, None, WeightLayout::InOut)?.dims(), [2, 3]);
     Ok(())
 }
 
@@ -116,7 +116,7 @@ fn the_op_matches_plain_ops_forward_and_backward() -> Result<()> {
                 let w = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dtype)?)?;
                 let b = Var::from_tensor(&Tensor::randn(0f32, 1., n, &dev)?.to_dtype(dtype)?)?;
                 let probe = Tensor::randn(0f32, 1., (lead.0, lead.1, n), &dev)?;
-                let ours = matmul_weight(&x, &w, Some(&b), layout)?;
+                let ours = fused_matmul_weight(&x, &w, Some(&b), layout)?;
                 let plain = reference_matmul_weight(&x, &w, Some(&b), layout)?;
                 assert_eq!(ours.dims(), plain.dims());
                 assert!(max_diff(&ours, &plain)? < 1e-4, "{dtype:?} {layout:?} forward");
@@ -131,7 +131,7 @@ fn the_op_matches_plain_ops_forward_and_backward() -> Result<()> {
                     assert!(max_diff(a, r)? < tol * scale, "{dtype:?} {layout:?} {lead:?} d{name}");
                 }
                 // Without a bias.
-                let ours = matmul_weight(&x, &w, None, layout)?;
+                let ours = fused_matmul_weight(&x, &w, None, layout)?;
                 assert!(max_diff(&ours, &reference_matmul_weight(&x, &w, None, layout)?)? < 1e-4);
             }
         }
