@@ -356,3 +356,32 @@ fn early_stopping_that_could_never_fire_is_refused_before_training() -> Result<(
     assert!(checkpoint::list(dir.path())?.is_empty() && !dir.path().join("metrics.jsonl").exists(), "work started");
     Ok(())
 }
+
+/// A model whose loss is finite and whose gradient is not: √w at w = 0.
+struct SqrtAtZero(candle_core::Var);
+
+impl wick::train::TrainModel for SqrtAtZero {
+    type Batch = (Tensor, Tensor);
+    fn task(&self) -> wick::train::Task {
+        wick::train::Task::Regression
+    }
+    fn loss(&self, _: &Self::Batch, _train: bool) -> Result<Tensor> {
+        Ok(self.0.as_tensor().sqrt()?.sum_all()?)
+    }
+    fn evaluate(&self, batch: &Self::Batch) -> Result<wick::train::EvalBatch> {
+        wick::train::EvalBatch::from_mean_loss(&self.loss(batch, false)?, 1)
+    }
+}
+
+#[test]
+fn an_infinite_gradient_norm_stops_with_the_step() -> Result<()> {
+    let data = blobs(16, 21)?;
+    let var = candle_core::Var::zeros(3, DType::F32, &Device::Cpu)?;
+    let params = vec![optim::Param { name: "w".into(), var: var.clone(), decay: true }];
+    let config = TrainerConfig { batch_size: 8, max_grad_norm: Some(1.0), progress: false, ..Default::default() };
+    let mut trainer = Trainer::new(config, VarMap::new(), OptimizerConfig::sgd().build(params)?, Device::Cpu);
+    let err = trainer.fit(&SqrtAtZero(var.clone()), &data, None).err().expect("an infinite gradient must stop training").to_string();
+    assert!(err.contains("gradient norm is inf at step 1") && err.contains("--lr"), "{err}");
+    assert_eq!(var.to_vec1::<f32>()?, [0.0; 3], "no update with an infinite gradient");
+    Ok(())
+}

@@ -214,16 +214,17 @@ impl Trainer {
         crate::nn::reseed(&self.device, self.config.seed, run.state.step as u64)?;
         let items: usize = group.iter().map(Vec::len).sum();
         let (loss, mut grads) = self.accumulate(model, train, group, items)?;
-        let at = format!("at step {} (epoch {})", run.state.step + 1, epoch + 1);
+        let (step, shown_epoch) = (run.state.step + 1, epoch + 1);
+        let at = || format!("at step {step} (epoch {shown_epoch})");
         if !loss.is_finite() {
-            return Err(run.stopped(format!("loss is {loss} {at}")));
+            return Err(run.stopped(format!("loss is {loss} {}", at())));
         }
         if let Err(diverged) = run.state.losses.observe(loss) {
-            return Err(run.stopped(format!("training diverged {at}: {diverged}")));
+            return Err(run.stopped(format!("training diverged {}: {diverged}", at())));
         }
         let grad_norm = optim::clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            return Err(run.stopped(format!("the gradient norm is {grad_norm} {at}")));
+            return Err(run.stopped(format!("the gradient norm is {grad_norm} {}", at())));
         }
         let lr = self.config.lr * self.config.schedule.factor(run.state.step, total_steps);
         self.optimizer.step(&grads, lr)?;
