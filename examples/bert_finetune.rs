@@ -227,9 +227,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let report = trainer.fit(&model, &train_set, Some(&eval_set))?;
 
     // The best epoch's weights (by eval accuracy) become the saved model.
-    if let Some(best) = &report.best_checkpoint {
-        checkpoint::load_varmap(&varmap, &best.join("model.safetensors"))?;
-    }
+    trainer.restore_best()?;
     let metrics = trainer.evaluate(&model, &eval_set)?;
     // What transformers' Auto classes read to pick the architecture.
     cfg.model_type = Some("bert".into());

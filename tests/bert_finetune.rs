@@ -61,7 +61,7 @@ fn fine_tune_save_and_reload_as_a_hugging_face_folder() -> Result<()> {
     let report = trainer.fit(&model, &set, Some(&set))?;
     let best = report.best.expect("evaluated");
     assert!(best.1 >= 0.99, "the tiny model should fit 8 texts, best accuracy {}", best.1);
-    checkpoint::load_varmap(&varmap, &report.best_checkpoint.unwrap().join("model.safetensors"))?;
+    assert_eq!(trainer.restore_best()?, Some(best.0));
     hub::save_pretrained(&output, &cfg, &checkpoint::varmap_tensors(&varmap)?, Some(&files.dir))?;
 
     // The folder loads through the Hub loader, with its labels and tokenizer, and predicts the same.

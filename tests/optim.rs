@@ -86,10 +86,10 @@ fn optimizer_state_round_trips() -> Result<()> {
     let mut opt = OptimizerConfig::adamw(0.1).build(optim::params(&varmap, bias))?;
     let grads = grads_of(opt.params(), &net.forward(&x)?.sum_all()?.backward()?);
     opt.step(&grads, 1e-2)?;
-    let state: std::collections::HashMap<String, Tensor> = opt.state().into_iter().collect();
+    let state: std::collections::HashMap<String, Tensor> = opt.state()?.into_iter().collect();
     let mut fresh = OptimizerConfig::adamw(0.1).build(optim::params(&varmap, bias))?;
     fresh.load_state(&state)?;
-    let again: std::collections::HashMap<String, Tensor> = fresh.state().into_iter().collect();
+    let again: std::collections::HashMap<String, Tensor> = fresh.state()?.into_iter().collect();
     for (k, v) in &state {
         assert_close(k, &again[k], v, 0.0)?;
     }
@@ -139,6 +139,28 @@ fn half_precision_parameters_keep_f32_state_and_stay_finite() -> Result<()> {
     let w = var.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     assert!(w.iter().all(|v| v.is_finite()), "{w:?}");
     assert!((w[2] - (1.0 - 0.03)).abs() < 2e-3 && (w[3] - (1.0 + 0.03)).abs() < 2e-3, "{w:?}");
-    assert!(opt.state().iter().all(|(_, t)| t.dtype() == DType::F32 || t.dtype() == DType::F64));
+    assert!(opt.state()?.iter().all(|(_, t)| t.dtype() == DType::F32 || t.dtype() == DType::F64));
+    Ok(())
+}
+
+#[test]
+fn rnn_biases_get_no_weight_decay() -> Result<()> {
+    use wick::models::rnn::{CharRnn, CharRnnConfig, Cell};
+    for cell in [Cell::Lstm, Cell::Gru] {
+        let varmap = VarMap::new();
+        let vb = wick::nn::var_builder(&varmap, DType::F32, &candle_core::Device::Cpu, 0);
+        CharRnn::load(vb, &CharRnnConfig::new(cell, 11, 4, 6, 2))?;
+        let params = optim::params(&varmap, optim::is_bias_or_norm);
+        let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        for layer in ["l0", "l1"] {
+            for name in [format!("rnn.bias_ih_{layer}"), format!("rnn.bias_hh_{layer}"), format!("rnn.weight_ih_{layer}")] {
+                assert!(names.contains(&name.as_str()), "{cell:?}: no {name} in {names:?}");
+            }
+        }
+        for p in &params {
+            let last = p.name.rsplit('.').next().unwrap();
+            assert_eq!(p.decay, !last.starts_with("bias"), "{cell:?}: {} decay {}", p.name, p.decay);
+        }
+    }
     Ok(())
 }

@@ -32,12 +32,21 @@ fn model(varmap: &VarMap, dropout: f64) -> Result<Classifier<Mlp>> {
     Ok(Classifier { net: Mlp::load(vb, &cfg)?, num_classes: 4 })
 }
 
-fn train(config: TrainerConfig, dropout: f64, data: &TensorDataset, eval: Option<&TensorDataset>) -> Result<(TrainReport, VarMap)> {
+/// A fresh model and a trainer for it (AdamW, no progress bar).
+fn new_trainer(config: TrainerConfig, dropout: f64) -> Result<(Classifier<Mlp>, Trainer)> {
     let varmap = VarMap::new();
     let m = model(&varmap, dropout)?;
     let opt = OptimizerConfig::adamw(0.01).build(optim::params(&varmap, optim::is_bias_or_norm))?;
-    let mut trainer = Trainer::new(TrainerConfig { progress: false, ..config }, varmap.clone(), opt, wick::device::test_device()?);
-    Ok((trainer.fit(&m, data, eval)?, varmap))
+    Ok((m, Trainer::new(TrainerConfig { progress: false, ..config }, varmap, opt, wick::device::test_device()?)))
+}
+
+fn train(config: TrainerConfig, dropout: f64, data: &TensorDataset, eval: Option<&TensorDataset>) -> Result<(TrainReport, VarMap)> {
+    let (m, mut trainer) = new_trainer(config, dropout)?;
+    Ok((trainer.fit(&m, data, eval)?, trainer.varmap))
+}
+
+fn train_err(config: TrainerConfig, data: &TensorDataset, eval: Option<&TensorDataset>) -> String {
+    format!("{:#}", train(config, 0.0, data, eval).err().expect("training must fail"))
 }
 
 #[test]
@@ -204,5 +213,175 @@ fn resuming_a_finished_run_trains_no_further() -> Result<()> {
     assert!(again.train_losses.is_empty());
     assert_eq!(again.last_eval().unwrap()["loss"], done.last_eval().unwrap()["loss"]);
     assert_eq!(std::fs::read_to_string(dir.path().join("metrics.jsonl"))?, log_before);
+    Ok(())
+}
+
+#[test]
+fn restore_best_loads_the_best_checkpoint_and_evaluate_reads_the_whole_set() -> Result<()> {
+    let (data, eval) = (blobs(64, 12)?, blobs(40, 13)?);
+    let dir = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        epochs: 6,
+        batch_size: 16,
+        lr: 3e-2,
+        eval_batch_size: 16,
+        max_eval_batches: Some(1),
+        goal: Some(MetricGoal::maximize("accuracy")),
+        keep_last: 1,
+        output_dir: Some(dir.path().into()),
+        ..Default::default()
+    };
+    let (m, mut trainer) = new_trainer(cfg, 0.0)?;
+    let report = trainer.fit(&m, &data, Some(&eval))?;
+    let (best_step, _) = report.best.expect("evaluated");
+    assert_eq!(trainer.restore_best()?, Some(best_step));
+    let best = checkpoint::read_safetensors(&report.best_checkpoint.unwrap().join(checkpoint::MODEL_FILE), &candle_core::Device::Cpu)?;
+    for (name, t) in checkpoint::varmap_tensors(&trainer.varmap)? {
+        let diff = (t.to_device(&candle_core::Device::Cpu)? - &best[&name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name}");
+    }
+    // During training one batch of 16 is evaluated; `evaluate` reads all 40 items.
+    let during = report.evals.last().unwrap().1["accuracy"] * 16.0;
+    let whole = trainer.evaluate(&m, &eval)?["accuracy"] * 40.0;
+    assert!((during - during.round()).abs() < 1e-9 && (whole - whole.round()).abs() < 1e-9, "{during} {whole}");
+    // Without an output folder there is nothing to restore, and the weights stay.
+    let (_, plain) = new_trainer(TrainerConfig::default(), 0.0)?;
+    assert_eq!(plain.restore_best()?, None);
+    Ok(())
+}
+
+#[test]
+fn a_resume_that_would_replay_other_batches_is_refused_naming_the_setting() -> Result<()> {
+    let data = blobs(48, 14)?;
+    let dir = tempfile::tempdir()?;
+    let base = TrainerConfig { epochs: 2, batch_size: 8, grad_accum: 2, seed: 3, halt_at_step: Some(2), output_dir: Some(dir.path().into()), ..Default::default() };
+    train(base.clone(), 0.0, &data, None)?;
+    let resume = TrainerConfig { resume: true, halt_at_step: None, ..base };
+    for (cfg, data, expected) in [
+        (TrainerConfig { batch_size: 16, ..resume.clone() }, data.take(48)?, "--batch-size was 8 in the run being resumed, now 16"),
+        (TrainerConfig { grad_accum: 1, ..resume.clone() }, data.take(48)?, "was 2 in the run being resumed, now 1"),
+        (TrainerConfig { seed: 4, ..resume.clone() }, data.take(48)?, "--seed was 3 in the run being resumed, now 4"),
+        (TrainerConfig { drop_last: true, ..resume.clone() }, data.take(48)?, "drop_last was false in the run being resumed, now true"),
+        (resume.clone(), data.take(40)?, "the training set's size (items) was 48 in the run being resumed, now 40"),
+    ] {
+        let err = train_err(cfg, &data, None);
+        assert!(err.contains(expected) && err.contains("step-00000002"), "{err}");
+    }
+    // A trainer_state.json from before these were recorded: unknown, accepted (and recorded on).
+    let (_, last) = checkpoint::list(dir.path())?.pop().unwrap();
+    let state_file = last.join(checkpoint::STATE_FILE);
+    let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_file)?)?;
+    for field in ["batch_size", "grad_accum", "drop_last", "train_len", "first_loss", "smoothed_loss"] {
+        old.as_object_mut().unwrap().remove(field).expect(field);
+    }
+    std::fs::write(&state_file, old.to_string())?;
+    let (report, _) = train(TrainerConfig { batch_size: 16, grad_accum: 1, ..resume }, 0.0, &data, None)?;
+    assert_eq!(report.resumed_from, Some(2));
+    let saved = checkpoint::read_state(&checkpoint::latest(dir.path())?.unwrap())?;
+    assert_eq!((saved.order.batch_size, saved.order.grad_accum, saved.order.train_len), (Some(16), Some(1), Some(48)));
+    Ok(())
+}
+
+#[test]
+fn resume_without_a_checkpoint_or_from_a_damaged_one_is_an_error_naming_it() -> Result<()> {
+    let data = blobs(32, 15)?;
+    let dir = tempfile::tempdir()?;
+    let cfg = TrainerConfig { batch_size: 8, output_dir: Some(dir.path().into()), ..Default::default() };
+    let resume = TrainerConfig { resume: true, ..cfg.clone() };
+    let err = train_err(resume.clone(), &data, None);
+    assert!(err.contains("nothing to resume") && err.contains("no checkpoint"), "{err}");
+    train(TrainerConfig { halt_at_step: Some(3), ..cfg }, 0.0, &data, None)?;
+    let (step, last) = checkpoint::list(dir.path())?.pop().unwrap();
+    assert_eq!(step, 3);
+    let state_file = last.join(checkpoint::STATE_FILE);
+    let state = std::fs::read(&state_file)?;
+    // Half-written or leftover folders beside it, even of later steps, are never resumed from.
+    let root = checkpoint::checkpoints_dir(dir.path());
+    for leftover in [".step-00000009.tmp", "step-00000009.tmp", ".step-00000003.old", "step-9", "step-+0000009"] {
+        std::fs::create_dir_all(root.join(leftover))?;
+        std::fs::write(root.join(leftover).join(checkpoint::STATE_FILE), b"{")?;
+    }
+    assert_eq!(checkpoint::latest(dir.path())?, Some(last.clone()));
+    std::fs::write(&state_file, b"{\"step\": ")?;
+    let err = train_err(resume.clone(), &data, None);
+    assert!(err.contains("trainer_state.json") && err.contains("not a trainer state") && err.contains("damaged"), "{err}");
+    std::fs::remove_file(&state_file)?;
+    let err = train_err(resume.clone(), &data, None);
+    assert!(err.contains("trainer_state.json") && err.contains("cannot read"), "{err}");
+    std::fs::write(&state_file, state)?;
+    let (report, _) = train(resume, 0.0, &data, None)?;
+    assert_eq!(report.resumed_from, Some(3));
+    Ok(())
+}
+
+#[test]
+fn a_nan_made_by_the_last_step_is_an_error_and_is_not_saved() -> Result<()> {
+    let (data, eval) = (blobs(32, 16)?, blobs(16, 17)?);
+    // 1e39 is a finite f64 but no f32: the one update sends the weights to ±inf and NaN, and
+    // no later loss would see them.
+    let last_step_blows_up = TrainerConfig { max_steps: Some(1), batch_size: 8, lr: 1e39, ..Default::default() };
+    let err = train_err(last_step_blows_up.clone(), &data, None);
+    assert!(err.contains("after step 1") && err.contains("weight") && err.contains("--lr"), "{err}");
+    let dir = tempfile::tempdir()?;
+    let err = train_err(TrainerConfig { output_dir: Some(dir.path().into()), ..last_step_blows_up.clone() }, &data, None);
+    assert!(err.contains("after step 1") && err.contains("not saved"), "{err}");
+    assert!(checkpoint::list(dir.path())?.is_empty(), "a NaN model was saved");
+    // With an evaluation of that step, the NaN evaluation stops the run: never the best.
+    let dir = tempfile::tempdir()?;
+    let evaluated = TrainerConfig { output_dir: Some(dir.path().into()), eval_every: Some(1), goal: Some(MetricGoal::minimize("loss")), ..last_step_blows_up };
+    let err = train_err(evaluated, &data, Some(&eval));
+    assert!(err.contains("evaluation at step 1 gave loss NaN") && err.contains("--lr"), "{err}");
+    assert!(checkpoint::list(dir.path())?.is_empty(), "a NaN model was saved");
+    Ok(())
+}
+
+#[test]
+fn a_loss_that_explodes_without_becoming_nan_stops_the_run() -> Result<()> {
+    let data = blobs(64, 18)?;
+    let err = train_err(TrainerConfig { epochs: 10, batch_size: 8, lr: 50.0, ..Default::default() }, &data, None);
+    assert!(err.contains("diverged") && err.contains("smoothed") && err.contains("--lr"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn early_stopping_that_could_never_fire_is_refused_before_training() -> Result<()> {
+    let (data, eval) = (blobs(32, 19)?, blobs(16, 20)?);
+    let dir = tempfile::tempdir()?;
+    let stopping = TrainerConfig { early_stopping_patience: Some(2), goal: Some(MetricGoal::minimize("loss")), output_dir: Some(dir.path().into()), ..Default::default() };
+    assert!(train_err(stopping.clone(), &data, None).contains("needs an evaluation set"));
+    assert!(train_err(TrainerConfig { goal: None, ..stopping.clone() }, &data, Some(&eval)).contains("needs a goal metric"));
+    // Four classes: no F1.
+    let err = train_err(TrainerConfig { goal: Some(MetricGoal::maximize("f1")), ..stopping }, &data, Some(&eval));
+    assert!(err.contains("\"f1\"") && err.contains("accuracy, loss"), "{err}");
+    assert!(checkpoint::list(dir.path())?.is_empty() && !dir.path().join("metrics.jsonl").exists(), "work started");
+    Ok(())
+}
+
+/// A model whose loss is finite and whose gradient is not: √w at w = 0.
+struct SqrtAtZero(candle_core::Var);
+
+impl wick::train::TrainModel for SqrtAtZero {
+    type Batch = (Tensor, Tensor);
+    fn task(&self) -> wick::train::Task {
+        wick::train::Task::Regression
+    }
+    fn loss(&self, _: &Self::Batch, _train: bool) -> Result<Tensor> {
+        Ok(self.0.as_tensor().sqrt()?.sum_all()?)
+    }
+    fn evaluate(&self, batch: &Self::Batch) -> Result<wick::train::EvalBatch> {
+        wick::train::EvalBatch::from_mean_loss(&self.loss(batch, false)?, 1)
+    }
+}
+
+#[test]
+fn an_infinite_gradient_norm_stops_with_the_step() -> Result<()> {
+    let data = blobs(16, 21)?;
+    let var = candle_core::Var::zeros(3, DType::F32, &Device::Cpu)?;
+    let params = vec![optim::Param { name: "w".into(), var: var.clone(), decay: true }];
+    let config = TrainerConfig { batch_size: 8, max_grad_norm: Some(1.0), progress: false, ..Default::default() };
+    let mut trainer = Trainer::new(config, VarMap::new(), OptimizerConfig::sgd().build(params)?, Device::Cpu);
+    let err = trainer.fit(&SqrtAtZero(var.clone()), &data, None).err().expect("an infinite gradient must stop training").to_string();
+    assert!(err.contains("gradient norm is inf at step 1") && err.contains("--lr"), "{err}");
+    assert_eq!(var.to_vec1::<f32>()?, [0.0; 3], "no update with an infinite gradient");
     Ok(())
 }

@@ -4,25 +4,44 @@
 //! [`Dataset`]; the [`Trainer`] does the rest: seeded shuffling, gradient accumulation and
 //! clipping, the optimizer and LR schedule, evaluation with metrics, checkpoints with resume,
 //! early stopping, a progress bar, a JSON-lines metrics log and a loss-curve picture.
+//!
+//! [`Trainer::fit`] is a loop over optimizer steps whose pieces each have one job: the settings
+//! are checked first ([`TrainerConfig::validate`]), a call starts a new run or resumes one
+//! (`start`), each step trains (`train_step`: loss, gradient and divergence checks, the update),
+//! then evaluates, saves and decides whether to stop (`after_step`, with [`BestSoFar`] for the
+//! best checkpoint and early stopping, and `save_checkpoint`), and `finish` writes the report.
+//!
+//! A run never ends `Ok` with weights that went NaN or infinite, or that diverged by
+//! [`guard::LossWatch`]'s rule: the loss and gradient norm of every step are checked, every
+//! evaluation's metrics are, and the weights are before each checkpoint and at the end (which
+//! covers the last update, whose result no later loss sees).
 
+pub mod best;
 pub mod checkpoint;
+pub mod config;
+pub mod guard;
+mod log;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod tasks;
 
+pub use best::{BestSoFar, MetricGoal};
 pub use checkpoint::TrainerState;
+pub use config::TrainerConfig;
 pub use metrics::{EvalBatch, Metrics, Task};
 pub use optim::{Optimizer, OptimizerConfig, Param};
 pub use schedule::Schedule;
 
 use crate::data::{Batching, Dataset};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::Write;
+use checkpoint::DataOrder;
+use config::Plan;
+use indicatif::ProgressBar;
+use log::MetricsLog;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,105 +53,6 @@ pub trait TrainModel {
     fn loss(&self, batch: &Self::Batch, train: bool) -> Result<Tensor>;
     /// The batch's contribution to an evaluation (in evaluation mode).
     fn evaluate(&self, batch: &Self::Batch) -> Result<EvalBatch>;
-}
-
-/// Which evaluation metric decides the best checkpoint and early stopping.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MetricGoal {
-    /// A key of [`Metrics`]: `loss`, `accuracy`, `f1`, `perplexity`.
-    pub metric: String,
-    pub higher_is_better: bool,
-}
-
-impl MetricGoal {
-    pub fn maximize(metric: &str) -> Self {
-        Self { metric: metric.into(), higher_is_better: true }
-    }
-    pub fn minimize(metric: &str) -> Self {
-        Self { metric: metric.into(), higher_is_better: false }
-    }
-    fn improves(&self, value: f64, best: Option<f64>) -> bool {
-        match best {
-            None => true,
-            Some(b) if self.higher_is_better => value > b,
-            Some(b) => value < b,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct TrainerConfig {
-    pub epochs: usize,
-    /// Total optimizer steps; the schedule spans them. Default: `epochs` worth.
-    pub max_steps: Option<usize>,
-    /// Stop (with a checkpoint, ready to resume) after this many steps or this much training
-    /// time, as if interrupted: the schedule still spans the whole run.
-    pub halt_at_step: Option<usize>,
-    pub time_limit: Option<Duration>,
-    pub batch_size: usize,
-    pub eval_batch_size: usize,
-    pub drop_last: bool,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    pub lr: f64,
-    pub schedule: Schedule,
-    pub max_grad_norm: Option<f64>,
-    pub eval_every: Option<usize>,
-    pub eval_each_epoch: bool,
-    pub max_eval_batches: Option<usize>,
-    pub log_every: usize,
-    pub seed: u64,
-    /// Checkpoints, `metrics.jsonl` and `loss_curve.svg` go here; nothing is written without it.
-    pub output_dir: Option<PathBuf>,
-    pub save_every: Option<usize>,
-    pub save_each_epoch: bool,
-    pub keep_last: usize,
-    pub goal: Option<MetricGoal>,
-    pub early_stopping_patience: Option<usize>,
-    /// Continue from the newest checkpoint in `output_dir`, if there is one.
-    pub resume: bool,
-    pub progress: bool,
-}
-
-impl TrainerConfig {
-    /// Optimizer steps a run over `train_len` items takes (what the LR schedule spans).
-    pub fn total_steps(&self, train_len: usize) -> usize {
-        // batch_size 0 is refused by `fit` with a clear error; here it must not divide by zero.
-        let plan = Batching { batch_size: self.batch_size.max(1), shuffle: true, drop_last: self.drop_last, seed: self.seed };
-        let steps_per_epoch = plan.batches_per_epoch(train_len).div_ceil(self.grad_accum.max(1));
-        self.max_steps.unwrap_or_else(|| self.epochs.saturating_mul(steps_per_epoch))
-    }
-}
-
-impl Default for TrainerConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            max_steps: None,
-            halt_at_step: None,
-            time_limit: None,
-            batch_size: 32,
-            eval_batch_size: 256,
-            drop_last: false,
-            grad_accum: 1,
-            lr: 1e-3,
-            schedule: Schedule::Constant,
-            max_grad_norm: None,
-            eval_every: None,
-            eval_each_epoch: true,
-            max_eval_batches: None,
-            log_every: 10,
-            seed: 0,
-            output_dir: None,
-            save_every: None,
-            save_each_epoch: true,
-            keep_last: 2,
-            goal: None,
-            early_stopping_patience: None,
-            resume: false,
-            progress: true,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -166,6 +86,42 @@ pub struct Trainer {
     pub device: Device,
 }
 
+/// One call of [`Trainer::fit`] in progress: the trainer's state and what the call reports,
+/// logs and shows.
+struct Run {
+    state: TrainerState,
+    report: TrainReport,
+    log: MetricsLog,
+    bar: ProgressBar,
+    started: Instant,
+    /// Training time of the run this call resumes.
+    seconds_before: f64,
+    /// Time spent in optimizer steps only (not evaluation or checkpoints), for samples/s.
+    train_time: Duration,
+    /// Items and start of the current logging window (evaluations and saves excluded).
+    window: (u64, Instant),
+    last_eval_step: Option<usize>,
+    /// The step after which the weights were last checked finite.
+    weights_checked_at: Option<usize>,
+}
+
+impl Run {
+    /// The error that stops training for `what`, pointing at the last checkpoint kept.
+    fn stopped(&self, what: String) -> anyhow::Error {
+        let kept = self.report.last_checkpoint.as_ref().map(|p| format!("; the last good checkpoint is {}", p.display())).unwrap_or_default();
+        anyhow!("{what}: training stopped{kept}. To avoid this, {}", guard::ADVICE)
+    }
+}
+
+/// What one optimizer step did.
+struct StepOutcome {
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    /// The epoch the step belongs to (0-based).
+    epoch: usize,
+}
+
 impl Trainer {
     pub fn new(config: TrainerConfig, varmap: VarMap, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
         Self { config, varmap, optimizer, device }
@@ -178,168 +134,256 @@ impl Trainer {
         M: TrainModel,
         D: Dataset<Batch = M::Batch>,
     {
-        let cfg = self.config.clone();
-        let zero = [("batch_size", Some(cfg.batch_size)), ("eval_batch_size", Some(cfg.eval_batch_size)), ("grad_accum", Some(cfg.grad_accum)),
-            ("log_every", Some(cfg.log_every)), ("eval_every", cfg.eval_every), ("save_every", cfg.save_every)];
-        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == Some(0)) {
-            bail!("{name} must be at least 1");
-        }
-        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            bail!("learning rate must be a positive number, got {}", cfg.lr);
-        }
-        if train.is_empty() {
-            bail!("the training set is empty");
-        }
+        self.config.validate(model.task(), eval.is_some())?;
         if eval.is_some_and(|e| e.is_empty()) {
             bail!("the evaluation set is empty");
         }
-        let plan = Batching { batch_size: cfg.batch_size, shuffle: true, drop_last: cfg.drop_last, seed: cfg.seed };
-        let batches_per_epoch = plan.batches_per_epoch(train.len());
-        if batches_per_epoch == 0 {
-            bail!("the training set ({} items) is smaller than one batch of {} with drop_last", train.len(), cfg.batch_size);
-        }
-        let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum);
-        let total_steps = cfg.total_steps(train.len());
-        if total_steps == 0 {
-            bail!("nothing to train: 0 epochs / 0 steps");
-        }
-
-        let mut state = TrainerState { seed: cfg.seed, ..Default::default() };
-        let mut report = TrainReport::default();
-        if let (Some(out), false) = (cfg.output_dir.as_deref(), cfg.resume) {
-            // A new run would prune the old run's checkpoints and mix its curve into the log.
-            if let Some((step, _)) = checkpoint::list(out)?.last() {
-                bail!("{} already holds checkpoints (up to step {step}): resume from them, or choose another output folder", out.display());
+        let plan = self.config.plan(train.len())?;
+        let mut run = self.start(&plan, train.len())?;
+        // A resumed run that had already stopped early stays stopped.
+        run.report.stopped_early = run.state.best.patience_spent(self.config.early_stopping_patience);
+        'training: while run.state.step < plan.total_steps && !run.report.stopped_early {
+            let epoch = run.state.step / plan.steps_per_epoch;
+            let batches = plan.batching.epoch(train.len(), epoch)?;
+            let groups: Vec<&[Vec<usize>]> = batches.chunks(self.config.grad_accum).collect();
+            for group in &groups[run.state.step % plan.steps_per_epoch..] {
+                let done = self.train_step(model, train, group, epoch, plan.total_steps, &mut run)?;
+                if self.after_step(model, eval, &plan, done, &mut run)? {
+                    break 'training;
+                }
             }
         }
-        if cfg.resume {
-            let out = cfg.output_dir.as_deref().context("resume needs an output directory")?;
-            if let Some(dir) = checkpoint::latest(out)? {
-                state = checkpoint::load(&dir, &self.varmap, self.optimizer.as_mut())?;
-                if state.seed != cfg.seed {
-                    bail!("{} was trained with seed {}, this run asks for {}", dir.display(), state.seed, cfg.seed);
-                }
+        self.finish(model, eval, run)
+    }
+
+    /// A new run (refusing an output folder that holds an earlier run's checkpoints), or, with
+    /// `config.resume`, the newest checkpoint's run.
+    fn start(&mut self, plan: &Plan, train_len: usize) -> Result<Run> {
+        let cfg = &self.config;
+        let order = DataOrder::of(cfg, train_len);
+        let mut report = TrainReport::default();
+        let state = match (cfg.output_dir.as_deref(), cfg.resume) {
+            (None, true) => bail!("resume needs an output directory"),
+            (Some(out), true) => {
+                let dir = checkpoint::latest(out)?.with_context(|| {
+                    format!("nothing to resume: {} holds no checkpoint (no step-* folder in {}); run without --resume to start a new run", out.display(), checkpoint::checkpoints_dir(out).display())
+                })?;
+                let state = checkpoint::resume(&dir, &order, &self.varmap, self.optimizer.as_mut())?;
                 report.resumed_from = Some(state.step);
                 report.last_checkpoint = Some(dir);
+                state
             }
-        }
-        let mut log = MetricsLog::open(cfg.output_dir.as_deref(), report.resumed_from)?;
-        let bar = progress_bar(cfg.progress, total_steps, state.step);
+            (out, false) => {
+                // A new run would prune the old run's checkpoints and mix its curve into the log.
+                if let Some(out) = out {
+                    if let Some((step, _)) = checkpoint::list(out)?.last() {
+                        bail!("{} already holds checkpoints (up to step {step}): resume from them, or choose another output folder", out.display());
+                    }
+                }
+                TrainerState { order, ..Default::default() }
+            }
+        };
+        let log = MetricsLog::open(cfg.output_dir.as_deref(), report.resumed_from)?;
+        let bar = log::progress_bar(cfg.progress, plan.total_steps, state.step);
         if let Some(step) = report.resumed_from {
             bar.println(format!("resumed from step {step} (epoch {})", state.epoch));
         }
+        let seconds_before = state.train_seconds;
+        Ok(Run {
+            state,
+            report,
+            log,
+            bar,
+            started: Instant::now(),
+            seconds_before,
+            train_time: Duration::ZERO,
+            window: (0, Instant::now()),
+            last_eval_step: None,
+            weights_checked_at: None,
+        })
+    }
 
+    /// One optimizer step over `group` (its micro-batches): forward and backward, the checks of
+    /// the loss (finite, not diverged) and of the gradient norm, clipping, the update.
+    fn train_step<M, D>(&mut self, model: &M, train: &D, group: &[Vec<usize>], epoch: usize, total_steps: usize, run: &mut Run) -> Result<StepOutcome>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
         let started = Instant::now();
-        let time_before = state.train_seconds;
-        let mut last_eval_step = None;
-        // Time spent in optimizer steps only (not evaluation or checkpoints), for samples/s.
-        let (mut train_time, mut samples_this_call) = (Duration::ZERO, 0u64);
-        let mut window = (0u64, Instant::now());
-        let patience_spent = |s: &TrainerState| cfg.early_stopping_patience.is_some_and(|p| s.evals_since_best >= p);
-        // A resumed run that had already stopped early stays stopped.
-        report.stopped_early = patience_spent(&state);
-        'training: while state.step < total_steps && !report.stopped_early {
-            let epoch = state.step / steps_per_epoch;
-            let batches = plan.epoch(train.len(), epoch)?;
-            let groups: Vec<&[Vec<usize>]> = batches.chunks(cfg.grad_accum).collect();
-            for group in &groups[state.step % steps_per_epoch..] {
-                let step_started = Instant::now();
-                crate::nn::reseed(&self.device, cfg.seed, state.step as u64)?;
-                let n_items: usize = group.iter().map(Vec::len).sum();
-                let (loss, mut grads) = self.accumulate(model, train, group, n_items)?;
-                if !loss.is_finite() {
-                    let kept = report.last_checkpoint.as_ref().map(|p| format!("; the last good checkpoint is {}", p.display())).unwrap_or_default();
-                    bail!("loss is {loss} at step {} (epoch {}): training stopped{kept}", state.step + 1, epoch + 1);
-                }
-                let grad_norm = optim::clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-                let lr = cfg.lr * cfg.schedule.factor(state.step, total_steps);
-                self.optimizer.step(&grads, lr)?;
-                state.step += 1;
-                state.samples_seen += n_items as u64;
-                samples_this_call += n_items as u64;
-                train_time += step_started.elapsed();
-                window.0 += n_items as u64;
-                report.train_losses.push((state.step, loss));
-                bar.set_position(state.step as u64);
-
-                if state.step % cfg.log_every == 0 || state.step == total_steps {
-                    let rate = window.0 as f64 / window.1.elapsed().as_secs_f64().max(1e-9);
-                    window = (0, Instant::now());
-                    bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0} samples/s"));
-                    log.write(serde_json::json!({"type": "train", "step": state.step, "epoch": epoch + 1, "loss": loss,
-                        "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate}))?;
-                }
-                let epoch_done = state.step % steps_per_epoch == 0;
-                if epoch_done {
-                    state.epoch = epoch + 1;
-                }
-                state.train_seconds = time_before + started.elapsed().as_secs_f64();
-                let wants_eval = cfg.eval_every.is_some_and(|n| state.step % n == 0) || (epoch_done && cfg.eval_each_epoch);
-                let mut improved = false;
-                if let (Some(eval), true) = (eval, wants_eval) {
-                    let t = Instant::now();
-                    let metrics = self.evaluate(model, eval)?;
-                    last_eval_step = Some(state.step);
-                    improved = self.track_best(&mut state, &metrics)?;
-                    let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("eval_{k} {v:.4}")).collect();
-                    bar.println(format!("step {} epoch {}: {}", state.step, epoch + 1, shown.join(" ")));
-                    log.write_eval(state.step, epoch + 1, &metrics)?;
-                    report.evals.push((state.step, metrics));
-                    window.1 += t.elapsed();
-                }
-                let halt = cfg.halt_at_step.is_some_and(|h| state.step >= h)
-                    || cfg.time_limit.is_some_and(|t| started.elapsed() >= t);
-                let stop_early = patience_spent(&state);
-                let wants_save = improved
-                    || cfg.save_every.is_some_and(|n| state.step % n == 0)
-                    || (epoch_done && cfg.save_each_epoch)
-                    || halt
-                    || stop_early
-                    || state.step == total_steps;
-                if let (Some(out), true) = (cfg.output_dir.as_deref(), wants_save) {
-                    let t = Instant::now();
-                    let dir = checkpoint::save(out, &self.varmap, self.optimizer.as_ref(), &state)?;
-                    checkpoint::prune(out, cfg.keep_last, state.best_step)?;
-                    report.last_checkpoint = Some(dir);
-                    window.1 += t.elapsed();
-                }
-                if stop_early {
-                    bar.println(format!("early stopping at step {}: no better {} for {} evaluations", state.step, cfg.goal.as_ref().map_or("metric", |g| g.metric.as_str()), state.evals_since_best));
-                    report.stopped_early = true;
-                    break 'training;
-                }
-                if halt {
-                    report.halted = true;
-                    break 'training;
-                }
-                if state.step >= total_steps {
-                    break 'training;
-                }
-            }
+        crate::nn::reseed(&self.device, self.config.seed, run.state.step as u64)?;
+        let items: usize = group.iter().map(Vec::len).sum();
+        let (loss, mut grads) = self.accumulate(model, train, group, items)?;
+        let (step, shown_epoch) = (run.state.step + 1, epoch + 1);
+        let at = || format!("at step {step} (epoch {shown_epoch})");
+        if !loss.is_finite() {
+            return Err(run.stopped(format!("loss is {loss} {}", at())));
         }
-        bar.finish_and_clear();
+        if let Err(diverged) = run.state.losses.observe(loss) {
+            return Err(run.stopped(format!("training diverged {}: {diverged}", at())));
+        }
+        let grad_norm = optim::clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(run.stopped(format!("the gradient norm is {grad_norm} {}", at())));
+        }
+        let lr = self.config.lr * self.config.schedule.factor(run.state.step, total_steps);
+        self.optimizer.step(&grads, lr)?;
+        run.state.step += 1;
+        run.state.samples_seen += items as u64;
+        run.report.samples += items as u64;
+        run.report.train_losses.push((run.state.step, loss));
+        run.train_time += started.elapsed();
+        run.window.0 += items as u64;
+        run.bar.set_position(run.state.step as u64);
+        Ok(StepOutcome { loss, lr, grad_norm, epoch })
+    }
+
+    /// Everything after an update: the log line, an evaluation and a checkpoint when due, and
+    /// whether the run stops here (done, halted or stopped early).
+    fn after_step<M, D>(&self, model: &M, eval: Option<&D>, plan: &Plan, done: StepOutcome, run: &mut Run) -> Result<bool>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
+        let cfg = &self.config;
+        let step = run.state.step;
+        if step.is_multiple_of(cfg.log_every) || step == plan.total_steps {
+            let rate = run.window.0 as f64 / run.window.1.elapsed().as_secs_f64().max(1e-9);
+            run.window = (0, Instant::now());
+            run.bar.set_message(format!("loss {:.4} lr {:.2e} {rate:.0} samples/s", done.loss, done.lr));
+            run.log.write(serde_json::json!({"type": "train", "step": step, "epoch": done.epoch + 1, "loss": done.loss,
+                "lr": done.lr, "grad_norm": done.grad_norm, "samples_per_s": rate}))?;
+        }
+        let epoch_done = step.is_multiple_of(plan.steps_per_epoch);
+        if epoch_done {
+            run.state.epoch = done.epoch + 1;
+        }
+        run.state.train_seconds = run.seconds_before + run.started.elapsed().as_secs_f64();
+        let wants_eval = cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || (epoch_done && cfg.eval_each_epoch);
+        let improved = match (eval, wants_eval) {
+            (Some(eval), true) => self.evaluate_during_run(model, eval, done.epoch + 1, run)?,
+            _ => false,
+        };
+        let halt = cfg.halt_at_step.is_some_and(|h| step >= h) || cfg.time_limit.is_some_and(|t| run.started.elapsed() >= t);
+        let stop_early = run.state.best.patience_spent(cfg.early_stopping_patience);
+        let wants_save = improved
+            || cfg.save_every.is_some_and(|n| step.is_multiple_of(n))
+            || (epoch_done && cfg.save_each_epoch)
+            || halt
+            || stop_early
+            || step == plan.total_steps;
+        if let (Some(out), true) = (cfg.output_dir.as_deref(), wants_save) {
+            let t = Instant::now();
+            run.report.last_checkpoint = Some(self.save_checkpoint(out, &run.state)?);
+            run.weights_checked_at = Some(step);
+            run.window.1 += t.elapsed();
+        }
+        if stop_early {
+            let metric = cfg.goal.as_ref().map_or("metric", |g| g.metric.as_str());
+            run.bar.println(format!("early stopping at step {step}: no better {metric} for {} evaluations", run.state.best.evals_since_best));
+            run.report.stopped_early = true;
+        } else if halt {
+            run.report.halted = true;
+        }
+        Ok(stop_early || halt || step >= plan.total_steps)
+    }
+
+    /// The save step: checks that every weight is finite, writes the checkpoint of `state.step`
+    /// and removes the old ones beyond `keep_last` (never the best); returns its folder.
+    fn save_checkpoint(&self, out: &Path, state: &TrainerState) -> Result<PathBuf> {
+        guard::check_weights_finite(&self.varmap, state.step)?;
+        let dir = checkpoint::save(out, &self.varmap, self.optimizer.as_ref(), state)?;
+        checkpoint::prune(out, self.config.keep_last, state.best.best_step)?;
+        Ok(dir)
+    }
+
+    /// An evaluation during training: logged, shown, and recorded for the best checkpoint and
+    /// early stopping; true when it is the new best.
+    fn evaluate_during_run<M, D>(&self, model: &M, eval: &D, epoch: usize, run: &mut Run) -> Result<bool>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
+        let t = Instant::now();
+        let step = run.state.step;
+        let metrics = self.evaluate_checked(model, eval, run)?;
+        run.last_eval_step = Some(step);
+        let improved = match &self.config.goal {
+            Some(goal) => {
+                let value = *metrics.get(&goal.metric).with_context(|| format!("evaluation has no metric {:?} (it has {:?})", goal.metric, metrics.keys()))?;
+                run.state.best.record(goal, step, value)?
+            }
+            None => false,
+        };
+        let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("eval_{k} {v:.4}")).collect();
+        run.bar.println(format!("step {step} epoch {epoch}: {}", shown.join(" ")));
+        run.log.write_eval(step, epoch, &metrics)?;
+        run.report.evals.push((step, metrics));
+        run.window.1 += t.elapsed();
+        Ok(improved)
+    }
+
+    /// The metrics of an evaluation during a run (at most `config.max_eval_batches` batches); a
+    /// NaN or infinite one stops training: it must never be recorded, or kept as the best.
+    fn evaluate_checked<M, D>(&self, model: &M, eval: &D, run: &Run) -> Result<Metrics>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
+        let metrics = self.evaluate_batches(model, eval, self.config.max_eval_batches)?;
+        if let Some((name, value)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(run.stopped(format!("the model has diverged: the evaluation at step {} gave {name} {value}", run.state.step)));
+        }
+        Ok(metrics)
+    }
+
+    /// After the last step: the weights checked finite (unless a checkpoint just did), an
+    /// evaluation of the final weights, the loss curve and the report.
+    fn finish<M, D>(&self, model: &M, eval: Option<&D>, mut run: Run) -> Result<TrainReport>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
+        run.bar.finish_and_clear();
+        let step = run.state.step;
+        if run.weights_checked_at != Some(step) {
+            guard::check_weights_finite(&self.varmap, step)?;
+        }
         // An evaluation of the final weights, unless the last step was just evaluated (logged
         // once: a resumed run that had finished finds it in the log already).
-        if let (Some(eval), false) = (eval, last_eval_step == Some(state.step) || report.halted) {
-            let metrics = self.evaluate(model, eval)?;
-            if log.last_eval_step != Some(state.step) {
-                log.write_eval(state.step, state.epoch, &metrics)?;
+        if let (Some(eval), false) = (eval, run.last_eval_step == Some(step) || run.report.halted) {
+            let metrics = self.evaluate_checked(model, eval, &run)?;
+            if run.log.last_eval_step != Some(step) {
+                run.log.write_eval(step, run.state.epoch, &metrics)?;
             }
-            report.evals.push((state.step, metrics));
+            run.report.evals.push((step, metrics));
         }
-        report.steps = state.step;
-        report.epochs_completed = state.epoch;
-        report.samples = samples_this_call;
-        report.train_seconds = train_time.as_secs_f64();
-        report.samples_per_s = samples_this_call as f64 / report.train_seconds.max(1e-9);
-        report.best = state.best_step.zip(state.best_metric);
-        if let (Some(out), Some(step)) = (cfg.output_dir.as_deref(), state.best_step) {
-            report.best_checkpoint = checkpoint::list(out)?.into_iter().find(|(s, _)| *s == step).map(|(_, p)| p);
+        let output = self.config.output_dir.as_deref();
+        if let Some(out) = output {
+            run.log.plot(&out.join("loss_curve.svg"))?;
         }
-        if let Some(out) = cfg.output_dir.as_deref() {
-            log.plot(&out.join("loss_curve.svg"))?;
-        }
+        let report = TrainReport {
+            steps: step,
+            epochs_completed: run.state.epoch,
+            train_seconds: run.train_time.as_secs_f64(),
+            samples_per_s: run.report.samples as f64 / run.train_time.as_secs_f64().max(1e-9),
+            best: run.state.best.best(),
+            best_checkpoint: output.zip(run.state.best.best_step).map(|(out, s)| checkpoint::step_dir(out, s)).filter(|d| d.is_dir()),
+            ..run.report
+        };
         Ok(report)
+    }
+
+    /// Loads the weights of the run's best checkpoint (by `config.goal`, as recorded in the newest
+    /// checkpoint of `config.output_dir`) into the VarMap and returns its step; `None`, leaving
+    /// the weights as they are, when there is none (no output folder, no goal, no evaluation).
+    pub fn restore_best(&self) -> Result<Option<usize>> {
+        let Some(out) = self.config.output_dir.as_deref() else { return Ok(None) };
+        let Some(latest) = checkpoint::latest(out)? else { return Ok(None) };
+        let Some(step) = checkpoint::read_state(&latest)?.best.best_step else { return Ok(None) };
+        let dir = checkpoint::step_dir(out, step);
+        checkpoint::load_varmap(&self.varmap, &dir.join(checkpoint::MODEL_FILE)).with_context(|| format!("restoring the best checkpoint (step {step})"))?;
+        Ok(Some(step))
     }
 
     /// Runs the micro-batches of one optimizer step; returns the mean loss and the gradients of
@@ -369,108 +413,25 @@ impl Trainer {
         Ok((loss_sum, total))
     }
 
-    /// Metrics of `model` on `data`, in evaluation mode.
+    /// Metrics of `model` on the whole of `data`, in evaluation mode (evaluations during
+    /// [`Self::fit`] read at most `config.max_eval_batches` batches).
     pub fn evaluate<M, D>(&self, model: &M, data: &D) -> Result<Metrics>
     where
         M: TrainModel,
         D: Dataset<Batch = M::Batch>,
     {
+        self.evaluate_batches(model, data, None)
+    }
+
+    /// Metrics of `model` on the first `limit` batches of `data` (all without a limit).
+    fn evaluate_batches<M, D>(&self, model: &M, data: &D, limit: Option<usize>) -> Result<Metrics>
+    where
+        M: TrainModel,
+        D: Dataset<Batch = M::Batch>,
+    {
         let batches = Batching::sequential(self.config.eval_batch_size).epoch(data.len(), 0)?;
-        let n = self.config.max_eval_batches.unwrap_or(usize::MAX);
+        let n = limit.unwrap_or(usize::MAX);
         let outputs = batches.iter().take(n).map(|idx| model.evaluate(&data.batch(idx, &self.device)?)).collect::<Result<Vec<_>>>()?;
         Ok(metrics::summarize(model.task(), &outputs))
-    }
-
-    /// Updates the best metric after an evaluation; true when this one is the new best.
-    fn track_best(&self, state: &mut TrainerState, metrics: &Metrics) -> Result<bool> {
-        let Some(goal) = &self.config.goal else { return Ok(false) };
-        let value = *metrics.get(&goal.metric).with_context(|| format!("evaluation has no metric {:?} (it has {:?})", goal.metric, metrics.keys()))?;
-        if goal.improves(value, state.best_metric) {
-            state.best_metric = Some(value);
-            state.best_step = Some(state.step);
-            state.evals_since_best = 0;
-            Ok(true)
-        } else {
-            state.evals_since_best += 1;
-            Ok(false)
-        }
-    }
-}
-
-fn progress_bar(show: bool, total: usize, position: usize) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(total as u64), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(position as u64);
-    bar
-}
-
-/// `metrics.jsonl` in the output folder: one JSON object a line, kept across resumes.
-struct MetricsLog {
-    path: Option<PathBuf>,
-    file: Option<std::fs::File>,
-    last_eval_step: Option<usize>,
-}
-
-impl MetricsLog {
-    /// Opens the log for appending; after a resume from step `s`, records past `s` (written
-    /// after that checkpoint by the interrupted run) are dropped so the curve stays one curve.
-    fn open(output: Option<&Path>, resumed_from: Option<usize>) -> Result<Self> {
-        let Some(out) = output else { return Ok(Self { path: None, file: None, last_eval_step: None }) };
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let path = out.join("metrics.jsonl");
-        let kept: String = match (resumed_from, std::fs::read_to_string(&path)) {
-            (Some(step), Ok(text)) => text
-                .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
-                .map(|l| format!("{l}\n"))
-                .collect(),
-            _ => String::new(),
-        };
-        let last_eval_step = kept
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["type"] == "eval")
-            .filter_map(|v| v["step"].as_u64())
-            .last()
-            .map(|s| s as usize);
-        std::fs::write(&path, &kept).with_context(|| format!("writing {}", path.display()))?;
-        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { path: Some(path), file: Some(file), last_eval_step })
-    }
-
-    fn write(&mut self, record: serde_json::Value) -> Result<()> {
-        if let Some(f) = self.file.as_mut() {
-            writeln!(f, "{record}")?;
-        }
-        Ok(())
-    }
-
-    /// An evaluation record: `eval_loss`, `eval_accuracy`, ... at `step`.
-    fn write_eval(&mut self, step: usize, epoch: usize, metrics: &Metrics) -> Result<()> {
-        self.last_eval_step = Some(step);
-        let mut record = serde_json::json!({"type": "eval", "step": step, "epoch": epoch});
-        for (k, v) in metrics {
-            record[format!("eval_{k}")] = (*v).into();
-        }
-        self.write(record)
-    }
-
-    fn plot(&self, svg: &Path) -> Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let (mut train, mut eval) = (vec![], vec![]);
-        for line in std::fs::read_to_string(path)?.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-            let step = v["step"].as_u64().unwrap_or(0) as usize;
-            match (v["type"].as_str(), v["loss"].as_f64(), v["eval_loss"].as_f64()) {
-                (Some("train"), Some(l), _) => train.push((step, l)),
-                (Some("eval"), _, Some(l)) => eval.push((step, l)),
-                _ => {}
-            }
-        }
-        plot::loss_curve(svg, "wick training", &train, &eval)
     }
 }

@@ -23,10 +23,12 @@ pub struct Param {
     pub decay: bool,
 }
 
-/// The usual exclusion from weight decay: biases and normalisation layers' scales and shifts.
+/// The usual exclusion from weight decay: biases (also the RNNs' `bias_ih_l0`, `bias_hh_l0`,
+/// ..., any `bias_*` name) and normalisation layers' scales and shifts.
 pub fn is_bias_or_norm(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.ends_with("bias") || n.ends_with(".beta") || n.ends_with(".gamma") || n.contains("layernorm")
+    let rnn_bias = n.rsplit('.').next().is_some_and(|last| last.starts_with("bias_"));
+    n.ends_with("bias") || rnn_bias || n.ends_with(".beta") || n.ends_with(".gamma") || n.contains("layernorm")
         || n.contains("layer_norm") || n.contains(".ln_") || n.starts_with("ln_") || n.contains(".bn.") || n.contains("norm.")
 }
 
@@ -79,8 +81,9 @@ pub trait Optimizer {
     /// parameter without a gradient is left alone.
     fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()>;
     fn params(&self) -> &[Param];
-    /// Named state tensors (for a safetensors file) and the number of steps taken.
-    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Named state tensors (for a safetensors file) and the number of steps taken; copies, so
+    /// that later steps do not change them (a failed copy, e.g. on a device, is an error).
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
 }
 
@@ -293,8 +296,8 @@ impl Optimizer for Sgd {
         &self.params
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().zip(&self.buffers).map(|(p, b)| (format!("momentum.{}", p.name), b.as_tensor().copy().unwrap())).collect()
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params.iter().zip(&self.buffers).map(|(p, b)| Ok((format!("momentum.{}", p.name), b.as_tensor().copy()?))).collect()
     }
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
@@ -359,14 +362,14 @@ impl Optimizer for AdamW {
         &self.params
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for ((p, (m, v)), &t) in self.params.iter().zip(&self.moments).zip(&self.steps) {
-            out.push((format!("step.{}", p.name), Tensor::new(&[t as f64], &candle_core::Device::Cpu).unwrap()));
-            out.push((format!("exp_avg.{}", p.name), m.as_tensor().copy().unwrap()));
-            out.push((format!("exp_avg_sq.{}", p.name), v.as_tensor().copy().unwrap()));
+            out.push((format!("step.{}", p.name), Tensor::new(&[t as f64], &candle_core::Device::Cpu)?));
+            out.push((format!("exp_avg.{}", p.name), m.as_tensor().copy()?));
+            out.push((format!("exp_avg_sq.{}", p.name), v.as_tensor().copy()?));
         }
-        out
+        Ok(out)
     }
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {

@@ -114,7 +114,6 @@ pub fn run(args: CharRnnArgs) -> Result<()> {
     let mut trainer = Trainer::new(config, varmap.clone(), OptimizerConfig::adam().build(params)?, device.clone());
     let report = trainer.fit(&model, &train, Some(&val))?;
     // The full validation set, not the subset evaluated during training.
-    trainer.config.max_eval_batches = None;
     let val_metrics = trainer.evaluate(&model, &val)?;
     let val_loss = val_metrics["loss"];
 

@@ -174,7 +174,6 @@ pub fn run(args: Gpt2Args) -> Result<()> {
     };
     let mut trainer = Trainer::new(config, varmap.clone(), optimizer.build(params)?, device.clone());
     let report = trainer.fit(&model, &train, Some(&val))?;
-    trainer.config.max_eval_batches = None;
     let val_metrics = trainer.evaluate(&model, &val)?;
     let (val_loss, val_ppl) = (val_metrics["loss"], val_metrics["perplexity"]);
 
