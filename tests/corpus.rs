@@ -304,7 +304,7 @@ fn flag_cases() -> Vec<Case> {
         case("flags", "min-lr-ratio -1", &["train", "gpt2", "--data", "x", "--min-lr-ratio=-1"], "--min-lr-ratio"),
         case("flags", "eval-batches 0", &["train", "gpt2", "--data", "x", "--eval-batches", "0"], "--eval-batches"),
         case("flags", "dropout 2", &["train", "gpt2", "--data", "x", "--dropout", "2"], "--dropout"),
-        case("flags", "clip NaN", &["train", "gpt2", "--data", "x", "--clip", "NaN"], "--clip"),
+        case("flags", "clip NaN", &["train", "gpt2", "--data", "x", "--clip", "NaN"], "--max-grad-norm"),
         case("flags", "batch size 0", &["train", "mnist", "--data", "x", "--batch-size", "0"], "--batch-size"),
         case("flags", "temperature negative (char-rnn)", &["train", "char-rnn", "--data", "x", "--temperature=-1"], "--temperature"),
         case("flags", "unknown cell", &["train", "char-rnn", "--data", "x", "--cell", "transformer"], "--cell"),

@@ -58,7 +58,8 @@ fn save_then_load_gives_the_same_model_and_a_config_transformers_reads() -> Resu
     let x = Tensor::randn(0f32, 1.0, (4, 6), &device)?;
     use candle_nn::ModuleT;
     let (a, b) = (mlp.forward_t(&x, false)?, reloaded.forward_t(&x, false)?);
-    assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+    // The trainable and the fixed model may take different product kernels: float noise only.
+    common::assert_close("reloaded MLP", &b, &a, 1e-6)?;
     // Another family's folder is refused by its model_type.
     let err = pretrained::load::<GPT2LMHeadModel>(&files, DType::F32, &device).err().unwrap().to_string();
     assert!(err.contains("wick-mlp") && err.contains("gpt2"), "{err}");

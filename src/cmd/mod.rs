@@ -36,6 +36,8 @@ pub enum Command {
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A misspelt WICK_OPS is an error here, not the library's warning.
+    crate::ops::OpsPath::from_env()?;
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Embed(args) => embed::run(args),
