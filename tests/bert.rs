@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use common::{assert_close, fixture_path, Fixture};
 use std::path::PathBuf;
-use wick::hub::{self, HubOptions};
-use wick::models::bert::{self, BertForSequenceClassification, BertModel, Config};
+use wick::models::bert::{BertForSequenceClassification, BertModel, Config};
+use wick::pretrained::{self, Pretrained};
+use wick::weights::{inference_var_builder, ModelFiles};
 
 fn hf_dir(name: &str) -> PathBuf {
     fixture_path(&format!("hf/{name}"))
@@ -25,18 +26,26 @@ fn inputs(fx: &Fixture) -> Result<Inputs> {
     Ok(Inputs { ids: fx.get("input.input_ids")?, mask: fx.get("input.attention_mask")?, types: fx.get("input.token_type_ids")? })
 }
 
-/// Loads a BERT folder for inference, the way the examples do.
-fn load_files(name: &str, device: &Device) -> Result<(Config, std::collections::HashMap<String, Tensor>)> {
-    let files = hub::resolve(hf_dir(name).to_str().unwrap(), &HubOptions::default())?;
-    files.check_model_type(&["bert"])?;
-    Ok((files.config()?, files.load_tensors(device)?))
+fn files(name: &str) -> Result<ModelFiles> {
+    Ok(wick::hub::resolve(hf_dir(name).to_str().unwrap(), &Default::default())?)
+}
+
+/// Loads a BERT classifier folder for inference, as every command does.
+fn classifier(name: &str, dtype: DType, device: &Device) -> Result<(BertForSequenceClassification, Config)> {
+    pretrained::load::<BertForSequenceClassification>(&files(name)?, dtype, device)
+}
+
+/// The checkpoint's tensors by the classifier's names, and its config: for tests that damage one.
+fn classifier_tensors(name: &str, device: &Device) -> Result<(Config, std::collections::HashMap<String, Tensor>)> {
+    let files = files(name)?;
+    let cfg: Config = files.config()?;
+    let tensors = BertForSequenceClassification::canonical_names(files.load_tensors(device)?, &cfg);
+    Ok((cfg, tensors))
 }
 
 fn check_base(name: &str, reference: &str) -> Result<()> {
     let fx = Fixture::load(reference)?;
-    let (cfg, tensors) = load_files(name, &fx.device)?;
-    let vb = hub::inference_var_builder(bert::canonical_names(tensors, false), DType::F32, &fx.device);
-    let model = BertModel::load(vb, &cfg, true)?;
+    let (model, _) = pretrained::load::<BertModel>(&files(name)?, DType::F32, &fx.device)?;
     let x = inputs(&fx)?;
     let out = model.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
     assert_close(&format!("{name} last_hidden_state"), &out.last_hidden_state, &fx.get("output.last_hidden_state")?, 1e-4)?;
@@ -55,10 +64,8 @@ fn legacy_gamma_beta_pytorch_bin_matches_transformers() -> Result<()> {
 
 fn check_classifier(name: &str) -> Result<()> {
     let fx = Fixture::load("hf/bert-tiny-cls.reference")?;
-    let (cfg, tensors) = load_files(name, &fx.device)?;
+    let (model, cfg) = classifier(name, DType::F32, &fx.device)?;
     assert_eq!(cfg.labels(), ["negative", "neutral", "positive"]);
-    let vb = hub::inference_var_builder(bert::canonical_names(tensors, true), DType::F32, &fx.device);
-    let model = BertForSequenceClassification::load(vb, &cfg)?;
     let x = inputs(&fx)?;
     let out = model.bert.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
     assert_close("last_hidden_state", &out.last_hidden_state, &fx.get("output.last_hidden_state")?, 1e-4)?;
@@ -81,8 +88,7 @@ fn sharded_safetensors_load() -> Result<()> {
 fn padding_does_not_change_the_unpadded_rows() -> Result<()> {
     // Row 0 alone (7 tokens, no padding) must equal row 0 of the padded batch.
     let fx = Fixture::load("hf/bert-tiny-cls.reference")?;
-    let (cfg, tensors) = load_files("bert-tiny-cls", &fx.device)?;
-    let model = BertForSequenceClassification::load(hub::inference_var_builder(bert::canonical_names(tensors, true), DType::F32, &fx.device), &cfg)?;
+    let (model, _) = classifier("bert-tiny-cls", DType::F32, &fx.device)?;
     let x = inputs(&fx)?;
     let alone = model.forward(&x.ids.narrow(0, 0, 1)?.narrow(1, 0, 7)?, None, None, false)?;
     assert_close("row 0 alone", &alone, &fx.get("output.logits")?.narrow(0, 0, 1)?, 1e-4)
@@ -93,10 +99,9 @@ fn padding_does_not_change_the_unpadded_rows() -> Result<()> {
 #[test]
 fn every_parameter_gets_transformers_gradient() -> Result<()> {
     let fx = Fixture::load("hf/bert-tiny-cls.reference")?;
-    let (cfg, tensors) = load_files("bert-tiny-cls", &fx.device)?;
-    let varmap = VarMap::new();
-    let model = BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &fx.device, 0), &cfg)?;
-    let report = hub::copy_into_varmap(&varmap, &bert::canonical_names(tensors, true))?;
+    let files = files("bert-tiny-cls")?;
+    let trainable = pretrained::load_trainable::<BertForSequenceClassification>(&files, &files.config()?, &fx.device, 0, |_| true)?;
+    let (model, varmap, report) = (trainable.model, trainable.varmap, trainable.report);
     assert!(report.newly_initialized.is_empty() && report.unused.is_empty(), "{report:?}");
     let x = inputs(&fx)?;
     // Dropout off (transformers' reference step ran in eval mode), but the graph is tracked.
@@ -110,11 +115,10 @@ fn every_parameter_gets_transformers_gradient() -> Result<()> {
 fn base_checkpoint_gets_a_fresh_classifier_head() -> Result<()> {
     // Fine-tuning starts from an encoder-only checkpoint (like MiniLM): the head is new.
     let device = Device::Cpu;
-    let (mut cfg, tensors) = load_files("bert-tiny-base", &device)?;
+    let files = files("bert-tiny-base")?;
+    let mut cfg: Config = files.config()?;
     cfg.set_labels(&["a".into(), "b".into()]);
-    let varmap = VarMap::new();
-    let _model = BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &device, 0), &cfg)?;
-    let report = hub::copy_into_varmap(&varmap, &bert::canonical_names(tensors, true))?;
+    let report = pretrained::load_trainable::<BertForSequenceClassification>(&files, &cfg, &device, 0, |_| true)?.report;
     assert_eq!(report.newly_initialized, ["classifier.bias", "classifier.weight"]);
     assert!(report.unused.is_empty(), "{report:?}");
     Ok(())
@@ -123,8 +127,7 @@ fn base_checkpoint_gets_a_fresh_classifier_head() -> Result<()> {
 #[test]
 fn training_mode_applies_dropout_and_eval_does_not() -> Result<()> {
     let fx = Fixture::load("hf/bert-tiny-cls.reference")?;
-    let (cfg, tensors) = load_files("bert-tiny-cls", &fx.device)?;
-    let model = BertForSequenceClassification::load(hub::inference_var_builder(bert::canonical_names(tensors, true), DType::F32, &fx.device), &cfg)?;
+    let (model, _) = classifier("bert-tiny-cls", DType::F32, &fx.device)?;
     let x = inputs(&fx)?;
     let eval1 = model.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
     let eval2 = model.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
@@ -139,9 +142,8 @@ fn training_mode_applies_dropout_and_eval_does_not() -> Result<()> {
 #[test]
 fn half_precision_stays_close() -> Result<()> {
     let fx = Fixture::load("hf/bert-tiny-cls.reference")?;
-    let (cfg, tensors) = load_files("bert-tiny-cls", &fx.device)?;
     let dtype = if fx.device.is_cpu() { DType::F16 } else { DType::BF16 };
-    let model = BertForSequenceClassification::load(hub::inference_var_builder(bert::canonical_names(tensors, true), dtype, &fx.device), &cfg)?;
+    let (model, _) = classifier("bert-tiny-cls", dtype, &fx.device)?;
     let x = inputs(&fx)?;
     let logits = model.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
     assert_eq!(logits.dtype(), dtype);
@@ -151,8 +153,7 @@ fn half_precision_stays_close() -> Result<()> {
 #[test]
 fn too_long_input_is_an_error() -> Result<()> {
     let device = Device::Cpu;
-    let (cfg, tensors) = load_files("bert-tiny-cls", &device)?;
-    let model = BertForSequenceClassification::load(hub::inference_var_builder(bert::canonical_names(tensors, true), DType::F32, &device), &cfg)?;
+    let (model, cfg) = classifier("bert-tiny-cls", DType::F32, &device)?;
     let ids = Tensor::zeros((1, cfg.max_position_embeddings + 1), DType::U32, &device)?;
     let err = model.forward(&ids, None, None, false).err().expect("must fail").to_string();
     assert!(err.contains("longer than") && err.contains("max_position_embeddings"), "{err}");
@@ -162,16 +163,15 @@ fn too_long_input_is_an_error() -> Result<()> {
 #[test]
 fn config_weight_mismatch_names_the_tensor_and_both_shapes() -> Result<()> {
     let device = Device::Cpu;
-    let (mut cfg, tensors) = load_files("bert-tiny-cls", &device)?;
+    let (mut cfg, tensors) = classifier_tensors("bert-tiny-cls", &device)?;
     cfg.intermediate_size += 1;
-    let tensors = bert::canonical_names(tensors, true);
     // Inference path: candle's VarBuilder check.
-    let err = BertForSequenceClassification::load(hub::inference_var_builder(tensors.clone(), DType::F32, &device), &cfg).err().unwrap().to_string();
+    let err = BertForSequenceClassification::load(inference_var_builder(tensors.clone(), DType::F32, &device), &cfg).err().unwrap().to_string();
     assert!(err.contains("intermediate.dense.weight") && err.contains("37") && err.contains("38"), "{err}");
     // Fine-tuning path: our copy.
     let varmap = VarMap::new();
     BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &device, 0), &cfg)?;
-    let err = format!("{:#}", hub::copy_into_varmap(&varmap, &tensors).unwrap_err());
+    let err = format!("{:#}", wick::weights::copy_into_varmap(&varmap, &tensors).unwrap_err());
     // Whichever of the two affected tensors comes first is named, with both shapes.
     let named = err.contains("intermediate.dense") || err.contains("output.dense.weight");
     assert!(named && err.contains("37") && err.contains("38") && err.contains("do not belong together"), "{err}");
@@ -181,9 +181,9 @@ fn config_weight_mismatch_names_the_tensor_and_both_shapes() -> Result<()> {
 #[test]
 fn missing_weight_is_named() -> Result<()> {
     let device = Device::Cpu;
-    let (cfg, mut tensors) = load_files("bert-tiny-cls", &device)?;
+    let (cfg, mut tensors) = classifier_tensors("bert-tiny-cls", &device)?;
     tensors.remove("bert.encoder.layer.1.output.dense.bias");
-    let vb = hub::inference_var_builder(bert::canonical_names(tensors, true), DType::F32, &device);
+    let vb = inference_var_builder(tensors, DType::F32, &device);
     let err = BertForSequenceClassification::load(vb, &cfg).err().unwrap().to_string();
     assert!(err.contains("encoder.layer.1.output.dense.bias"), "{err}");
     Ok(())
