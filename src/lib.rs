@@ -1,6 +1,7 @@
 //! wick: train, fine-tune and run neural networks on candle, on CPU and CUDA.
 
 pub mod cli;
+pub mod cmd;
 pub mod cpu;
 pub mod data;
 pub mod device;

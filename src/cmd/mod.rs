@@ -1,0 +1,2 @@
+pub mod finetune;
+pub mod predict;
