@@ -57,6 +57,13 @@ fn finetune_args(argv: &[&str]) -> Result<FinetuneArgs, clap::Error> {
     Finetune::try_parse_from(std::iter::once("finetune").chain(argv.iter().copied())).map(|c| c.args)
 }
 
+/// `finetune` of the fixture model on `data` (its evaluation set too) into `out`, with `extra` flags.
+fn tiny_finetune_args(data: &Path, out: &Path, extra: &[&str]) -> FinetuneArgs {
+    let (model, data, out) = (tiny_model(), data.to_str().unwrap(), out.to_str().unwrap());
+    let argv: Vec<&str> = ["--model", &model, "--train", data, "--eval", data, "--output", out].into_iter().chain(extra.iter().copied()).collect();
+    finetune_args(&argv).unwrap()
+}
+
 fn predict_args(argv: &[&str]) -> Result<PredictArgs, clap::Error> {
     Predict::try_parse_from(std::iter::once("predict").chain(argv.iter().copied())).map(|c| c.args)
 }
@@ -198,10 +205,7 @@ fn finetune_pairs_for_two_classes_then_predict_gives_accuracy_and_f1() -> Result
 5\tthe worst film ever\ti like it\tnot_entailment\n";
     let data = write(dir.path(), "rte.tsv", rte);
     let out = dir.path().join("rte-model");
-    let (metrics, summary) = finetune(&finetune_args(&[
-        "--model", &tiny_model(), "--train", data.to_str().unwrap(), "--eval", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
-        "--epochs", "4", "--batch-size", "3", "--lr", "1e-3", "--json",
-    ])?)?;
+    let (metrics, summary) = finetune(&tiny_finetune_args(&data, &out, &["--epochs", "4", "--batch-size", "3", "--lr", "1e-3", "--json"]))?;
     assert_eq!(summary["task"], "classification");
     assert!(metrics.contains_key("f1") && summary["eval_f1"].is_number(), "{summary}");
     let cfg: bert::Config = hub::resolve(out.to_str().unwrap(), &HubOptions::default())?.config()?;
@@ -226,10 +230,7 @@ fn regression_finetune_saves_a_regressor_and_predict_reports_its_correlations() 
     let dir = tempfile::tempdir()?;
     let data = write(dir.path(), "stsb.tsv", STSB);
     let out = dir.path().join("stsb-model");
-    let (metrics, summary) = finetune(&finetune_args(&[
-        "--model", &tiny_model(), "--train", data.to_str().unwrap(), "--eval", data.to_str().unwrap(), "--output", out.to_str().unwrap(),
-        "--epochs", "5", "--batch-size", "4", "--lr", "2e-3", "--json",
-    ])?)?;
+    let (metrics, summary) = finetune(&tiny_finetune_args(&data, &out, &["--epochs", "5", "--batch-size", "4", "--lr", "2e-3", "--json"]))?;
     assert_eq!(summary["task"], "regression");
     for key in ["eval_loss", "eval_pearson", "eval_spearman"] {
         assert!(summary[key].is_number(), "{key} in {summary}");
@@ -258,7 +259,7 @@ fn regression_finetune_saves_a_regressor_and_predict_reports_its_correlations() 
     let bad = write(dir.path(), "bad.tsv", &format!("{STSB}8\tmain\ta\tb\tn/a\n"));
     let err = format!("{:#}", predict_file(&predict_args(&["--model", out.to_str().unwrap(), "--input", bad.to_str().unwrap()])?).unwrap_err());
     assert!(err.contains("bad.tsv line 10, column \"score\"") && err.contains("\"n/a\" is not a finite number"), "{err}");
-    let err = format!("{:#}", finetune(&finetune_args(&["--model", &tiny_model(), "--train", bad.to_str().unwrap(), "--eval", data.to_str().unwrap(), "--output", dir.path().join("x").to_str().unwrap(), "--task", "regression", "--json"])?).unwrap_err());
+    let err = format!("{:#}", finetune(&tiny_finetune_args(&bad, &dir.path().join("x"), &["--task", "regression", "--json"])).unwrap_err());
     assert!(err.contains("bad.tsv line 10"), "{err}");
     Ok(())
 }
@@ -307,13 +308,7 @@ fn bad_flags_are_refused_before_any_work() -> Result<()> {
     let err = wick::cmd::predict::run(predict_args(&["--model", &model, "--text", "a", "--text", "b", "--text-pair", "c"])?).unwrap_err().to_string();
     assert!(err.contains("one --text-pair for each --text"), "{err}");
     let output = dir.path().join("o");
-    let args = |extra: &[&str]| {
-        let argv: Vec<&str> = ["--model", &model, "--train", data.to_str().unwrap(), "--eval", data.to_str().unwrap(), "--output", output.to_str().unwrap()]
-            .into_iter()
-            .chain(extra.iter().copied())
-            .collect();
-        finetune_args(&argv).unwrap()
-    };
+    let args = |extra: &[&str]| tiny_finetune_args(&data, &output, extra);
     let err = finetune(&args(&["--max-len", "41"])).unwrap_err().to_string();
     assert!(err.contains("max_position_embeddings 40"), "{err}");
     let err = finetune(&args(&["--dtype", "f16"])).unwrap_err().to_string();

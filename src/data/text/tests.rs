@@ -82,30 +82,27 @@ fn columns_chosen_by_name() -> Result<()> {
 #[test]
 fn malformed_files_name_file_line_and_column() -> Result<()> {
     let d = tempfile::tempdir()?;
-    let p = write(d.path(), "x.tsv", "sentence\tlabel\n");
-    assert!(error(read(&p)).contains("no examples"));
-    let p = write(d.path(), "empty.tsv", "");
-    assert!(error(read(&p)).contains("empty.tsv"));
-    let p = write(d.path(), "empty.jsonl", "\n\n");
-    assert!(error(read(&p)).contains("no examples"));
-    let p = write(d.path(), "y.tsv", "sentence\tlabel\nok\t1\nbroken line\n");
-    let err = error(read(&p));
-    assert!(err.contains("y.tsv line 3") && err.contains("1 fields, the header has 2"), "{err}");
-    let p = write(d.path(), "long.tsv", "sentence\tlabel\nok\t1\ttoo\tmany\n");
-    assert!(error(read(&p)).contains("long.tsv line 2: 4 fields"));
-    let p = write(d.path(), "z.jsonl", "{\"text\": \"a\", \"label\": 1}\n{oops\n");
-    assert!(error(read(&p)).contains("z.jsonl line 2"));
-    let p = write(d.path(), "k.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n");
-    let err = error(read(&p));
-    assert!(err.contains("k.jsonl line 2: no field \"label\""), "{err}");
-    let p = write(d.path(), "w.tsv", "body\tlabel\nx\t1\n");
-    let err = error(read(&p));
-    assert!(err.contains("no text column") && err.contains("[\"body\", \"label\"]"), "{err}");
-    let p = write(d.path(), "v.tsv", "sentence\tverdict\nx\t1\n");
-    assert!(error(read(&p)).contains("no label column"));
-    let file = read_text_file(&p, &TextColumns::default(), false)?;
+    let cases = [
+        ("x.tsv", "sentence\tlabel\n", "x.tsv: no examples"),
+        ("empty.tsv", "", "empty.tsv: no text column"),
+        ("empty.jsonl", "\n\n", "empty.jsonl: no examples"),
+        ("y.tsv", "sentence\tlabel\nok\t1\nbroken line\n", "y.tsv line 3: 1 fields, the header has 2"),
+        ("long.tsv", "sentence\tlabel\nok\t1\ttoo\tmany\n", "long.tsv line 2: 4 fields"),
+        ("z.jsonl", "{\"text\": \"a\", \"label\": 1}\n{oops\n", "z.jsonl line 2: not valid JSON"),
+        ("k.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n", "k.jsonl line 2: no field \"label\""),
+        ("n.jsonl", "{\"text\": null, \"label\": 1}\n", "n.jsonl line 1: field \"text\" is not a string"),
+        ("w.tsv", "body\tlabel\nx\t1\n", "no text column (looked for [\"sentence\""),
+        ("v.tsv", "sentence\tverdict\nx\t1\n", "v.tsv: no label column"),
+        ("data.parquet", "", "unknown text format"),
+    ];
+    for (name, content, expected) in cases {
+        let err = error(read(&write(d.path(), name, content)));
+        assert!(err.contains(expected), "{name}: {err}");
+    }
+    let err = error(read(&d.path().join("w.tsv")));
+    assert!(err.contains("the file's columns are [\"body\", \"label\"]"), "{err}");
+    let file = read_text_file(&d.path().join("v.tsv"), &TextColumns::default(), false)?;
     assert!(!file.has_labels() && file.examples[0].label.is_none());
-    assert!(error(read(Path::new("data.parquet"))).contains("unknown text format"));
     Ok(())
 }
 
