@@ -88,11 +88,31 @@ impl Config {
             .collect()
     }
 
-    /// Sets `id2label`/`label2id` (and drops a stale `num_labels`).
+    /// Sets `id2label`/`label2id` (and drops a stale `num_labels`, and a regression
+    /// `problem_type`, which would make transformers train the classes with MSE).
     pub fn set_labels(&mut self, labels: &[String]) {
         self.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
         self.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect());
         self.extra.remove("num_labels");
+        if self.is_regression() {
+            self.extra.remove("problem_type");
+        }
+    }
+
+    /// True for a regression head (one output trained with MSE), as transformers decides it:
+    /// `problem_type: "regression"`, or one label and no `problem_type`.
+    pub fn is_regression(&self) -> bool {
+        match self.extra.get("problem_type").and_then(|v| v.as_str()) {
+            Some(problem) => problem == "regression",
+            None => self.num_labels() == 1,
+        }
+    }
+
+    /// Makes the head a regressor as transformers writes it (`num_labels=1,
+    /// problem_type="regression"`): one label `LABEL_0`, and the problem type.
+    pub fn set_regression(&mut self) {
+        self.set_labels(&["LABEL_0".to_string()]);
+        self.extra.insert("problem_type".into(), "regression".into());
     }
 
     fn check(&self) -> Result<()> {
@@ -251,7 +271,8 @@ impl BertModel {
     }
 }
 
-/// `BertForSequenceClassification`: `bert.*` and `classifier.*`.
+/// `BertForSequenceClassification`: `bert.*` and `classifier.*`. A classifier (logits per
+/// class, cross-entropy), or a regressor when the config says so (one output, MSE).
 pub struct BertForSequenceClassification {
     pub bert: BertModel,
     classifier: Dense,
@@ -265,11 +286,34 @@ impl BertForSequenceClassification {
         Ok(Self { bert, classifier, dropout: cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob) })
     }
 
-    /// Logits (batch, num_labels).
+    /// Logits (batch, num_labels); a regressor's scores are its one column.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let out = self.bert.forward(input_ids, attention_mask, token_type_ids, train)?;
         let pooled = out.pooler_output.expect("BertForSequenceClassification always has a pooler");
         self.classifier.forward(&dropout(&pooled, self.dropout, train)?)
+    }
+
+    pub fn is_regression(&self) -> bool {
+        self.bert.config.is_regression()
+    }
+
+    /// transformers' loss for these logits: MSE of the scores against f32 targets for a
+    /// regressor, else cross-entropy against class ids.
+    pub fn loss_of(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        if self.is_regression() {
+            candle_nn::loss::mse(&logits.squeeze(D::Minus1)?, labels)
+        } else {
+            crate::nn::cross_entropy(logits, labels)
+        }
+    }
+
+    /// An evaluation's view of these logits: loss and class predictions, or loss and scores.
+    pub fn eval_batch(&self, logits: &Tensor, labels: &Tensor) -> anyhow::Result<crate::train::EvalBatch> {
+        if self.is_regression() {
+            crate::train::EvalBatch::from_scores(&logits.squeeze(D::Minus1)?, labels)
+        } else {
+            crate::train::EvalBatch::from_logits(logits, labels)
+        }
     }
 }
 
@@ -341,18 +385,27 @@ impl crate::pretrained::Pretrained for BertForSequenceClassification {
     }
 }
 
-/// Fine-tuning through the shared trainer: cross-entropy on the logits of padded text batches.
+/// Fine-tuning through the shared trainer: cross-entropy (or MSE for a regressor) on the logits
+/// of padded text batches.
 impl crate::train::TrainModel for BertForSequenceClassification {
     type Batch = crate::data::text::TextBatch;
     fn task(&self) -> crate::train::Task {
-        crate::train::Task::Classification { num_classes: self.bert.config.num_labels() }
+        if self.is_regression() {
+            crate::train::Task::Regression
+        } else {
+            crate::train::Task::Classification { num_classes: self.bert.config.num_labels() }
+        }
     }
     fn loss(&self, b: &Self::Batch, train: bool) -> anyhow::Result<Tensor> {
         let logits = self.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), train)?;
-        Ok(crate::nn::cross_entropy(&logits, &b.labels)?)
+        Ok(self.loss_of(&logits, batch_labels(b)?)?)
     }
     fn evaluate(&self, b: &Self::Batch) -> anyhow::Result<crate::train::EvalBatch> {
         let logits = self.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), false)?;
-        crate::train::EvalBatch::from_logits(&logits, &b.labels)
+        self.eval_batch(&logits, batch_labels(b)?)
     }
+}
+
+fn batch_labels(b: &crate::data::text::TextBatch) -> anyhow::Result<&Tensor> {
+    b.labels.as_ref().ok_or_else(|| anyhow::anyhow!("a batch without labels cannot be trained or evaluated on"))
 }

@@ -11,7 +11,8 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::Tokenizer;
+use tokenizers::{EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::PostProcessor;
 
 /// The tokenizer of the model folder `dir`: `tokenizer.json`, else WordPiece from `vocab.txt`
 /// (BERT), else byte-level BPE from `vocab.json` + `merges.txt` (GPT-2). Padding and truncation
@@ -101,32 +102,40 @@ pub struct EncodedBatch {
 /// Token ids and token type ids of one text.
 pub type Tokens = (Vec<u32>, Vec<u32>);
 
-/// Encodes `texts` with special tokens, cutting each to `max_len` tokens while keeping the closing
-/// special token (BERT's `[SEP]`) so the model sees a well-formed input. Also returns how many
-/// texts were cut.
+/// Encodes `texts` with special tokens, each cut to `max_len` tokens in all: the text is
+/// shortened before the special tokens are added, so BERT's closing `[SEP]` is always there.
+/// Also returns how many texts were cut.
 pub fn encode_truncated(tokenizer: &Tokenizer, texts: &[&str], max_len: usize) -> Result<(Vec<Tokens>, usize)> {
-    if max_len < 2 {
-        bail!("max length {max_len} leaves no room for the text between the special tokens");
+    encode_inputs(tokenizer, texts.iter().map(|&t| EncodeInput::from(t)).collect(), false, max_len)
+}
+
+/// Encodes sentence pairs as segment A (`texts`, token type 0) and segment B (`pairs`, token
+/// type 1), `[CLS] A [SEP] B [SEP]` for BERT, cut to `max_len` tokens in all by removing
+/// tokens from the longer segment first: transformers' `truncation=True` ("longest_first").
+/// Also returns how many pairs were cut.
+pub fn encode_pairs_truncated(tokenizer: &Tokenizer, texts: &[&str], pairs: &[&str], max_len: usize) -> Result<(Vec<Tokens>, usize)> {
+    if texts.len() != pairs.len() {
+        bail!("{} texts but {} second texts of a pair", texts.len(), pairs.len());
     }
-    let encodings = tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow!("tokenizing: {e}"))?;
-    let mut truncated = 0;
-    let rows = encodings
-        .iter()
-        .map(|e| {
-            let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
-            if ids.len() > max_len {
-                truncated += 1;
-                let closing_special = e.get_special_tokens_mask().last() == Some(&1);
-                let last = (ids[ids.len() - 1], types[types.len() - 1]);
-                ids.truncate(max_len);
-                types.truncate(max_len);
-                if closing_special {
-                    (ids[max_len - 1], types[max_len - 1]) = last;
-                }
-            }
-            (ids, types)
-        })
-        .collect();
+    let inputs = texts.iter().zip(pairs).map(|(&a, &b)| EncodeInput::from((a, b))).collect();
+    encode_inputs(tokenizer, inputs, true, max_len)
+}
+
+/// The shared body of [`encode_truncated`] and [`encode_pairs_truncated`]: the tokenizer's own
+/// truncation (the algorithm transformers' fast tokenizers run), on a copy of `tokenizer` so
+/// the caller's stays untouched.
+fn encode_inputs(tokenizer: &Tokenizer, inputs: Vec<EncodeInput>, is_pair: bool, max_len: usize) -> Result<(Vec<Tokens>, usize)> {
+    let special = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(is_pair));
+    // Checked here: the tokenizers crate subtracts the special tokens from the maximum unchecked.
+    if max_len < special.max(1) {
+        bail!("max length {max_len} leaves no room for the text between the {special} special tokens");
+    }
+    let mut tokenizer = tokenizer.clone();
+    let truncation = TruncationParams { max_length: max_len, strategy: TruncationStrategy::LongestFirst, stride: 0, direction: TruncationDirection::Right };
+    tokenizer.with_truncation(Some(truncation)).map_err(|e| anyhow!("{e}"))?;
+    let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| anyhow!("tokenizing: {e}"))?;
+    let truncated = encodings.iter().filter(|e| !e.get_overflowing().is_empty()).count();
+    let rows = encodings.iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect();
     Ok((rows, truncated))
 }
 

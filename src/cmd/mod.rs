@@ -4,8 +4,10 @@
 
 pub mod download;
 pub mod embed;
+pub mod finetune;
 pub mod generate;
 pub mod info;
+pub mod predict;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Continue prompts with a GPT-2 model (streamed; greedy or sampled).
     Generate(generate::GenerateArgs),
+    /// Fine-tune a BERT-family model on labelled text (classification, sentence pairs, regression).
+    Finetune(finetune::FinetuneArgs),
+    /// Classify or score texts, sentence pairs or a whole file with a fine-tuned model.
+    Predict(predict::PredictArgs),
     /// Sentence embeddings with a BERT-family encoder (all-MiniLM-L6-v2 by default).
     Embed(embed::EmbedArgs),
     /// Train a model from scratch (GPT-2, MNIST MLP/CNN, char-RNN).
@@ -40,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::ops::OpsPath::from_env()?;
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Train(args) => train::run(args),
         Command::Download(args) => download::run(args),

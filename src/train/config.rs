@@ -166,9 +166,18 @@ impl TrainerConfig {
 /// The metrics an evaluation of a `task` model reports: what [`metrics::summarize`] gives for a
 /// batch with predictions (asking it, so that this list cannot drift from what it computes).
 fn metrics_reported(task: Task) -> Vec<String> {
-    // `..Default::default()` leaves room for fields EvalBatch may gain.
+    // A batch with every kind of output (class predictions, regression scores): summarize keeps
+    // what the task reports. `..Default::default()` leaves room for fields EvalBatch may gain.
     #[allow(clippy::needless_update)]
-    let sample = EvalBatch { loss_sum: 1.0, count: 2, predictions: vec![0, 1], targets: vec![0, 1], ..Default::default() };
+    let sample = EvalBatch {
+        loss_sum: 1.0,
+        count: 2,
+        predictions: vec![0, 1],
+        targets: vec![0, 1],
+        scores: vec![0.0, 1.0],
+        score_targets: vec![0.0, 1.0],
+        ..Default::default()
+    };
     metrics::summarize(task, &[sample]).into_keys().collect()
 }
 
@@ -229,7 +238,7 @@ mod tests {
         assert!(err(goal("f1"), Task::Classification { num_classes: 3 }, true).contains("\"f1\""));
         assert!(err(goal("f1"), Task::LanguageModel, true).contains("perplexity"));
         assert!(err(goal("acc"), TWO_CLASSES, true).contains("accuracy, f1, loss"));
-        for (task, metric) in [(TWO_CLASSES, "f1"), (TWO_CLASSES, "accuracy"), (Task::LanguageModel, "perplexity"), (Task::LanguageModel, "accuracy"), (Task::Regression, "loss")] {
+        for (task, metric) in [(TWO_CLASSES, "f1"), (TWO_CLASSES, "accuracy"), (Task::LanguageModel, "perplexity"), (Task::LanguageModel, "accuracy"), (Task::Regression, "loss"), (Task::Regression, "pearson"), (Task::Regression, "spearman")] {
             assert!(goal(metric).validate(task, true).is_ok(), "{task:?} {metric}");
         }
     }
