@@ -93,12 +93,14 @@ pub fn load_trainable<M: Pretrained>(
 ) -> Result<Trainable<M>> {
     files.check_model_type(M::MODEL_TYPES)?;
     let mut tensors = M::canonical_names(files.load_tensors(device)?, config);
+    let mut left_out: Vec<String> = tensors.keys().filter(|name| !keep(name)).cloned().collect();
+    left_out.sort();
     tensors.retain(|name, _| keep(name));
     check_finite(&tensors, files)?;
     let varmap = VarMap::new();
     let model = M::build(crate::nn::var_builder(&varmap, DType::F32, device, seed), config)
         .with_context(|| format!("building {} for {}", M::ARCHITECTURE, files.dir.display()))?;
-    let report = copy_into_varmap(&varmap, &tensors)?;
+    let report = CopyReport { left_out, ..copy_into_varmap(&varmap, &tensors)? };
     let used: BTreeSet<String> = tensors.keys().filter(|k| !report.unused.contains(k)).cloned().collect();
     check_no_extra_layers(&tensors.keys().cloned().collect(), &used, files)?;
     Ok(Trainable { model, varmap, report })

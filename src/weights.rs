@@ -230,6 +230,8 @@ pub struct CopyReport {
     pub newly_initialized: Vec<String>,
     /// Checkpoint tensors the model has no variable for.
     pub unused: Vec<String>,
+    /// Checkpoint tensors the caller chose not to copy (see `pretrained::load_trainable`).
+    pub left_out: Vec<String>,
 }
 
 impl CopyReport {

@@ -275,6 +275,105 @@ fn data_cases(root: &Path) -> Vec<Case> {
     cases
 }
 
+/// Fine-tuning and prediction data: tiny TSV files around the fixture BERT.
+fn text_task_cases(root: &Path) -> Vec<Case> {
+    let bert = fixture_path("hf/bert-tiny-cls").to_string_lossy().into_owned();
+    let base = fixture_path("hf/bert-tiny-base").to_string_lossy().into_owned();
+    let write = |name: &str, text: &str| -> String {
+        let path = root.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let good = write("good.tsv", "sentence\tlabel\na fine film\tpos\na dull film\tneg\nfun\tpos\nboring\tneg\n");
+    let out = root.join("finetuned").to_string_lossy().into_owned();
+    let finetune = |train: &str, extra: &[&str], needle: &str, name: &str| {
+        let mut args = vec!["finetune", "--model", &bert, "--train", train, "--eval", &good, "--output", &out, "--epochs", "1", "--batch-size", "2"];
+        args.extend_from_slice(extra);
+        case("data", format!("finetune: {name}"), &args, needle)
+    };
+    let empty = write("empty.tsv", "");
+    let header_only = write("header.tsv", "sentence\tlabel\n");
+    let ragged = write("ragged.tsv", "sentence\tlabel\na\tpos\tEXTRA\nb\tneg\n");
+    let no_label = write("nolabel.tsv", "sentence\tscore_x\na\t1\nb\t2\n");
+    let one_label = write("onelabel.tsv", "sentence\tlabel\na\tpos\nb\tpos\n");
+    let words = write("words.tsv", "sentence1\tsentence2\tscore\na\tb\thigh\nc\td\tlow\n");
+    let bad_json = write("bad.jsonl", "{\"sentence\": \"a\", \"label\": 1}\n{not json\n");
+    let unknown_eval = write("unknown_eval.tsv", "sentence\tlabel\na\tmaybe\n");
+    let mut cases = vec![
+        finetune(&empty, &[], "empty.tsv", "empty file"),
+        finetune(&header_only, &[], "header.tsv", "header only"),
+        finetune(&ragged, &[], "ragged.tsv", "ragged row"),
+        finetune(&no_label, &[], "nolabel.tsv", "no label column"),
+        finetune(&one_label, &[], "onelabel.tsv", "one label only"),
+        finetune(&words, &["--task", "regression"], "words.tsv", "non-numeric regression scores"),
+        finetune(&bad_json, &[], "bad.jsonl", "malformed JSON line"),
+        finetune(&good, &["--label-column", "stars"], "stars", "unknown label column"),
+        finetune(&good, &["--max-len", "100000"], "--max-len", "max-len past the model"),
+        finetune(&good, &["--warmup-ratio", "2"], "--warmup-ratio", "warmup ratio 2"),
+        finetune(&good, &["--lr", "NaN"], "--lr", "lr NaN"),
+        finetune(&good, &["--eval-batch-size", "0"], "--eval-batch-size", "eval batch size 0"),
+        finetune(&good, &["--minutes=-1"], "--minutes", "negative minutes"),
+        finetune("/no/such.tsv", &[], "/no/such.tsv", "missing file"),
+    ];
+    let mut unknown = vec!["finetune", "--model", &bert, "--train", &good, "--eval", &unknown_eval, "--output", &out];
+    unknown.extend_from_slice(&["--epochs", "1"]);
+    cases.push(case("data", "finetune: an evaluation label never trained", &unknown, "maybe"));
+    cases.push(case("data", "predict: a base model without a head", &["predict", "--model", &base, "--text", "x"], "no classifier head"));
+    cases.push(case("data", "predict: bf16 on the CPU", &["predict", "--model", &bert, "--text", "x", "--dtype", "bf16"], "bf16"));
+    cases.push(case("data", "predict: missing input", &["predict", "--model", &bert, "--input", "/no/such.tsv"], "/no/such.tsv"));
+    cases.push(case("data", "predict: empty input", &["predict", "--model", &bert, "--input", &empty], "empty.tsv"));
+    cases.push(case("data", "predict: a label the model does not know", &["predict", "--model", &bert, "--input", &unknown_eval], "maybe"));
+    cases
+}
+
+/// Damaged checkpoints under a real run's output folder, then `--resume`.
+fn checkpoint_cases(root: &Path) -> Vec<Case> {
+    let data = root.join("mnist_for_resume");
+    std::fs::create_dir_all(&data).unwrap();
+    for (prefix, n) in [("train", 32usize), ("t10k", 8)] {
+        wick::data::mnist::write_idx(&data.join(format!("{prefix}-images-idx3-ubyte")), &[n, 28, 28], &vec![9u8; n * 784]).unwrap();
+        wick::data::mnist::write_idx(&data.join(format!("{prefix}-labels-idx1-ubyte")), &[n], &vec![4u8; n]).unwrap();
+    }
+    let data = data.to_string_lossy().into_owned();
+    let train = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["train", "mnist", "--model", "mlp", "--data", &data, "--epochs", "1", "--batch-size", "8", "--output"].iter().map(|s| s.to_string()).collect();
+        args.push(out.to_string_lossy().into_owned());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let trained = |name: &str| -> PathBuf {
+        let out = root.join(name);
+        let status = Command::new(env!("CARGO_BIN_EXE_wick")).args(train(&out, &["--json"])).stdout(std::process::Stdio::null()).status().unwrap();
+        assert!(status.success(), "the run to damage did not train");
+        out
+    };
+    let newest = |out: &Path| -> PathBuf {
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+        steps.sort();
+        steps.pop().unwrap()
+    };
+    let mut cases = vec![];
+    let out = trained("run_no_state");
+    std::fs::remove_file(newest(&out).join("trainer_state.json")).unwrap();
+    cases.push(Case { class: "checkpoints", name: "trainer_state.json missing".into(), args: train(&out, &["--resume"]), needle: "trainer_state.json".into() });
+    let out = trained("run_bad_state");
+    std::fs::write(newest(&out).join("trainer_state.json"), "{ half").unwrap();
+    cases.push(Case { class: "checkpoints", name: "trainer_state.json damaged".into(), args: train(&out, &["--resume"]), needle: "trainer_state.json".into() });
+    let out = trained("run_bad_weights");
+    let weights = newest(&out).join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();
+    cases.push(Case { class: "checkpoints", name: "checkpoint weights truncated".into(), args: train(&out, &["--resume"]), needle: "model.safetensors".into() });
+    let out = trained("run_changed_batch");
+    cases.push(Case { class: "checkpoints", name: "resume with another batch size".into(), args: train(&out, &["--resume", "--batch-size", "4"]), needle: "--batch-size".into() });
+    let empty = root.join("run_never_started");
+    std::fs::create_dir_all(&empty).unwrap();
+    cases.push(Case { class: "checkpoints", name: "resume with nothing to resume".into(), args: train(&empty, &["--resume"]), needle: "resume".into() });
+    let out = trained("run_again");
+    cases.push(Case { class: "checkpoints", name: "a new run over an earlier one's checkpoints".into(), args: train(&out, &[]), needle: "checkpoints".into() });
+    cases
+}
+
 fn flag_cases() -> Vec<Case> {
     let gpt2 = fixture_path("hf/gpt2-tiny").to_string_lossy().into_owned();
     let g = |extra: &[&str], needle: &str| {
@@ -355,6 +454,8 @@ fn every_bad_input_in_the_corpus_is_a_clear_error() {
     let mut cases = weight_cases(root.path(), &marker);
     cases.extend(config_cases(root.path()));
     cases.extend(data_cases(root.path()));
+    cases.extend(text_task_cases(root.path()));
+    cases.extend(checkpoint_cases(root.path()));
     cases.extend(flag_cases());
     let mut failures = vec![];
     let mut by_class = std::collections::BTreeMap::<&str, usize>::new();

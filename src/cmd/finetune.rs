@@ -14,12 +14,11 @@
 use crate::cli::{at_least_one, fraction, minutes, non_negative, positive, ModelArgs, OutputArgs, RunArgs};
 use crate::data::text::{read_text_file, LabelSet, Targets, TextColumns, TextFile, TokenizedTexts};
 use crate::data::Dataset;
-use crate::hub::{self, ModelFiles};
 use crate::models::bert::{self, BertForSequenceClassification};
-use crate::train::{checkpoint, optim, MetricGoal, Metrics, OptimizerConfig, Schedule, Trainer, TrainerConfig};
+use crate::pretrained::{self, Trainable};
+use crate::train::{optim, MetricGoal, Metrics, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use candle_nn::VarMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +37,7 @@ pub enum TaskKind {
 /// Fine-tune a BERT-family model on labelled texts or sentence pairs (classification or
 /// regression); the best evaluation's weights are saved to --output as a Hugging Face folder.
 #[derive(clap::Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -157,10 +157,11 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
         TaskKind::Classification => false,
         TaskKind::Auto => train_file.labels_look_like_scores() || (cfg.is_regression() && train_file.scores().is_ok()),
     };
-    let mut weights = bert::canonical_names(files.load_tensors(&device)?, true);
+    // A new head (freshly initialised) when the checkpoint's does not fit the task or labels.
+    let mut new_head: Option<String> = None;
     let (train_targets, eval_targets) = if regression {
         if !cfg.is_regression() {
-            start_new_head(&mut weights, &cfg, "a regression head");
+            new_head = Some(format!("a regression head (the checkpoint's was trained for {})", head_of(&cfg)));
             cfg.set_regression();
         }
         (Targets::Scores(train_file.scores()?), Targets::Scores(eval_file.scores()?))
@@ -170,7 +171,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
             bail!("{}: only one label ({:?}) in the training rows; a classifier needs two or more (for numeric scores use --task regression)", args.train.display(), labels.names);
         }
         if cfg.is_regression() || cfg.labels() != labels.names {
-            start_new_head(&mut weights, &cfg, &format!("a new head for labels {:?}", labels.names));
+            new_head = Some(format!("a new head for labels {:?} (the checkpoint's was trained for {})", labels.names, head_of(&cfg)));
             cfg.set_labels(&labels.names);
         }
         (Targets::Classes(train_file.class_ids(&labels)?), Targets::Classes(eval_file.class_ids(&labels).context("the evaluation labels must be among the training labels")?))
@@ -179,12 +180,14 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
     let train_set = TokenizedTexts::new(&tokenizer, &train_file.examples, train_targets, max_len, pad).context("training data")?;
     let eval_set = TokenizedTexts::new(&tokenizer, &eval_file.examples, eval_targets, max_len, pad).context("evaluation data")?;
 
-    let varmap = VarMap::new();
-    let model = BertForSequenceClassification::load(crate::nn::var_builder(&varmap, DType::F32, &device, args.run.seed), &cfg)?;
-    if let Some(warning) = hub::copy_into_varmap(&varmap, &weights)?.warning() {
+    let keep = |name: &str| new_head.is_none() || !name.starts_with("classifier.");
+    let Trainable { model, varmap, report } = pretrained::load_trainable::<BertForSequenceClassification>(&files, &cfg, &device, args.run.seed, keep)?;
+    if let (Some(what), true) = (&new_head, report.left_out.iter().any(|k| k.starts_with("classifier."))) {
+        eprintln!("note: starting {what}");
+    }
+    if let Some(warning) = report.warning() {
         eprintln!("note: {warning}");
     }
-    drop(weights);
 
     let mut config = TrainerConfig {
         epochs: args.epochs,
@@ -222,14 +225,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
     let report = trainer.fit(&model, &train_set, Some(&eval_set))?;
 
     // The best evaluation's weights become the saved model.
-    if let Some(best) = &report.best_checkpoint {
-        checkpoint::load_varmap(&varmap, &best.join("model.safetensors"))?;
-    }
+    trainer.restore_best()?;
     let metrics = trainer.evaluate(&model, &eval_set)?;
-    // What transformers' Auto classes read to pick the architecture.
-    cfg.model_type = Some("bert".into());
-    cfg.extra.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
-    hub::save_pretrained(&output, &cfg, &checkpoint::varmap_tensors(&varmap)?, Some(&files.dir))?;
+    pretrained::save_varmap::<BertForSequenceClassification>(&output, &cfg, &varmap, Some(&files.dir))?;
     let mut summary = serde_json::json!({
         "task": if regression { "regression" } else { "classification" },
         "train_samples_per_s": report.samples_per_s,
@@ -252,7 +250,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
 }
 
 /// The model's files, checked to be a BERT-family checkpoint.
-pub(crate) fn resolve_bert(model: &ModelArgs, quiet: bool) -> Result<ModelFiles> {
+pub(crate) fn resolve_bert(model: &ModelArgs, quiet: bool) -> Result<crate::weights::ModelFiles> {
     let files = model.resolve(quiet)?;
     files.check_model_type(&["bert"])?;
     Ok(files)
@@ -269,12 +267,11 @@ pub(crate) fn checked_max_len(asked: Option<usize>, default: usize, cfg: &bert::
     }
 }
 
-/// Drops the checkpoint's classifier so that a fresh one is initialised, saying so when there
-/// was one.
-fn start_new_head(weights: &mut std::collections::HashMap<String, candle_core::Tensor>, cfg: &bert::Config, what: &str) {
-    if weights.keys().any(|k| k.starts_with("classifier.")) {
-        let was = if cfg.is_regression() { "regression".to_string() } else { format!("labels {:?}", cfg.labels()) };
-        eprintln!("note: the checkpoint's classifier was trained for {was}; starting {what}");
+/// What the checkpoint's own head was trained for, for the note about replacing it.
+fn head_of(cfg: &bert::Config) -> String {
+    if cfg.is_regression() {
+        "regression".to_string()
+    } else {
+        format!("labels {:?}", cfg.labels())
     }
-    weights.retain(|k, _| !k.starts_with("classifier."));
 }

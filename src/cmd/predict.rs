@@ -14,15 +14,17 @@ use crate::cli::{at_least_one, ModelArgs, RunArgs};
 use crate::data::text::{read_text_file, LabelSet, Targets, TextColumns, TextExample, TokenizedTexts};
 use crate::data::{Batching, Dataset};
 use crate::models::bert::{self, BertForSequenceClassification};
+use crate::pretrained;
 use crate::train::{metrics, EvalBatch, Metrics, TrainModel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, D};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::PathBuf;
 
 /// Classify (or score) texts, sentence pairs or a whole file with a fine-tuned model folder (or
 /// Hub repo id).
 #[derive(clap::Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct PredictArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -91,11 +93,13 @@ impl Predictor {
         let files = resolve_bert(model, run.json)?;
         let cfg: bert::Config = files.config()?;
         let max_len = checked_max_len(max_len, cfg.max_position_embeddings, &cfg)?;
-        let weights = bert::canonical_names(files.load_tensors(&device)?, true);
-        if !weights.contains_key("classifier.weight") {
-            bail!("{} has no classifier head (classifier.weight): fine-tune it with `wick finetune` first", model.model);
-        }
-        let net = BertForSequenceClassification::load(crate::hub::inference_var_builder(weights, dtype, &device), &cfg)?;
+        let (net, _) = pretrained::load::<BertForSequenceClassification>(&files, dtype, &device).map_err(|e| {
+            if format!("{e:#}").contains("classifier.weight") {
+                anyhow::anyhow!("{} has no classifier head (classifier.weight): fine-tune it with `wick finetune` first", model.model)
+            } else {
+                e
+            }
+        })?;
         Ok(Self { model: net, labels: LabelSet { names: cfg.labels() }, tokenizer: files.tokenizer()?, pad_id: cfg.pad_token_id, max_len, device })
     }
 
@@ -224,7 +228,7 @@ pub fn predict_file(args: &PredictArgs) -> Result<serde_json::Value> {
         (true, false) => Targets::Classes(file.class_ids(&predictor.labels)?),
     };
     let set = predictor.tokenize(&file.examples, targets)?;
-    let bar = progress_bar(set.len(), !args.run.json);
+    let bar = super::progress_bar(set.len(), "rows", args.run.json);
     let mut rows = file.examples.iter();
     let evaluation = predictor.predict(&set, args.batch_size, &bar, |batch| {
         bar.suspend(|| {
@@ -263,10 +267,3 @@ fn shown_text(e: &TextExample) -> String {
     }
 }
 
-fn progress_bar(rows: usize, show: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(rows as u64), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-    if let Ok(style) = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} rows [{elapsed_precise}<{eta_precise}]") {
-        bar.set_style(style);
-    }
-    bar
-}
