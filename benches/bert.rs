@@ -90,7 +90,7 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
     } else {
         // Inference: plain tensors, so no autograd graph is built (as under torch.no_grad()).
         let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
-        let frozen = BertForSequenceClassification::load(wick::hub::inference_var_builder(tensors, DType::F32, device), cfg)?;
+        let frozen = BertForSequenceClassification::load(wick::weights::inference_var_builder(tensors, DType::F32, device), cfg)?;
         time_ms(args, || {
             let out = frozen.bert.forward(&ids, Some(&mask), Some(&types), false)?;
             out.last_hidden_state.sum_all()?.to_scalar::<f32>()?;

@@ -64,7 +64,7 @@ fn random_gpt2(cfg: &Config, dtype: DType, device: &Device) -> Result<GPT2LMHead
         .into_iter()
         .map(|(k, v)| (k, v.detach()))
         .collect();
-    Ok(GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, dtype, device), cfg)?)
+    Ok(GPT2LMHeadModel::load(wick::weights::inference_var_builder(tensors, dtype, device), cfg)?)
 }
 
 /// Bytes of weight matrices a decoding step reads: every layer's four products and the tied LM

@@ -335,7 +335,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// `gamma`/`beta` become `weight`/`bias`, and the `bert.` prefix is added (`with_prefix`, for
 /// [`BertForSequenceClassification`]) or removed (for [`BertModel`]) as needed. Task heads of
 /// other models (`cls.*`) and buffers such as `position_ids` are dropped.
-pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> HashMap<String, Tensor> {
+fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> HashMap<String, Tensor> {
     let has_prefix = tensors.keys().any(|k| k.starts_with("bert."));
     tensors
         .into_iter()

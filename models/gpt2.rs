@@ -660,7 +660,7 @@ impl ModuleT for GPT2LMHeadModel {
 /// (`with_prefix`, for [`GPT2LMHeadModel`]) or removed (for [`GPT2Model`]) as needed, and the
 /// causal-mask buffers old checkpoints carry (`h.N.attn.bias`, `h.N.attn.masked_bias`) are
 /// dropped, as is a tied `lm_head.weight` when `keep_lm_head` is false.
-pub fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool, keep_lm_head: bool) -> HashMap<String, Tensor> {
+fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool, keep_lm_head: bool) -> HashMap<String, Tensor> {
     tensors
         .into_iter()
         .filter(|(k, _)| !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias"))

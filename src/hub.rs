@@ -15,8 +15,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-// What loaders used from here before the weight-file half moved to `crate::weights`.
-pub use crate::weights::{copy_into_varmap, inference_var_builder, read_safetensors, save_pretrained, CopyReport, ModelFiles, WeightFiles};
+pub use crate::weights::ModelFiles;
 
 /// Errors a caller may want to tell apart; everything else is an `anyhow` chain with context.
 #[derive(Debug, thiserror::Error)]

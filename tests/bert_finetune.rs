@@ -5,9 +5,10 @@
 
 mod common;
 
+use wick::pretrained::{self, Trainable};
+
 use anyhow::Result;
 use candle_core::{DType, Device};
-use candle_nn::VarMap;
 use clap::Parser;
 use common::fixture_path;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use wick::data::Dataset;
 use wick::hub::{self, HubOptions};
 use wick::models::bert::{self, BertForSequenceClassification};
 use wick::train::metrics::{pearson, spearman};
-use wick::train::{checkpoint, optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
+use wick::train::{optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 const TRAIN: &str = "sentence\tlabel\n\
 the movie was great \tpos\na dull , boring film \tneg\nnot bad at all \tpos\nthis is the worst film ever \tneg\n\
@@ -86,12 +87,10 @@ fn fine_tune_save_and_reload_as_a_hugging_face_folder() -> Result<()> {
     assert_eq!(batch.labels.as_ref().unwrap().to_vec1::<u32>()?, [1, 0]);
 
     // A new two-label head on the pretrained encoder, as `finetune` does.
-    let mut weights = bert::canonical_names(files.load_tensors(&device)?, true);
-    weights.retain(|k, _| !k.starts_with("classifier."));
     cfg.set_labels(&labels.names);
-    let varmap = VarMap::new();
-    let model = BertForSequenceClassification::load(wick::nn::var_builder(&varmap, DType::F32, &device, 1), &cfg)?;
-    assert_eq!(hub::copy_into_varmap(&varmap, &weights)?.newly_initialized, ["classifier.bias", "classifier.weight"]);
+    let keep = |name: &str| !name.starts_with("classifier.");
+    let Trainable { model, varmap, report } = pretrained::load_trainable::<BertForSequenceClassification>(&files, &cfg, &device, 1, keep)?;
+    assert_eq!(report.newly_initialized, ["classifier.bias", "classifier.weight"]);
     let output = dir.path().join("run");
     let config = TrainerConfig {
         epochs: 15,
@@ -112,7 +111,7 @@ fn fine_tune_save_and_reload_as_a_hugging_face_folder() -> Result<()> {
     let best = report.best.expect("evaluated");
     assert!(best.1 >= 0.99, "the tiny model should fit 8 texts, best accuracy {}", best.1);
     assert_eq!(trainer.restore_best()?, Some(best.0));
-    hub::save_pretrained(&output, &cfg, &checkpoint::varmap_tensors(&varmap)?, Some(&files.dir))?;
+    pretrained::save_varmap::<BertForSequenceClassification>(&output, &cfg, &varmap, Some(&files.dir))?;
 
     // The folder loads through the Hub loader, with its labels and tokenizer, and predicts the same.
     let saved = hub::resolve(output.to_str().unwrap(), &HubOptions::default())?;
@@ -122,10 +121,7 @@ fn fine_tune_save_and_reload_as_a_hugging_face_folder() -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(saved.config.clone())?)?;
     assert_eq!(json["model_type"], "bert", "transformers' AutoModel needs model_type");
     assert!(saved.dir.join("vocab.txt").is_file() && saved.dir.join("tokenizer.json").is_file());
-    let reloaded = BertForSequenceClassification::load(
-        hub::inference_var_builder(bert::canonical_names(saved.load_tensors(&device)?, true), DType::F32, &device),
-        &saved_cfg,
-    )?;
+    let (reloaded, _) = pretrained::load::<BertForSequenceClassification>(&saved, DType::F32, &device)?;
     let b = set.batch(&(0..8).collect::<Vec<_>>(), &device)?;
     let before = model.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), false)?;
     let after = reloaded.forward(&b.input_ids, Some(&b.attention_mask), Some(&b.token_type_ids), false)?;

@@ -4,13 +4,15 @@
 
 mod common;
 
+use wick::pretrained::Pretrained;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use common::{assert_close, fixture_path, Fixture};
 use std::collections::HashMap;
 use wick::generate::{self, GenerationConfig};
-use wick::models::gpt2::{self, Config, GPT2LMHeadModel, GPT2Model};
+use wick::models::gpt2::{Config, GPT2LMHeadModel, GPT2Model};
 
 const PROMPTS: [&str; 3] = ["The quick brown fox", "In the small café by the river, a naïve writer", "Hello"];
 const EOS: u32 = 349;
@@ -141,9 +143,7 @@ fn every_parameter_gradient_matches_transformers() -> Result<()> {
     let fx = Fixture::load("hf/gpt2-tiny.reference")?;
     let files = wick::hub::resolve(tiny_dir().to_str().unwrap(), &Default::default())?;
     let cfg: Config = files.config()?;
-    let varmap = VarMap::new();
-    let model = GPT2LMHeadModel::load(wick::nn::var_builder(&varmap, DType::F32, &fx.device, 0), &cfg)?;
-    let report = wick::hub::copy_into_varmap(&varmap, &gpt2::canonical_names(files.load_tensors(&fx.device)?, true, false))?;
+    let wick::pretrained::Trainable { model, varmap, report } = wick::pretrained::load_trainable::<GPT2LMHeadModel>(&files, &cfg, &fx.device, 0, |_| true)?;
     assert!(report.warning().is_none(), "{:?}", report.warning());
     let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
     let loss = lm_loss(&model.forward(&ids, Some(&pos), Some(&mask), None, false)?, &ids, &mask)?;
@@ -158,14 +158,12 @@ fn variant_gpt2model_without_prefix_matches() -> Result<()> {
     let files = wick::hub::resolve(fixture_path("hf/gpt2-tiny-variant").to_str().unwrap(), &Default::default())?;
     let cfg: Config = files.config()?;
     assert_eq!((cfg.inner_size(), cfg.layer_norm_epsilon, cfg.scale_attn_weights), (48, 1e-6, false));
-    let tensors = gpt2::canonical_names(files.load_tensors(&fx.device)?, false, false);
-    let model = GPT2Model::load(wick::hub::inference_var_builder(tensors, DType::F32, &fx.device), &cfg)?;
+    let (model, _) = wick::pretrained::load::<GPT2Model>(&files, DType::F32, &fx.device)?;
     let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
     let h = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
     assert_close("last_hidden_state", &real_only(&h, &mask)?, &real_only(&fx.get("output.last_hidden_state")?, &mask)?, 1e-4)?;
     // The same checkpoint under a `transformer.` prefix loads as an LM (head tied to wte).
-    let tensors = gpt2::canonical_names(files.load_tensors(&fx.device)?, true, false);
-    let lm = GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, DType::F32, &fx.device), &cfg)?;
+    let (lm, _) = wick::pretrained::load::<GPT2LMHeadModel>(&files, DType::F32, &fx.device)?;
     let logits = lm.forward(&ids, Some(&pos), Some(&mask), None, false)?;
     let expected = fx.get("output.last_hidden_state")?.broadcast_matmul(&lm.transformer.wte().t()?)?;
     assert_close("tied head", &real_only(&logits, &mask)?, &real_only(&expected, &mask)?, 1e-4)?;
@@ -190,7 +188,7 @@ fn config_round_trips_and_old_names_load() -> Result<()> {
     for name in ["wte.weight", "h.0.attn.bias", "h.0.attn.masked_bias", "h.0.attn.c_attn.bias", "lm_head.weight"] {
         t.insert(name.into(), Tensor::zeros(1, DType::F32, &dev)?);
     }
-    let mut names: Vec<String> = gpt2::canonical_names(t, true, false).into_keys().collect();
+    let mut names: Vec<String> = <GPT2LMHeadModel as Pretrained>::canonical_names(t, &Config::new(4, 4, 4, 1, 1)).into_keys().collect();
     names.sort();
     assert_eq!(names, ["transformer.h.0.attn.c_attn.bias", "transformer.wte.weight"]);
     Ok(())
@@ -220,14 +218,14 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     let files = wick::hub::resolve(tiny_dir().to_str().unwrap(), &Default::default())?;
     let cfg: Config = files.config()?;
     // A missing weight: the error names it.
-    let mut tensors = gpt2::canonical_names(files.load_tensors(&dev)?, true, false);
+    let mut tensors = <GPT2LMHeadModel as Pretrained>::canonical_names(files.load_tensors(&dev)?, &cfg);
     tensors.remove("transformer.h.1.mlp.c_fc.weight");
-    let err = GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, DType::F32, &dev), &cfg).err().unwrap().to_string();
+    let err = GPT2LMHeadModel::load(wick::weights::inference_var_builder(tensors, DType::F32, &dev), &cfg).err().unwrap().to_string();
     assert!(err.contains("transformer.h.1.mlp.c_fc.weight"), "{err}");
     // A wrong shape: the error names the tensor and both shapes.
-    let mut tensors = gpt2::canonical_names(files.load_tensors(&dev)?, true, false);
+    let mut tensors = <GPT2LMHeadModel as Pretrained>::canonical_names(files.load_tensors(&dev)?, &cfg);
     tensors.insert("transformer.h.0.attn.c_proj.weight".into(), Tensor::zeros((32, 31), DType::F32, &dev)?);
-    let err = format!("{:#}", GPT2LMHeadModel::load(wick::hub::inference_var_builder(tensors, DType::F32, &dev), &cfg).err().unwrap());
+    let err = format!("{:#}", GPT2LMHeadModel::load(wick::weights::inference_var_builder(tensors, DType::F32, &dev), &cfg).err().unwrap());
     assert!(err.contains("transformer.h.0.attn.c_proj.weight") && err.contains("[32, 32]") && err.contains("[32, 31]"), "{err}");
     // A config that is not GPT-2's.
     let bert = wick::hub::resolve(fixture_path("hf/bert-tiny-base").to_str().unwrap(), &Default::default())?;
@@ -425,7 +423,7 @@ fn trains_with_the_trainer_and_the_export_reloads() -> Result<()> {
     wick::pretrained::save::<GPT2LMHeadModel>(dir.path(), &cfg, tensors, None)?;
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
     assert_eq!(saved["model_type"], "gpt2");
-    let reloaded = wick::pretrained::load::<GPT2LMHeadModel>(&wick::hub::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?.0;
+    let reloaded = wick::pretrained::load::<GPT2LMHeadModel>(&wick::weights::ModelFiles::from_dir(dir.path())?, DType::F32, &dev)?.0;
     let ids = Tensor::new(&[[1u32, 8, 2, 9, 3]], &dev)?;
     let a = model.forward(&ids, None, None, None, false)?;
     let b = reloaded.forward(&ids, None, None, None, false)?;

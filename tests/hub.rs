@@ -196,8 +196,7 @@ fn minilm_sentence_embeddings_match_sentence_transformers() -> Result<()> {
     let cfg: bert::Config = files.config()?;
     let batch = wick::tokenizer::encode_batch(&files.tokenizer()?, &sentences, 256, cfg.pad_token_id, &fx.device)?;
     assert_eq!(batch.input_ids.to_vec2::<u32>()?, fx.get("input.input_ids")?.to_vec2::<u32>()?, "token ids");
-    let vb = hub::inference_var_builder(bert::canonical_names(files.load_tensors(&fx.device)?, false), DType::F32, &fx.device);
-    let model = BertModel::load(vb, &cfg, true)?;
+    let (model, _) = wick::pretrained::load::<BertModel>(&files, DType::F32, &fx.device)?;
     let out = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(&batch.token_type_ids), false)?;
     let pooled = bert::mean_pool(&out.last_hidden_state, &batch.attention_mask)?;
     assert_close("mean-pooled embeddings", &pooled, &fx.get("output.mean_pooled")?, 1e-4)?;
@@ -225,9 +224,7 @@ fn downloads_into_the_cache_layout_then_works_offline() -> Result<()> {
     for f in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] {
         assert_eq!(std::fs::read(snapshot.join(f))?, std::fs::read(fixture_path("hf/bert-tiny-cls").join(f))?, "{f}");
     }
-    let cfg: bert::Config = files.config()?;
-    let tensors = bert::canonical_names(files.load_tensors(&Device::Cpu)?, true);
-    wick::models::bert::BertForSequenceClassification::load(hub::inference_var_builder(tensors, DType::F32, &Device::Cpu), &cfg)?;
+    wick::pretrained::load::<wick::models::bert::BertForSequenceClassification>(&files, DType::F32, &Device::Cpu)?;
     // Now without the network: the same snapshot from the cache.
     let offline = HubOptions { offline: Some(true), ..online.clone() };
     assert_eq!(hub::resolve("org/tiny", &offline)?.dir, snapshot);
@@ -254,9 +251,9 @@ fn saving_over_a_sharded_checkpoint_replaces_it() -> Result<()> {
     let name = "classifier.bias".to_string();
     let bumped = (tensors[&name].clone() + 1.0)?;
     tensors.insert(name.clone(), bumped.clone());
-    hub::save_pretrained(dir.path(), &cfg, &tensors, Some(dir.path()))?;
+    wick::weights::save_pretrained(dir.path(), &cfg, &tensors, Some(dir.path()))?;
     let saved = hub::resolve(dir.path().to_str().unwrap(), &HubOptions::default())?;
-    assert!(matches!(saved.weights, hub::WeightFiles::Safetensors(ref p) if p.len() == 1), "{:?}", saved.weights);
+    assert!(matches!(saved.weights, wick::weights::WeightFiles::Safetensors(ref p) if p.len() == 1), "{:?}", saved.weights);
     assert_close("saved weight", &saved.load_tensors(&Device::Cpu)?[&name], &bumped, 0.0)?;
     let left: Vec<String> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(left.iter().all(|f| !f.starts_with("model-0000") && !f.ends_with(".tmp") && f != "model.safetensors.index.json"), "{left:?}");

@@ -75,7 +75,7 @@ fn load_trainable_starts_a_new_head_for_new_labels_and_keeps_the_encoder() -> Re
     let trainable = pretrained::load_trainable::<BertForSequenceClassification>(&files, &config, &device, 1, |name| !name.starts_with("classifier."))?;
     assert_eq!(trainable.report.newly_initialized, ["classifier.bias", "classifier.weight"]);
     let encoder = trainable.varmap.data().lock().unwrap()["bert.embeddings.word_embeddings.weight"].as_tensor().clone();
-    let checkpoint = bert::canonical_names(files.load_tensors(&device)?, true);
+    let checkpoint = BertForSequenceClassification::canonical_names(files.load_tensors(&device)?, &config);
     assert_eq!(encoder.to_vec2::<f32>()?, checkpoint["bert.embeddings.word_embeddings.weight"].to_vec2::<f32>()?);
     // Without leaving the old head out, its shape no longer fits: an error naming it.
     let err = format!("{:#}", pretrained::load_trainable::<BertForSequenceClassification>(&files, &config, &device, 1, |_| true).err().unwrap());

@@ -110,7 +110,7 @@ pub fn load_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
 /// Sets every variable of `varmap` from `tensors` (by name), converting device and dtype; a
 /// variable without a tensor, or with one of another shape, is an error naming it.
 pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let report = crate::hub::copy_into_varmap(varmap, tensors)?;
+    let report = crate::weights::copy_into_varmap(varmap, tensors)?;
     if !report.newly_initialized.is_empty() {
         bail!("no tensor for {:?}", report.newly_initialized);
     }
@@ -119,7 +119,7 @@ pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> Result<
 
 /// Reads a checkpoint's safetensors file (a truncated or corrupt file is reported as such).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    crate::hub::read_safetensors(path, device)
+    crate::weights::read_safetensors(path, device)
 }
 
 pub fn checkpoints_dir(output: &Path) -> PathBuf {
