@@ -55,7 +55,7 @@ pub struct CharRnnArgs {
     #[arg(long, default_value_t = 3e-3, value_parser = cli::positive)]
     pub lr: f64,
     /// Clip the gradients' global norm to this value.
-    #[arg(long = "max-grad-norm", alias = "clip", default_value_t = 5.0, value_parser = cli::positive)]
+    #[arg(long = "max-grad-norm", alias = "clip", value_name = "NORM", default_value_t = 5.0, value_parser = cli::positive)]
     pub clip: f64,
     /// Evaluate on (part of) the validation set every N steps.
     #[arg(long, default_value_t = 250, value_parser = cli::at_least_one)]

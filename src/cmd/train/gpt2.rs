@@ -74,7 +74,7 @@ pub struct Gpt2Args {
     #[arg(long, default_value_t = 0.95, value_parser = cli::fraction)]
     pub beta2: f64,
     /// Clip the gradients' global norm to this value (0 = no clipping).
-    #[arg(long = "max-grad-norm", alias = "clip", default_value_t = 1.0, value_parser = cli::non_negative)]
+    #[arg(long = "max-grad-norm", alias = "clip", value_name = "NORM", default_value_t = 1.0, value_parser = cli::non_negative)]
     pub clip: f64,
     /// Evaluate on (part of) the validation set every N steps.
     #[arg(long, default_value_t = 200, value_parser = cli::at_least_one)]
