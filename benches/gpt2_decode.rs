@@ -9,7 +9,11 @@
 //! a 1 GiB buffer on the rayon pool's threads, the best of 5) and prints that limit beside the
 //! measured rates.
 //!
-//! cargo bench --bench gpt2_decode -- [--dtype f32,f16,bf16] [--batch 1,8] [--reps N]
+//! `--dtype q8_0,q4_0,q4_k,q6_k` quantizes every linear layer (LM head included) of the f32
+//! model in memory (`wick::quant`), as `wick quantize` does; the limit then counts the
+//! quantized bytes (scales included).
+//!
+//! cargo bench --bench gpt2_decode -- [--dtype f32,f16,bf16,q8_0,q4_0,q4_k] [--batch 1,8] [--reps N]
 //!     [--new-tokens N] [--prompt N] [--device D]
 //! Threads: RAYON_NUM_THREADS (default: all cores). `wick::cpu::describe()` and a table go to
 //! stderr; one JSON object a line on stdout:
@@ -28,6 +32,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use wick::generate::{generate, GenerationConfig};
 use wick::models::gpt2::{Config, GPT2LMHeadModel};
+use wick::quant::{quantize_model, QuantType};
 
 struct Args {
     dtypes: Vec<String>,
@@ -68,11 +73,22 @@ fn random_gpt2(cfg: &Config, dtype: DType, device: &Device) -> Result<GPT2LMHead
 }
 
 /// Bytes of weight matrices a decoding step reads: every layer's four products and the tied LM
-/// head (biases, LayerNorms and the two embedding rows are negligible).
-fn weight_bytes_per_step(cfg: &Config, dtype: DType) -> usize {
+/// head (biases, LayerNorms and the two embedding rows are negligible), at `bytes_per_weight`.
+fn weight_bytes_per_step(cfg: &Config, bytes_per_weight: f64) -> f64 {
     let (h, inner) = (cfg.n_embd, cfg.inner_size());
     let per_layer = h * 3 * h + h * h + h * inner + inner * h;
-    (cfg.n_layer * per_layer + cfg.vocab_size * h) * dtype.size_in_bytes()
+    (cfg.n_layer * per_layer + cfg.vocab_size * h) as f64 * bytes_per_weight
+}
+
+/// The model in `name`'s format: a dtype, or f32 with its linear layers quantized.
+fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadModel, f64)> {
+    if let Some(qtype) = QuantType::parse(name) {
+        let mut model = random_gpt2(cfg, DType::F32, device)?;
+        quantize_model(&mut model, qtype)?;
+        return Ok((model, qtype.bytes_per_weight()));
+    }
+    let dtype = wick::device::parse_dtype(name)?;
+    Ok((random_gpt2(cfg, dtype, device)?, dtype.size_in_bytes() as f64))
 }
 
 /// Read bandwidth in bytes/s: a sum over a 1 GiB buffer (far past any cache), split over the
@@ -107,15 +123,14 @@ fn main() -> Result<()> {
     let config = GenerationConfig { max_new_tokens: args.new_tokens, ..GenerationConfig::greedy(args.new_tokens) };
     eprintln!("{:6} {:>5} {:>10} {:>13} {:>12} {:>9}", "dtype", "batch", "tok/s", "decode tok/s", "limit tok/s", "of limit");
     for dtype_name in &args.dtypes {
-        let dtype = wick::device::parse_dtype(dtype_name)?;
-        let model = match random_gpt2(&cfg, dtype, &device) {
+        let (model, bytes_per_weight) = match model_in(&cfg, dtype_name, &device) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("skipping {dtype_name}: {}", e.to_string().lines().next().unwrap_or_default());
                 continue;
             }
         };
-        let bytes = weight_bytes_per_step(&cfg, dtype);
+        let bytes = weight_bytes_per_step(&cfg, bytes_per_weight);
         for &batch in &args.batches {
             let rows = &prompts[..batch];
             // Warm-up (allocator, caches, CUDA kernels).
@@ -128,7 +143,7 @@ fn main() -> Result<()> {
             }
             runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
             let median = &runs[runs.len() / 2];
-            let limit = batch as f64 * bandwidth / bytes as f64;
+            let limit = batch as f64 * bandwidth / bytes;
             eprintln!(
                 "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%",
                 median.tokens_per_s,

@@ -359,6 +359,28 @@ fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool) -> HashM
         .collect()
 }
 
+impl BertModel {
+    /// Every linear layer (the pooler's too) by its weight's name under `prefix`.
+    fn named_linear_layers(&mut self, prefix: &str) -> Vec<(String, &mut Dense)> {
+        let mut out = vec![];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let named = [
+                ("attention.self.query", &mut l.query),
+                ("attention.self.key", &mut l.key),
+                ("attention.self.value", &mut l.value),
+                ("attention.output.dense", &mut l.attention_output),
+                ("intermediate.dense", &mut l.intermediate),
+                ("output.dense", &mut l.output),
+            ];
+            out.extend(named.into_iter().map(|(name, dense)| (format!("{prefix}encoder.layer.{i}.{name}.weight"), dense)));
+        }
+        if let Some(pooler) = self.pooler.as_mut() {
+            out.push((format!("{prefix}pooler.dense.weight"), pooler));
+        }
+        out
+    }
+}
+
 impl crate::pretrained::Pretrained for BertModel {
     type Config = Config;
     const MODEL_TYPES: &'static [&'static str] = &["bert"];
@@ -371,6 +393,9 @@ impl crate::pretrained::Pretrained for BertModel {
     fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
         canonical_names(tensors, false)
     }
+    fn linear_layers(&mut self) -> Vec<(String, &mut Dense)> {
+        self.named_linear_layers("")
+    }
 }
 
 impl crate::pretrained::Pretrained for BertForSequenceClassification {
@@ -382,6 +407,11 @@ impl crate::pretrained::Pretrained for BertForSequenceClassification {
     }
     fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
         canonical_names(tensors, true)
+    }
+    fn linear_layers(&mut self) -> Vec<(String, &mut Dense)> {
+        let mut out = self.bert.named_linear_layers("bert.");
+        out.push(("classifier.weight".into(), &mut self.classifier));
+        out
     }
 }
 

@@ -675,6 +675,19 @@ fn canonical_names(tensors: HashMap<String, Tensor>, with_prefix: bool, keep_lm_
         .collect()
 }
 
+impl GPT2Model {
+    /// The blocks' four linear layers by their weights' names under `prefix`.
+    fn named_linear_layers(&mut self, prefix: &str) -> Vec<(String, &mut Dense)> {
+        let mut out = vec![];
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, dense) in [("attn.c_attn", &mut b.c_attn), ("attn.c_proj", &mut b.attn_proj), ("mlp.c_fc", &mut b.c_fc), ("mlp.c_proj", &mut b.mlp_proj)] {
+                out.push((format!("{prefix}h.{i}.{name}.weight"), dense));
+            }
+        }
+        out
+    }
+}
+
 impl crate::pretrained::Pretrained for GPT2LMHeadModel {
     type Config = Config;
     const MODEL_TYPES: &'static [&'static str] = &["gpt2"];
@@ -684,6 +697,12 @@ impl crate::pretrained::Pretrained for GPT2LMHeadModel {
     }
     fn canonical_names(tensors: HashMap<String, Tensor>, config: &Config) -> HashMap<String, Tensor> {
         canonical_names(tensors, true, !config.tie_word_embeddings)
+    }
+    /// The LM head is `lm_head.weight` even when tied to `wte`.
+    fn linear_layers(&mut self) -> Vec<(String, &mut Dense)> {
+        let mut out = self.transformer.named_linear_layers("transformer.");
+        out.push(("lm_head.weight".into(), &mut self.lm_head));
+        out
     }
 }
 
@@ -696,5 +715,8 @@ impl crate::pretrained::Pretrained for GPT2Model {
     }
     fn canonical_names(tensors: HashMap<String, Tensor>, _config: &Config) -> HashMap<String, Tensor> {
         canonical_names(tensors, false, false)
+    }
+    fn linear_layers(&mut self) -> Vec<(String, &mut Dense)> {
+        self.named_linear_layers("")
     }
 }

@@ -4,7 +4,10 @@
 # machine with the same thread count; prints tokens/s side by side, the ratio wick / PyTorch, and
 # wick's memory-bandwidth limit (read bandwidth / weight bytes per decoding step).
 #
-#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,f16,bf16] [--batches 1,8] [--runs R] [--device cpu|cuda]
+#   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,f16,bf16,q8_0,q4_0,q4_k] [--batches 1,8] [--runs R] [--device cpu|cuda]
+#
+# Quantized types (q8_0, q4_0, q4_k, q6_k: wick's linear layers quantized, see src/quant) are
+# compared with PyTorch in f32, which runs once for them.
 #
 # (PyTorch in f16 on the CPU is very slow: its runs take minutes.)
 #
@@ -34,7 +37,8 @@ bench_bin=$(ls -t "$target_dir"/release/deps/gpt2_decode-* | grep -v '\.d$' | he
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --dtype "$dtypes" --batch "$batches" --reps "$runs" --device "$device")
 torch_out=""
-for d in ${dtypes//,/ }; do
+torch_dtypes=$(echo "$dtypes" | tr ',' '\n' | sed 's/^q.*/f32/' | awk '!seen[$0]++' | tr '\n' ' ')
+for d in $torch_dtypes; do
   for b in ${batches//,/ }; do
     line=$(OMP_NUM_THREADS=$threads "$python" scripts/bench_gpt2.py --threads "$threads" --dtype "$d" --batch "$b" --runs "$runs" --device "$device")
     echo "$line" >&2  # as it comes: PyTorch's bf16/f16 runs on the CPU are slow
@@ -54,7 +58,10 @@ if wick:
 print(f"{'dtype':6} {'batch':>5} {'wick tok/s':>11} {'decode':>8} {'limit':>8} {'of limit':>8} {'pytorch tok/s':>14} {'ratio':>7}")
 for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
     d, b = key
-    t = torch.get(key, {}).get("tokens_per_s")
+    # Quantized wick models are compared with PyTorch in f32.
+    t = torch.get((d if not d.startswith("q") else "f32", b), {}).get("tokens_per_s")
+    if d == "f32" and key not in wick:
+        continue
     w = wick.get(key)
     if w is None:
         print(f"{d:6} {b:5} {'n/a':>11} {'':>8} {'':>8} {'':>8} {t:14.2f}     n/a  (wick: not supported on this device)")
@@ -63,5 +70,6 @@ for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
     frac = f"{100 * w['decode_tokens_per_s'] / lim:7.0f}%" if lim == lim else f"{'':>8}"
     ts = f"{t:14.2f}" if t else f"{'n/a':>14}"
     ratio = f"{w['tokens_per_s'] / t:6.2f}x" if t else f"{'n/a':>7}"
-    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}")
+    vs = " (vs PyTorch f32)" if d.startswith("q") else ""
+    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}")
 PY

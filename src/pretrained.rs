@@ -13,13 +13,18 @@
 //! [`Pretrained::canonical_names`] maps them onto the names its `load(vb, &config)` asks for.
 //! A checkpoint with more layers than its config (`n_layer: 1` over three layers' weights) is an
 //! error, not a model that silently drops weights.
+//!
+//! A folder with a quantized `model.gguf` (`wick quantize`) loads through [`load`] like any
+//! other: its quantized weights reach the model's linear layers ([`Pretrained::linear_layers`])
+//! after `build`, which sees zero-memory stand-ins of their shape (see [`crate::quant`]).
 
-use crate::weights::{copy_into_varmap, CopyReport, ModelFiles};
+use crate::ops::linear::Dense;
+use crate::weights::{copy_into_varmap, CopyReport, ModelFiles, WeightFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -46,21 +51,44 @@ pub trait Pretrained: Sized {
     fn checkpoint_names(tensors: HashMap<String, Tensor>, _config: &Self::Config) -> HashMap<String, Tensor> {
         tensors
     }
+
+    /// Every linear layer, by the name of its weight as [`Pretrained::build`] reads it
+    /// (`transformer.h.0.attn.c_attn.weight`): what [`crate::quant`] quantizes. Families that
+    /// list none cannot be quantized.
+    fn linear_layers(&mut self) -> Vec<(String, &mut Dense)> {
+        Vec::new()
+    }
 }
 
 /// Loads `M` for inference: weights in `dtype` on `device`, not trainable.
 pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(M, M::Config)> {
+    load_with_tensors(files, dtype, device).map(|(model, config, _)| (model, config))
+}
+
+/// [`load`], also returning the checkpoint's tensors by the names `build` read them under
+/// (quantized weights as their stand-ins).
+pub(crate) fn load_with_tensors<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(M, M::Config, HashMap<String, Tensor>)> {
     files.check_model_type(M::MODEL_TYPES)?;
     let config: M::Config = files.config()?;
-    let tensors = M::canonical_names(files.load_tensors(device)?, &config);
-    check_finite(&tensors, files)?;
+    let (tensors, quantized) = match &files.weights {
+        WeightFiles::Gguf(path) => {
+            let read = crate::quant::gguf::read(path, device)?;
+            (read.tensors, read.quantized)
+        }
+        _ => (files.load_tensors(device)?, HashMap::new()),
+    };
+    let tensors = M::canonical_names(tensors, &config);
+    let quantized = crate::quant::gguf::GgufWeights::by_name(&tensors, quantized);
+    check_finite(&tensors, &quantized.keys().cloned().collect(), files)?;
     let names: BTreeSet<String> = tensors.keys().cloned().collect();
     let used = Arc::new(Mutex::new(BTreeSet::new()));
-    let backend = UseTracking { tensors, used: used.clone() };
+    let stand_ins = quantized.keys().cloned().collect();
+    let backend = UseTracking { tensors: tensors.clone(), used: used.clone(), stand_ins };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let model = M::build(vb, &config).with_context(|| format!("loading {} from {} (its config.json and weights)", M::ARCHITECTURE, files.dir.display()))?;
-    let used = used.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?;
+    let mut model = M::build(vb, &config).with_context(|| format!("loading {} from {} (its config.json and weights)", M::ARCHITECTURE, files.dir.display()))?;
+    let used = used.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?.clone();
     check_no_extra_layers(&names, &used, files)?;
+    crate::quant::attach(&mut model, quantized, &used).with_context(|| format!("loading {} from {}", M::ARCHITECTURE, files.dir.display()))?;
     let unused: Vec<&String> = names.difference(&used).collect();
     if !unused.is_empty() {
         // What transformers prints in the same case: legitimate (a base model from a checkpoint
@@ -68,7 +96,7 @@ pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) ->
         let shown: Vec<&str> = unused.iter().take(4).map(|s| s.as_str()).collect();
         eprintln!("note: {} checkpoint tensor(s) not used by {}: {}{}", unused.len(), M::ARCHITECTURE, shown.join(", "), if unused.len() > 4 { ", ..." } else { "" });
     }
-    Ok((model, config))
+    Ok((model, config, tensors))
 }
 
 /// A model whose weights are trainable variables.
@@ -91,12 +119,15 @@ pub fn load_trainable<M: Pretrained>(
     seed: u64,
     keep: impl Fn(&str) -> bool,
 ) -> Result<Trainable<M>> {
+    if let WeightFiles::Gguf(path) = &files.weights {
+        bail!("{} is a quantized model, for inference only (quantized layers have no gradients): train or fine-tune the f32 model, then quantize the result with `wick quantize`", path.display());
+    }
     files.check_model_type(M::MODEL_TYPES)?;
     let mut tensors = M::canonical_names(files.load_tensors(device)?, config);
     let mut left_out: Vec<String> = tensors.keys().filter(|name| !keep(name)).cloned().collect();
     left_out.sort();
     tensors.retain(|name, _| keep(name));
-    check_finite(&tensors, files)?;
+    check_finite(&tensors, &HashSet::new(), files)?;
     let varmap = VarMap::new();
     let model = M::build(crate::nn::var_builder(&varmap, DType::F32, device, seed), config)
         .with_context(|| format!("building {} for {}", M::ARCHITECTURE, files.dir.display()))?;
@@ -152,9 +183,10 @@ fn check_no_extra_layers(all: &BTreeSet<String>, used: &BTreeSet<String>, files:
 }
 
 /// Errors on the first tensor holding a NaN or an infinity, naming it: such a checkpoint (a run
-/// that diverged, a corrupt file) would otherwise predict NaN without a word.
-fn check_finite(tensors: &HashMap<String, Tensor>, files: &ModelFiles) -> Result<()> {
-    let mut names: Vec<&String> = tensors.keys().collect();
+/// that diverged, a corrupt file) would otherwise predict NaN without a word. Stand-ins of
+/// quantized weights (`skip`) were checked when read.
+fn check_finite(tensors: &HashMap<String, Tensor>, skip: &HashSet<String>, files: &ModelFiles) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().filter(|n| !skip.contains(*n)).collect();
     names.sort();
     for name in names {
         let t = &tensors[name];
@@ -179,6 +211,10 @@ fn check_finite(tensors: &HashMap<String, Tensor>, files: &ModelFiles) -> Result
 struct UseTracking {
     tensors: HashMap<String, Tensor>,
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Names of quantized weights: asked for in any shape with their number of elements (a
+    /// layer stored (in, out) asks for the transpose of the quantized (out, in)), they are
+    /// served as stand-ins of that shape.
+    stand_ins: HashSet<String>,
 }
 
 impl UseTracking {
@@ -192,6 +228,12 @@ impl UseTracking {
 impl SimpleBackend for UseTracking {
     fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.record(name);
+        if let Some(t) = self.tensors.get(name).filter(|_| self.stand_ins.contains(name)) {
+            if t.elem_count() != s.elem_count() {
+                candle_core::bail!("shape mismatch for {name}: the quantized weight is {:?}, the model expects {s:?}", t.dims())
+            }
+            return crate::ops::linear::stand_in(&s, dtype, dev);
+        }
         SimpleBackend::get(&self.tensors, s, name, h, dtype, dev)
     }
 

@@ -2,7 +2,8 @@
 //!
 //! [`crate::hub`] turns a repo id into a folder on disk; this module reads that folder. Weights
 //! come as one `model.safetensors`, shards named by `model.safetensors.index.json`, or a PyTorch
-//! `pytorch_model.bin` (read without executing any code). Safetensors files are memory-mapped:
+//! `pytorch_model.bin` (read without executing any code), or, for a quantized model, one GGUF
+//! `model.gguf` (see [`crate::quant`]). Safetensors files are memory-mapped:
 //! tensors are copied once, from the page cache into their own storage, and the file's bytes are
 //! never held in a second buffer (a 500 MB GPT-2 checkpoint peaked at 1 GB when read whole).
 //! A folder's files never lead outside it: shard names are plain relative paths, checked before
@@ -19,6 +20,7 @@ pub(crate) const CONFIG: &str = "config.json";
 pub(crate) const SAFETENSORS: &str = "model.safetensors";
 pub(crate) const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 pub(crate) const PYTORCH_BIN: &str = "pytorch_model.bin";
+pub(crate) const GGUF: &str = crate::quant::gguf::FILE;
 /// Files a tokenizer may be built from, most complete first.
 pub(crate) const TOKENIZER_FILES: [&str; 6] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt"];
@@ -30,13 +32,15 @@ pub enum WeightFiles {
     Safetensors(Vec<PathBuf>),
     /// `pytorch_model.bin` (read without executing any code).
     PytorchBin(PathBuf),
+    /// `model.gguf`: a quantized model (`wick quantize`), for inference only.
+    Gguf(PathBuf),
 }
 
 impl WeightFiles {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             Self::Safetensors(paths) => paths.iter().map(PathBuf::as_path).collect(),
-            Self::PytorchBin(path) => vec![path.as_path()],
+            Self::PytorchBin(path) | Self::Gguf(path) => vec![path.as_path()],
         }
     }
 
@@ -76,8 +80,9 @@ impl ModelFiles {
                 WeightFiles::Safetensors(paths)
             }
             Some(SAFETENSORS) => WeightFiles::Safetensors(vec![dir.join(SAFETENSORS)]),
-            Some(_) => WeightFiles::PytorchBin(dir.join(PYTORCH_BIN)),
-            None => return Err(missing("weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", dir).into()),
+            Some(PYTORCH_BIN) => WeightFiles::PytorchBin(dir.join(PYTORCH_BIN)),
+            Some(_) => WeightFiles::Gguf(dir.join(GGUF)),
+            None => return Err(missing("weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin or model.gguf)", dir).into()),
         };
         check_inside(dir, &config)?;
         let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
@@ -113,7 +118,8 @@ impl ModelFiles {
         }
     }
 
-    /// Every tensor of the checkpoint, by its name in the checkpoint.
+    /// Every tensor of the checkpoint, by its name in the checkpoint (a quantized model's
+    /// weights dequantized to f32).
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         match &self.weights {
             WeightFiles::Safetensors(paths) => {
@@ -128,6 +134,7 @@ impl ModelFiles {
                     .map_err(|e| anyhow::anyhow!("{}: not a readable PyTorch checkpoint ({e}); it may be truncated or corrupt", path.display()))?;
                 tensors.into_iter().map(|(name, t)| Ok((name, t.to_device(device)?))).collect()
             }
+            WeightFiles::Gguf(path) => crate::quant::gguf::read_dequantized(path, device),
         }
     }
 
@@ -140,9 +147,9 @@ impl ModelFiles {
 }
 
 /// Which weights file a model folder (local or on the Hub) is loaded from: a shard index, else
-/// one safetensors file, else a PyTorch pickle.
+/// one safetensors file, else a PyTorch pickle, else a quantized `model.gguf`.
 pub(crate) fn weights_file(has: impl Fn(&str) -> bool) -> Option<&'static str> {
-    [SAFETENSORS_INDEX, SAFETENSORS, PYTORCH_BIN].into_iter().find(|f| has(f))
+    [SAFETENSORS_INDEX, SAFETENSORS, PYTORCH_BIN, GGUF].into_iter().find(|f| has(f))
 }
 
 fn missing(what: &str, dir: &Path) -> HubError {
@@ -288,15 +295,22 @@ pub fn copy_into_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> R
 /// are removed, as loaders would prefer them to the new `model.safetensors`.
 pub fn save_pretrained(dir: &Path, config: &impl serde::Serialize, tensors: &HashMap<String, Tensor>, tokenizer_from: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write = |name: &str, fill: &dyn Fn(&Path) -> Result<()>| write_with(&dir.join(name), fill);
     // Contiguous copies on the CPU: what safetensors files hold.
     let cpu: HashMap<String, Tensor> =
         tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
-    write(SAFETENSORS, &|p| Ok(candle_core::safetensors::save(&cpu, p)?))?;
+    write_with(&dir.join(SAFETENSORS), &|p| Ok(candle_core::safetensors::save(&cpu, p)?))?;
+    finish_folder(dir, SAFETENSORS, config, tokenizer_from)
+}
+
+/// Completes a model folder whose weights file `weights` is written: removes weight files of
+/// other formats (loaders would prefer them), copies the tokenizer files of `tokenizer_from`,
+/// then writes `config.json`, last and atomically.
+pub(crate) fn finish_folder(dir: &Path, weights: &str, config: &impl serde::Serialize, tokenizer_from: Option<&Path>) -> Result<()> {
+    let write = |name: &str, fill: &dyn Fn(&Path) -> Result<()>| write_with(&dir.join(name), fill);
     let index = dir.join(SAFETENSORS_INDEX);
     let mut stale: Vec<PathBuf> = shard_names(&index).map(|shards| shards.iter().map(|s| dir.join(s)).collect()).unwrap_or_default();
-    stale.extend([index, dir.join(PYTORCH_BIN)]);
-    for path in stale.iter().filter(|p| p.is_file() && p.file_name() != Some(SAFETENSORS.as_ref())) {
+    stale.extend([index, dir.join(SAFETENSORS), dir.join(PYTORCH_BIN), dir.join(GGUF)]);
+    for path in stale.iter().filter(|p| p.is_file() && p.file_name() != Some(weights.as_ref())) {
         std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
     }
     if let Some(src) = tokenizer_from.filter(|src| !same_dir(src, dir)) {
@@ -311,7 +325,7 @@ pub fn save_pretrained(dir: &Path, config: &impl serde::Serialize, tensors: &Has
     write(CONFIG, &|p| Ok(std::fs::write(p, format!("{json}\n"))?))
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,

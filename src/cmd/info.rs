@@ -27,8 +27,11 @@ pub struct ModelInfo {
     /// Elements of the floating-point tensors (integer buffers such as BERT's `position_ids`
     /// are not parameters).
     pub parameters: u64,
-    /// Elements by element type (`F32`, `F16`, `BF16`, ...).
+    /// Elements by element type (`F32`, `F16`, `BF16`, ..., and `Q8_0`, `Q4K`, ... in a
+    /// quantized model).
     pub dtypes: BTreeMap<String, u64>,
+    /// A quantized model's weight format (`q8_0`, `q4_0`, `q4_k`, `q6_k`); none otherwise.
+    pub quantization: Option<String>,
     pub size_on_disk: u64,
     pub weight_files: Vec<String>,
     /// Shape-deciding config values under their usual names (layers, width, heads, vocabulary,
@@ -39,6 +42,7 @@ pub struct ModelInfo {
 pub fn describe(model: &str, files: &ModelFiles) -> Result<ModelInfo> {
     let config: serde_json::Value = files.config()?;
     let mut dtypes = BTreeMap::new();
+    let mut quantization = None;
     match &files.weights {
         WeightFiles::Safetensors(paths) => {
             for path in paths {
@@ -57,6 +61,7 @@ pub fn describe(model: &str, files: &ModelFiles) -> Result<ModelInfo> {
                 *dtypes.entry(format!("{:?}", tensor.dtype()).to_uppercase()).or_insert(0) += tensor.elem_count() as u64;
             }
         }
+        WeightFiles::Gguf(path) => (dtypes, quantization) = crate::quant::gguf::describe(path)?,
     }
     const SHAPE_KEYS: [&str; 12] = [
         "num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
@@ -68,8 +73,10 @@ pub fn describe(model: &str, files: &ModelFiles) -> Result<ModelInfo> {
         dir: files.dir.display().to_string(),
         model_type: config["model_type"].as_str().map(String::from),
         architectures: config["architectures"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default(),
-        parameters: dtypes.iter().filter(|(d, _)| d.starts_with('F') || d.starts_with("BF")).map(|(_, n)| n).sum(),
+        // Float and quantized elements (`Q...`), not integer buffers.
+        parameters: dtypes.iter().filter(|(d, _)| d.starts_with('F') || d.starts_with("BF") || d.starts_with('Q')).map(|(_, n)| n).sum(),
         dtypes,
+        quantization,
         size_on_disk: files.weights.size_on_disk(),
         weight_files: files.weights.paths().iter().map(|p| p.display().to_string()).collect(),
         shape,
@@ -89,6 +96,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
     println!("parameters    {} ({:.2} M)", info.parameters, info.parameters as f64 / 1e6);
     let dtypes: Vec<String> = info.dtypes.iter().map(|(d, n)| format!("{d} {n}")).collect();
     println!("dtype         {}", dtypes.join(", "));
+    if let Some(q) = &info.quantization {
+        println!("quantization  {q} (linear layers; model.gguf, inference only)");
+    }
     println!("size on disk  {:.1} MB in {} file(s)", info.size_on_disk as f64 / 1e6, info.weight_files.len());
     for (key, value) in &info.shape {
         println!("  {key:<24}{value}");

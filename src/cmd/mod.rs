@@ -8,6 +8,7 @@ pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod predict;
+pub mod quantize;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ pub enum Command {
     Embed(embed::EmbedArgs),
     /// Train a model from scratch (GPT-2, MNIST MLP/CNN, char-RNN).
     Train(train::TrainArgs),
+    /// Quantize a GPT-2 or BERT model's linear layers (q8_0, q4_0, q4_k, q6_k) into a GGUF model folder.
+    Quantize(quantize::QuantizeArgs),
     /// Download a model from the Hugging Face Hub into the local cache.
     Download(download::DownloadArgs),
     /// Describe a model: architecture, parameters, dtype, size, where it was found.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => predict::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Train(args) => train::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
     }

@@ -15,12 +15,16 @@
 //! forward pass chooses between this op and [`super::matvec`]: f32 products with many rows or
 //! a gradient to track take the GEMM here; decoding-sized products (a few rows) and f16/bf16
 //! weights on the CPU take the matrix-vector kernels, which read the weight once as stored.
+//! A quantized layer ([`Dense::set_quantized`], see [`crate::quant`]) takes candle's quantized
+//! product instead, on every device: inference only, it has no backward pass.
 
 use super::cpu_f32;
 use super::gemm::{matmul, View};
 use super::matvec::{matmul_weight, MATVEC_ROWS};
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// How the weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,14 +86,53 @@ pub fn reference_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layo
 /// A linear layer's parameters (checkpoint names `weight`, `bias`) and their layout.
 #[derive(Clone, Debug)]
 pub struct Dense {
+    /// The weight as stored (see `layout`). In a quantized layer, a stand-in of the same shape
+    /// that holds no memory (one zero, broadcast): the product reads `quantized`.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub layout: WeightLayout,
+    /// The weight quantized, (out, in) whatever `layout` is: when set, products use it.
+    quantized: Option<Arc<QTensor>>,
 }
 
 impl Dense {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
-        Self { weight, bias, layout }
+        Self { weight, bias, layout, quantized: None }
+    }
+
+    /// (out, in) of this layer.
+    pub fn out_in(&self) -> Result<(usize, usize)> {
+        let (d_in, d_out) = in_out(self.layout, self.weight.layout())?;
+        Ok((d_out, d_in))
+    }
+
+    /// The quantized weight, (out, in), when this layer is quantized.
+    pub fn quantized(&self) -> Option<&Arc<QTensor>> {
+        self.quantized.as_ref()
+    }
+
+    /// Makes products use `weight`, a quantized (out, in) matrix of this layer's shape, and
+    /// drops the unquantized weight (a zero-memory stand-in of its shape stays in `weight`).
+    pub fn set_quantized(&mut self, weight: Arc<QTensor>) -> Result<()> {
+        let (d_out, d_in) = self.out_in()?;
+        if weight.shape().dims() != [d_out, d_in] {
+            candle_core::bail!("a quantized weight of shape {:?} for a linear layer of (out, in) = ({d_out}, {d_in})", weight.shape().dims())
+        }
+        self.weight = stand_in(self.weight.shape(), self.weight.dtype(), &weight.device())?;
+        self.quantized = Some(weight);
+        Ok(())
+    }
+
+    /// `x` (..., in) → (..., out) in x's dtype through the quantized weight: candle's kernels
+    /// quantize the activations too (see [`crate::quant`]) and compute in f32.
+    fn quantized_forward(&self, weight: &QTensor, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(weight)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        let y = if relu { y.relu()? } else { y };
+        y.to_dtype(x.dtype())
     }
 
     /// A PyTorch-layout layer with candle-nn's `linear` initialisation (Kaiming-normal weight,
@@ -115,6 +158,9 @@ impl Dense {
 
     /// `relu(self.forward(x))` as one node (see [`linear_relu`]).
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quantized {
+            return self.quantized_forward(q, x, true);
+        }
         linear_relu(x, &self.weight, self.bias.as_ref(), self.layout)
     }
 
@@ -135,12 +181,21 @@ impl candle_core::Module for Dense {
     /// `x` (..., in) → (..., out) in x's dtype. On the CPU a model may keep f16/bf16 weights
     /// with f32 activations: those products compute in f32 (see [`matmul_weight`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quantized {
+            return self.quantized_forward(q, x, false);
+        }
         if self.gemm(x)? {
             linear(x, &self.weight, self.bias.as_ref(), self.layout)
         } else {
             matmul_weight(x, &self.weight, self.bias.as_ref(), self.layout)
         }
     }
+}
+
+/// A tensor of `shape` that holds one element (a zero, broadcast): the placeholder of a weight
+/// that lives elsewhere (quantized), so that shape checks still see its shape.
+pub fn stand_in(shape: &Shape, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::zeros((), dtype, device)?.broadcast_as(shape)
 }
 
 struct Linear {
