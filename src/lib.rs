@@ -11,6 +11,7 @@ pub mod hub;
 pub mod nn;
 pub mod ops;
 pub mod pretrained;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -6,6 +6,7 @@ pub mod download;
 pub mod embed;
 pub mod generate;
 pub mod info;
+pub mod serve;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ pub enum Command {
     Download(download::DownloadArgs),
     /// Describe a model: architecture, parameters, dtype, size, where it was found.
     Info(info::InfoArgs),
+    /// Serve models over HTTP with OpenAI's API (completions, embeddings, classification).
+    Serve(serve::ServeArgs),
 }
 
 /// Runs one parsed command line.
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
