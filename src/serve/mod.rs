@@ -155,12 +155,15 @@ impl Server {
         let handle_signals = options.handle_signals;
         let thread = std::thread::Builder::new().name("wick-http".into()).spawn(move || -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the tokio runtime")?;
-            runtime.block_on(async move {
+            let served = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let app = routes::router(state);
                 axum::serve(listener, app).with_graceful_shutdown(shutdown_signal(stopped, handle_signals)).await.context("serving")
-            })?;
-            // The router (and with it every queue) is gone: the batchers finish what they hold.
+            });
+            // Dropping the runtime drops any task still holding the router (and its queues);
+            // then the batchers finish what they hold and end.
+            drop(runtime);
+            served?;
             for thread in batchers {
                 let _ = thread.join();
             }
