@@ -10,8 +10,10 @@
 //! [`GPT2LMHeadModel::decode_rows`] pass: the weights are read once per step for all of them,
 //! which is why throughput grows with concurrency while decoding is bound by memory traffic.
 //!
-//! A request's tokens are exactly those `wick generate` picks for the same prompt, settings and
-//! seed (the same prompt pass, sampler and generator; only the batching of the products changes).
+//! A request's tokens are those `wick generate` picks for the same prompt, settings and seed:
+//! the same prompt pass, sampler and generator. Only the batching of the products changes, which
+//! moves logits by float rounding (~1e-6): a token can differ only where two candidates tie to
+//! that precision.
 //! Its text follows OpenAI: a stop string ends the text and is not part of it; text is sent only
 //! once it can no longer be cut by a stop string or end in half a UTF-8 character, so the
 //! streamed pieces always concatenate to the unstreamed text.
