@@ -720,3 +720,67 @@ impl crate::pretrained::Pretrained for GPT2Model {
         self.named_linear_layers("")
     }
 }
+
+/// One decoding step for several independent sequences (continuous batching: `wick serve`).
+///
+/// Each sequence has its own [`KvCache`] (one row, filled by its own prompt pass) and so its
+/// own length and position. The token and position embeddings, every `Conv1D`, the LayerNorms
+/// and the LM head run once on the stacked rows (the weights are read once for all of them);
+/// only attention runs per row, each query against its own cache.
+impl GPT2LMHeadModel {
+    /// Logits (rows, vocab) after feeding `tokens[r]` to the sequence in `caches[r]`; each
+    /// cache grows by one position.
+    pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let model = &self.transformer;
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            bail!("decode_rows: {n} tokens for {} caches", caches.len())
+        }
+        let mut positions = Vec::with_capacity(n);
+        for (r, cache) in caches.iter().enumerate() {
+            if cache.batch() != Some(1) {
+                bail!("decode_rows: cache {r} must hold one sequence after its prompt pass")
+            }
+            // The position of the next token is the count of real tokens so far.
+            let position = cache.mask[0].iter().filter(|&&m| m == 1).count();
+            if position >= model.config.n_positions {
+                bail!("position {position} is past this model's context of {} positions (n_positions)", model.config.n_positions)
+            }
+            positions.push(position as u32);
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (n, 1), &model.device)?;
+        let positions = Tensor::from_vec(positions, (n, 1), &model.device)?;
+        let act = model.compute_dtype();
+        let mut x = embed(&model.wte, &ids)?.to_dtype(act)?.add(&embed(&model.wpe, &positions)?.to_dtype(act)?)?;
+        for (i, block) in model.blocks.iter().enumerate() {
+            x = block.forward_rows(&x, caches, i)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(None, 1, 1);
+        }
+        let hidden = norm(&model.ln_f, &x.reshape((n, x.dim(2)?))?)?;
+        self.head(&hidden)
+    }
+}
+
+impl Block {
+    /// [`Block::forward`] in inference for `x` (rows, 1, n_embd), row `r` attending to
+    /// `caches[r]` (layer `layer`).
+    fn forward_rows(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Result<Tensor> {
+        let (n, t, h) = x.dims3()?;
+        let hd = h / self.n_head;
+        let qkv = self.c_attn.forward(&norm(&self.ln_1, x)?)?;
+        let qkv = qkv.reshape((n, t, 3, self.n_head, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let mut contexts = Vec::with_capacity(n);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (keys, values) = cache.append(layer, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
+            let key_mask = cache.key_mask(None, 1, 1, x.device())?;
+            contexts.push(crate::ops::attention::attention(&q.narrow(0, r, 1)?, &keys, &values, key_mask.as_ref(), self.scale, false)?);
+        }
+        let context = crate::ops::heads::merge_heads(&Tensor::cat(&contexts, 0)?)?;
+        let x = (self.attn_proj.forward(&context)? + x)?;
+        let inner = self.act.apply(&self.c_fc.forward(&norm(&self.ln_2, &x)?)?)?;
+        self.mlp_proj.forward(&inner)? + x
+    }
+}

@@ -399,17 +399,19 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     }
     let inv_t = 1.0 / config.temperature;
     // Candidates sorted by logit, most likely first (ties: lower id first, as a stable sort).
-    let mut order: Vec<usize> = (0..vocab).filter(|&i| !logits[i].is_nan()).collect();
-    if order.is_empty() {
+    // Sorted as one u64 key each (logit rank, then id): several times faster than comparing
+    // through the logits, which matters when a server samples many rows per step.
+    let mut keys: Vec<u64> = (0..vocab).filter(|&i| !logits[i].is_nan()).map(|i| (descending_rank(logits[i]) as u64) << 32 | i as u64).collect();
+    if keys.is_empty() {
         bail!("all logits are NaN")
     }
-    let by_logit = |a: &usize, b: &usize| logits[*b].partial_cmp(&logits[*a]).unwrap().then(a.cmp(b));
     // With top-k, only the k best are sorted (the order is total, so they are the same k).
-    if let Some(k) = config.top_k.filter(|&k| k > 0 && k < order.len()) {
-        order.select_nth_unstable_by(k - 1, by_logit);
-        order.truncate(k);
+    if let Some(k) = config.top_k.filter(|&k| k > 0 && k < keys.len()) {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
     }
-    order.sort_by(by_logit);
+    keys.sort_unstable();
+    let mut order: Vec<usize> = keys.iter().map(|&key| (key & 0xffff_ffff) as usize).collect();
     let max = logits[order[0]] as f64 * inv_t;
     let mut probs: Vec<f64> = order.iter().map(|&i| (logits[i] as f64 * inv_t - max).exp()).collect();
     let total: f64 = probs.iter().sum();
@@ -438,6 +440,13 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
         }
     }
     Ok(*order.last().unwrap() as u32)
+}
+
+/// A u32 that orders non-NaN floats from the largest to the smallest (-0 and +0 equal).
+fn descending_rank(x: f32) -> u32 {
+    let bits = (x + 0.0).to_bits();
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
+    !ascending
 }
 
 fn argmax(v: &[f32]) -> Option<u32> {
@@ -543,6 +552,17 @@ mod tests {
         let cfg = GenerationConfig { temperature: 1.0, top_p: Some(0.5), ..Default::default() };
         let picks: std::collections::BTreeSet<u32> = (0..200).map(|_| choose(logits.clone(), &[], &cfg, &mut rng).unwrap()).collect();
         assert_eq!(picks.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn key_order_is_the_comparison_order() {
+        let logits = [0.5f32, -0.0, 0.0, f32::INFINITY, -1e-30, 1e-30, f32::NEG_INFINITY, 0.5, -3.0, 7.25, -0.0, f32::MIN, f32::MAX];
+        let mut by_comparison: Vec<usize> = (0..logits.len()).collect();
+        by_comparison.sort_by(|a, b| logits[*b].partial_cmp(&logits[*a]).unwrap().then(a.cmp(b)));
+        let mut keys: Vec<u64> = (0..logits.len()).map(|i| (descending_rank(logits[i]) as u64) << 32 | i as u64).collect();
+        keys.sort_unstable();
+        let by_key: Vec<usize> = keys.iter().map(|k| (k & 0xffff_ffff) as usize).collect();
+        assert_eq!(by_key, by_comparison);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod nn;
 pub mod ops;
 pub mod pretrained;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

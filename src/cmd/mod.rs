@@ -9,6 +9,7 @@ pub mod generate;
 pub mod info;
 pub mod predict;
 pub mod quantize;
+pub mod serve;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ pub enum Command {
     Download(download::DownloadArgs),
     /// Describe a model: architecture, parameters, dtype, size, where it was found.
     Info(info::InfoArgs),
+    /// Serve models over HTTP with OpenAI's API (completions, embeddings, classification).
+    Serve(serve::ServeArgs),
 }
 
 /// Runs one parsed command line.
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
