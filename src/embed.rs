@@ -54,14 +54,25 @@ impl SentenceEmbedder {
         self.config.hidden_size
     }
 
-    /// One vector per text, in order; also how many texts were cut to `max_len` tokens.
-    pub fn embed(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, usize)> {
+    /// One vector per text, in order, with each text's token count (after cutting).
+    pub fn embed(&self, texts: &[&str]) -> Result<Embedded> {
         let batch = crate::tokenizer::encode_batch(&self.tokenizer, texts, self.max_len, self.config.pad_token_id, &self.device)?;
         let out = self.model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(&batch.token_type_ids), false)?;
         let mut pooled = bert::mean_pool(&out.last_hidden_state, &batch.attention_mask)?;
         if self.normalize {
             pooled = bert::l2_normalize(&pooled)?;
         }
-        Ok((pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?, batch.truncated))
+        let tokens = batch.attention_mask.to_dtype(DType::U32)?.sum(1)?.to_vec1::<u32>()?;
+        Ok(Embedded { vectors: pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?, tokens: tokens.into_iter().map(|n| n as usize).collect(), truncated: batch.truncated })
     }
+}
+
+/// What [`SentenceEmbedder::embed`] gives for a batch of texts.
+pub struct Embedded {
+    /// One vector per text, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens each text became (special tokens included, after cutting to `max_len`).
+    pub tokens: Vec<usize>,
+    /// How many texts were cut to `max_len` tokens.
+    pub truncated: usize,
 }

@@ -205,7 +205,7 @@ fn minilm_sentence_embeddings_match_sentence_transformers() -> Result<()> {
     // modules.json with Normalize) give sentence-transformers' vectors.
     let embedder = wick::embed::SentenceEmbedder::load(&files, DType::F32, &fx.device)?;
     assert!(embedder.normalize && embedder.max_len == 256);
-    let (vectors, _) = embedder.embed(&sentences)?;
+    let vectors = embedder.embed(&sentences)?.vectors;
     let vectors = candle_core::Tensor::new(vectors, &fx.device)?;
     assert_close("wick::embed vectors", &vectors, &fx.get("output.normalized")?, 1e-4)
 }

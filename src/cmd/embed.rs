@@ -50,8 +50,9 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let mut truncated = 0;
     for chunk in texts.chunks(args.batch_size) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let (vectors, cut) = embedder.embed(&refs)?;
-        truncated += cut;
+        let embedded = embedder.embed(&refs)?;
+        truncated += embedded.truncated;
+        let vectors = embedded.vectors;
         bar.suspend(|| {
             for (text, v) in chunk.iter().zip(&vectors) {
                 if args.run.json {

@@ -21,13 +21,13 @@ use tokio::sync::oneshot;
 
 /// A model loaded for one encoder task.
 pub enum EncoderModel {
-    Embeddings { embedder: SentenceEmbedder, tokenizer: tokenizers::Tokenizer },
+    Embeddings { embedder: SentenceEmbedder },
     Classifier { model: BertForSequenceClassification, config: bert::Config, tokenizer: tokenizers::Tokenizer, device: Device },
 }
 
 impl EncoderModel {
     pub fn embeddings(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self::Embeddings { embedder: SentenceEmbedder::load(files, dtype, device)?, tokenizer: files.tokenizer()? })
+        Ok(Self::Embeddings { embedder: SentenceEmbedder::load(files, dtype, device)? })
     }
 
     pub fn classifier(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
@@ -54,10 +54,10 @@ impl EncoderModel {
     /// One forward pass over `texts`.
     fn run(&self, texts: &[&str]) -> Result<Encoded> {
         match self {
-            Self::Embeddings { embedder, tokenizer } => {
-                let (rows, _) = embedder.embed(texts)?;
-                let (tokens, _) = crate::tokenizer::encode_truncated(tokenizer, texts, embedder.max_len)?;
-                Ok(Encoded { rows, logits: vec![], tokens: tokens.iter().map(|(ids, _)| ids.len()).collect() })
+            Self::Embeddings { embedder } => {
+                // The token counts come from the embedder's own tokenization: one pass, not two.
+                let embedded = embedder.embed(texts)?;
+                Ok(Encoded { rows: embedded.vectors, logits: vec![], tokens: embedded.tokens })
             }
             Self::Classifier { model, config, tokenizer, device } => {
                 let batch = crate::tokenizer::encode_batch(tokenizer, texts, config.max_position_embeddings, config.pad_token_id, device)?;
