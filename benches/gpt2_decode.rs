@@ -29,7 +29,6 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use wick::generate::{generate, GenerationConfig};
 use wick::models::gpt2::{Config, GPT2LMHeadModel};
 use wick::quant::{quantize_model, QuantType};
@@ -91,30 +90,13 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
     Ok((random_gpt2(cfg, dtype, device)?, dtype.size_in_bytes() as f64))
 }
 
-/// Read bandwidth in bytes/s: a sum over a 1 GiB buffer (far past any cache), split over the
-/// rayon pool's threads like the decoding products; the best of 5 passes.
-fn read_bandwidth() -> f64 {
-    let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
-    let chunk = words.div_ceil(rayon::current_num_threads() * 4);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let start = std::time::Instant::now();
-        // Integer sums vectorise (no float reassociation needed), so this is bound by memory.
-        let sum: u64 = buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64());
-    }
-    best
-}
-
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     let threads = rayon::current_num_threads();
     eprintln!("{}", wick::cpu::describe());
-    let bandwidth = if device.is_cpu() { read_bandwidth() } else { f64::NAN };
+    let bandwidth = if device.is_cpu() { wick::cpu::read_bandwidth() } else { f64::NAN };
     eprintln!("read bandwidth ({threads} threads): {:.1} GB/s", bandwidth / 1e9);
     let cfg = Config::new(50257, 1024, 768, 12, 12);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);

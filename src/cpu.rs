@@ -129,6 +129,25 @@ pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
+/// Read bandwidth in bytes/s: a sum over a 1 GiB buffer (far past any cache), split over the
+/// rayon pool's threads like the decoding products; the best of 5 passes. What the benches of
+/// memory-bound products (decoding) print their limit from.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let chunk = words.div_ceil(rayon::current_num_threads() * 4);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        // Integer sums vectorise (no float reassociation needed), so this is bound by memory.
+        let sum: u64 = buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// One line for benchmark output: CPU, features, the kernels chosen, gemm's kernels, load.
 pub fn describe() -> String {
     let gemm = if features().contains(&"avx512f") { "avx512 (x86-v4)" } else { "avx2" };

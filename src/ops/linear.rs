@@ -123,13 +123,19 @@ impl Dense {
         Ok(())
     }
 
-    /// `x` (..., in) → (..., out) in x's dtype through the quantized weight: candle's kernels
+    /// `x` (..., in) → (..., out) in x's dtype through the quantized weight: our kernels for a
+    /// few rows of q8_0 / q4_0 ([`super::matvec::quantized_matmul`]), candle's otherwise; both
     /// quantize the activations too (see [`crate::quant`]) and compute in f32.
     fn quantized_forward(&self, weight: &QTensor, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-            None => y,
+        let y = match super::matvec::quantized_matmul(x, weight, self.bias.as_ref())? {
+            Some(y) => y,
+            None => {
+                let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(weight)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                    None => y,
+                }
+            }
         };
         let y = if relu { y.relu()? } else { y };
         y.to_dtype(x.dtype())

@@ -30,6 +30,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 
 mod kernels;
+pub(crate) mod quantized;
 #[cfg(test)]
 mod tests;
 
@@ -330,6 +331,30 @@ pub fn reference_matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, la
     let dtype = if x.device().is_cpu() { DType::F32 } else { x.dtype() };
     let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
     super::linear::reference_linear(&x.to_dtype(dtype)?, &w.to_dtype(dtype)?, bias.as_ref(), layout)?.to_dtype(x.dtype())
+}
+
+/// `x` (..., k) times a `q8_0` / `q4_0` weight (n, k) plus `bias` (n), in f32, through our
+/// kernels ([`quantized`]) when x has at most [`MATVEC_ROWS`] rows on the CPU's fused path;
+/// `None` for anything else (other types, more rows, other devices), which candle computes.
+/// No backward pass: quantized layers are inference-only.
+pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let Some(format) = quantized::QFormat::of(w.dtype()) else { return Ok(None) };
+    let &[n, k] = w.shape().dims() else { return Ok(None) };
+    let rows = x.elem_count() / k.max(1);
+    if !(x.device().is_cpu() && super::fused_path(x.device()) && x.dim(D::Minus1)? == k && rows <= MATVEC_ROWS) {
+        return Ok(None);
+    }
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = match bias {
+        Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?.repeat(rows),
+        None => vec![0f32; rows * n],
+    };
+    let data = w.data()?;
+    let p = Problem { m: rows, k, n, layout: WeightLayout::OutIn };
+    quantized::product(crate::cpu::isa(), format, &xv, rows, k, &data, n, &mut y, default_tasks(&p))?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap() = n;
+    Ok(Some(Tensor::from_vec(y, dims, x.device())?))
 }
 
 /// The product as a candle op: x (..., k) f32, W, and optionally the bias (n) f32.

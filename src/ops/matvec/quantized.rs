@@ -1,0 +1,362 @@
+//! `y += x·Wᵀ` for a weight quantized to GGML's `q8_0` or `q4_0` blocks, read as stored (rows of
+//! W along the input dimension, (out, in)), for the few rows of a decoding step.
+//!
+//! Why our own: candle's CPU kernels for these types convert each block's f16 scale through a
+//! function call and take one column at a time; on an AVX2 core they read about 5 GB/s of
+//! weight, a third of what one core's memory bandwidth allows, so q8_0 decoding was bound by
+//! arithmetic while it reads 28% of f32's bytes.
+//!
+//! Algorithm (llama.cpp's): each row of x is quantized once per product to blocks of 32 int8
+//! with one f32 scale `dx = max|x| / 127` (the `Q8_0` activation format candle uses for these
+//! types too, with the scale kept in f32 rather than f16). A block's dot product is then exact
+//! in integers: `Σ qw·qx` through `vpmaddubsw` (u8 × i8 pairs → i16; |qw| as the unsigned side,
+//! qx carrying qw's sign, at most 2·128·127 < 2¹⁵) and `vpmaddwd` (pairs → i32), converted to f32
+//! once and scaled by `dw · dx`. q4_0's nibbles (low nibble = element i, high = element i + 16)
+//! are widened to int8 minus 8 in registers.
+//!
+//! Tiles: R rows of x × J rows of W (4×1, 2×2, 1×4): each weight block loaded and its sign taken
+//! once serves R rows, and J independent accumulator chains hide the latency for a single row.
+//! Tasks split the rows of W over the rayon pool. Memory traffic: the weight once (34 or 18 bytes
+//! per 32 weights), x's quantized rows (m·k bytes, L1-resident) R-way reused, y once.
+
+use crate::cpu::Isa;
+use candle_core::quantized::GgmlDType;
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+
+/// Weights per block.
+pub(crate) const BLOCK: usize = 32;
+
+/// The quantized block formats our kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QFormat {
+    /// f16 scale + 32 int8.
+    Q8_0,
+    /// f16 scale + 16 bytes of nibbles (value − 8).
+    Q4_0,
+}
+
+impl QFormat {
+    pub(crate) fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one block.
+    pub(crate) fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+        }
+    }
+}
+
+/// x's rows quantized: `qs` (m·k int8) and one scale per block (m·k/32).
+pub(crate) struct QuantizedRows {
+    pub qs: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+/// Rows of x (m × k, k a multiple of 32) as int8 blocks with f32 scales: `round(x / dx)` with
+/// `dx = max|x| / 127` per block (0 for an all-zero block).
+pub(crate) fn quantize_rows(x: &[f32]) -> QuantizedRows {
+    let mut qs = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(x.len() / BLOCK);
+    for (block, q) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, v) in q.iter_mut().zip(block) {
+            *q = (v * id).round() as i8;
+        }
+        scales.push(d);
+    }
+    QuantizedRows { qs, scales }
+}
+
+/// y (m × n, holding the bias rows or zeros) += x (m × k) · Wᵀ for W (n × k) stored as `format`
+/// blocks in `w`, at kernel level `isa`, in `tasks` rayon tasks over the rows of W.
+pub(crate) fn product(isa: Isa, format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, y: &mut [f32], tasks: usize) -> Result<()> {
+    if isa > crate::cpu::detected_isa() {
+        bail!("kernel level {} is not supported by this CPU", isa.name())
+    }
+    if k % BLOCK != 0 {
+        bail!("a {format:?} product needs an input width that is a multiple of {BLOCK}, not {k}")
+    }
+    let row_bytes = k / BLOCK * format.block_bytes();
+    if x.len() != m * k || y.len() != m * n || w.len() != n * row_bytes {
+        bail!("{format:?} product (m {m}, k {k}, n {n}): x has {} elements, W {} bytes, y {}", x.len(), w.len(), y.len())
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let xq = quantize_rows(x);
+    let per = n.div_ceil(tasks.max(1)).next_multiple_of(4);
+    let out = super::SharedMut(y.as_mut_ptr());
+    let task = |t: usize| {
+        let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+        // SAFETY: sizes checked above; the level is supported by this CPU; tasks write disjoint
+        // columns [j0, j1) of y.
+        unsafe { columns(isa, format, &xq, m, k, w, row_bytes, n, j0, j1, out.get()) }
+    };
+    let tasks = n.div_ceil(per);
+    if tasks <= 1 {
+        task(0)
+    } else {
+        (0..tasks).into_par_iter().for_each(task)
+    }
+    Ok(())
+}
+
+/// y[.., j0..j1] += x · W[j0..j1]ᵀ at level `isa`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(isa: Isa, format: QFormat, x: &QuantizedRows, m: usize, k: usize, w: &[u8], row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+    let nb = k / BLOCK;
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => match format {
+                QFormat::Q8_0 => avx2::columns::<false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+                QFormat::Q4_0 => avx2::columns::<true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+            },
+            _ => portable::columns(format, x, m, nb, w, row_bytes, n, j0, j1, y),
+        }
+    }
+}
+
+/// A block's f16 scale (its first two bytes) as f32.
+#[inline(always)]
+fn block_scale(block: &[u8]) -> f32 {
+    super::f16_to_f32(u16::from_le_bytes([block[0], block[1]]))
+}
+
+/// Plain Rust: the same integer sums, one block at a time; the reference the SIMD level is
+/// tested against.
+mod portable {
+    use super::*;
+
+    /// The 32 int8 values of a block.
+    fn block_values(format: QFormat, block: &[u8]) -> [i8; BLOCK] {
+        let mut v = [0i8; BLOCK];
+        match format {
+            QFormat::Q8_0 => {
+                for (v, b) in v.iter_mut().zip(&block[2..2 + BLOCK]) {
+                    *v = *b as i8;
+                }
+            }
+            QFormat::Q4_0 => {
+                for (i, b) in block[2..2 + BLOCK / 2].iter().enumerate() {
+                    v[i] = (b & 0x0f) as i8 - 8;
+                    v[i + BLOCK / 2] = (b >> 4) as i8 - 8;
+                }
+            }
+        }
+        v
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns(format: QFormat, x: &QuantizedRows, m: usize, nb: usize, w: &[u8], row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+        let bb = format.block_bytes();
+        for j in j0..j1 {
+            let row = &w[j * row_bytes..(j + 1) * row_bytes];
+            for r in 0..m {
+                let mut s = 0f32;
+                for b in 0..nb {
+                    let block = &row[b * bb..(b + 1) * bb];
+                    let xq = &x.qs[(r * nb + b) * BLOCK..(r * nb + b + 1) * BLOCK];
+                    let dot: i32 = block_values(format, block).iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+                    s += dot as f32 * (block_scale(block) * x.scales[r * nb + b]);
+                }
+                // SAFETY: (r, j) is inside y (m × n) and j is in this task's columns.
+                unsafe { *y.add(r * n + j) += s };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// A block's 32 values as int8 (q4_0: nibbles widened, minus 8).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_values<const Q4: bool>(block: *const u8) -> __m256i {
+        unsafe {
+            if Q4 {
+                let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+                _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_set1_epi8(8))
+            } else {
+                _mm256_loadu_si256(block.add(2) as *const __m256i)
+            }
+        }
+    }
+
+    /// A block's f16 scale through F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_scale(block: *const u8) -> f32 {
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(block as *const u16) as i32))) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// y[r][j] += Σ_blocks dw·dx·Σ qw·qx for r < R rows of x, j < J rows of W. Per block and
+    /// row of x: 7 instructions (load, sign, two multiply-adds in integers, convert, scale by
+    /// dx (a pre-broadcast memory operand), accumulate with dw); per block of W: load, scale,
+    /// absolute value, and a prefetch of the same block of the next tile's rows (the rows of W
+    /// are contiguous, so tiles sweep the weight front to back).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); J]; R];
+            for b in 0..nb {
+                for j in 0..J {
+                    let block = w.add(j * row_bytes + b * bb);
+                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(J * row_bytes) as *const i8);
+                    let wq = load_values::<Q4>(block);
+                    let dw = _mm256_set1_ps(load_scale(block));
+                    let wabs = _mm256_sign_epi8(wq, wq);
+                    for r in 0..R {
+                        let xv = _mm256_loadu_si256(xq.add((r * nb + b) * BLOCK) as *const __m256i);
+                        let pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wq));
+                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                        let dot = _mm256_mul_ps(dot, _mm256_loadu_ps(xd8.add((r * nb + b) * 8)));
+                        acc[r][j] = _mm256_fmadd_ps(dot, dw, acc[r][j]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *y.add(r * ldy + j) += hsum(*v);
+                }
+            }
+        }
+    }
+
+    /// Rows [j0, j1) of W against all m rows of x: tiles of 4 rows of x (4×1), 2 (2×2) and 1
+    /// (1×4), and single rows of W at the end of the range.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn columns<const Q4: bool>(x: &QuantizedRows, m: usize, nb: usize, w: *const u8, row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+        let bb = if Q4 { 18 } else { 34 };
+        // Each block scale of x broadcast to 8 lanes, so that scaling is one memory operand.
+        let scales8: Vec<f32> = x.scales.iter().flat_map(|&d| [d; 8]).collect();
+        let (qs, ds) = (x.qs.as_ptr(), scales8.as_ptr());
+        unsafe {
+            let mut r = 0;
+            while r < m {
+                let rows = if m - r >= 4 { 4 } else if m - r >= 2 { 2 } else { 1 };
+                let (xq, xd, yr) = (qs.add(r * nb * BLOCK), ds.add(r * nb * 8), y.add(r * n));
+                let mut j = j0;
+                let jt = match rows {
+                    4 => 1,
+                    2 => 2,
+                    _ => 4,
+                };
+                while j + jt <= j1 {
+                    let wj = w.add(j * row_bytes);
+                    match rows {
+                        4 => tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        2 => tile::<Q4, 2, 2>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        _ => tile::<Q4, 1, 4>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                    }
+                    j += jt;
+                }
+                while j < j1 {
+                    let wj = w.add(j * row_bytes);
+                    match rows {
+                        4 => tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        2 => tile::<Q4, 2, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        _ => tile::<Q4, 1, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                    }
+                    j += 1;
+                }
+                r += rows;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    use crate::ops::matvec::tests::values;
+
+    /// Every level the CPU has gives the portable level's sums (the same integers, summed in
+    /// another order: 1e-5 relative), and the portable level is within the activations' rounding
+    /// of the f32 product with the dequantized weight.
+    #[test]
+    fn every_level_matches_portable_and_dequantized() -> Result<()> {
+        for (format, dtype) in [(QFormat::Q8_0, GgmlDType::Q8_0), (QFormat::Q4_0, GgmlDType::Q4_0)] {
+            for &(k, n) in &[(32, 1), (64, 5), (96, 13), (256, 37)] {
+                let wv = values(n * k, k as u64 + n as u64);
+                let wt = Tensor::from_slice(&wv, (n, k), &Device::Cpu)?;
+                let q = QTensor::quantize(&wt, dtype)?;
+                let bytes = q.data()?.into_owned();
+                let deq = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                for m in [1, 2, 3, 4, 5, 8] {
+                    let x = values(m * k, 7 + m as u64);
+                    let bias = values(n, 3);
+                    let mut want = bias.repeat(m);
+                    product(Isa::Portable, format, &x, m, k, &bytes, n, &mut want, 1)?;
+                    // The f32 product with the dequantized weight: activation rounding is at most
+                    // dx/2 per element, so the sum is off by ≤ Σ|w|·max|x|/254.
+                    for r in 0..m {
+                        for j in 0..n {
+                            let exact: f32 = (0..k).map(|i| x[r * k + i] * deq[j * k + i]).sum::<f32>() + bias[j];
+                            let bound: f32 = (0..k).map(|i| deq[j * k + i].abs()).sum::<f32>() / 254.0 + 1e-5;
+                            let got = want[r * n + j];
+                            assert!((got - exact).abs() <= bound, "{format:?} portable ({m},{k},{n}) [{r},{j}]: {got} vs {exact} (bound {bound})");
+                        }
+                    }
+                    for isa in crate::cpu::available_levels() {
+                        for tasks in [1, 3] {
+                            let mut got = bias.repeat(m);
+                            product(isa, format, &x, m, k, &bytes, n, &mut got, tasks)?;
+                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{format:?} {isa:?} tasks {tasks} ({m},{k},{n}) [{i}]: {g} vs {w}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_rows_round_and_scale() {
+        let x: Vec<f32> = (0..64).map(|i| if i < 32 { (i as f32 - 16.0) / 16.0 } else { 0.0 }).collect();
+        let q = quantize_rows(&x);
+        assert_eq!(q.scales[1], 0.0);
+        assert!(q.qs[32..].iter().all(|&v| v == 0));
+        assert!((q.scales[0] - 1.0 / 127.0).abs() < 1e-9);
+        assert_eq!(q.qs[0], -127);
+        for (v, &qv) in x[..32].iter().zip(&q.qs[..32]) {
+            assert!((v - qv as f32 * q.scales[0]).abs() <= q.scales[0] / 2.0 + 1e-7);
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let mut y = vec![0f32; 2];
+        assert!(product(Isa::Portable, QFormat::Q8_0, &[0.0; 30], 1, 30, &[0; 68], 2, &mut y, 1).is_err());
+        assert!(product(Isa::Portable, QFormat::Q8_0, &[0.0; 32], 1, 32, &[0; 60], 2, &mut y, 1).is_err());
+    }
+}
