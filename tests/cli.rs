@@ -50,10 +50,10 @@ fn path(p: &Path) -> &str {
 #[test]
 fn every_subcommand_explains_its_flags() {
     let top = stdout(&wick(&["--help"]));
-    for sub in ["generate", "finetune", "predict", "embed", "train", "quantize", "serve", "download", "info"] {
+    for sub in ["generate", "finetune", "predict", "embed", "train", "quantize", "perplexity", "serve", "download", "info"] {
         assert!(top.contains(sub), "wick --help lacks {sub}");
     }
-    for sub in [&["generate"][..], &["finetune"], &["predict"], &["embed"], &["quantize"], &["serve"], &["info"], &["download"], &["train", "gpt2"], &["train", "mnist"], &["train", "char-rnn"]] {
+    for sub in [&["generate"][..], &["finetune"], &["predict"], &["embed"], &["quantize"], &["perplexity"], &["serve"], &["info"], &["download"], &["train", "gpt2"], &["train", "mnist"], &["train", "char-rnn"]] {
         let mut args = sub.to_vec();
         args.push("--help");
         let help = stdout(&wick(&args));
@@ -186,6 +186,16 @@ fn train_gpt2_and_char_rnn_save_folders_that_load_back() -> Result<()> {
     assert_eq!(report["steps"], 3);
     let generated = json(&["generate", "--model", path(&gpt2), "--prompt", "the", "--temperature", "0", "--max-new-tokens", "3", "--ignore-eos", "--json"]);
     assert_eq!(generated["new_tokens"], 3);
+    // `wick perplexity` on the held-out part scores the same tokens as training's final
+    // evaluation: the same perplexity (batches of another size: float summation order only).
+    let scored = json(&["perplexity", "--model", path(&gpt2), "--input", path(&corpus), "--last", "0.1", "--context", "16", "--json"]);
+    let (got, want) = (scored["perplexity"].as_f64().unwrap(), report["val_perplexity"].as_f64().unwrap());
+    assert!((got - want).abs() <= 1e-4 * want, "wick perplexity {got} vs training's validation perplexity {want}");
+    refused(&["perplexity", "--model", path(&gpt2), "--input", path(&corpus), "--context", "17"], "longer than the model's context");
+    refused(&["perplexity", "--model", path(&gpt2), "--input", path(&corpus), "--last", "0"], "--last");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, " \n")?;
+    refused(&["perplexity", "--model", path(&gpt2), "--input", path(&empty)], "empty");
 
     let rnn = dir.path().join("rnn");
     let report = json(&[

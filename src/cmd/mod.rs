@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod generate;
 pub mod info;
+pub mod perplexity;
 pub mod predict;
 pub mod quantize;
 pub mod serve;
@@ -38,6 +39,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Quantize a GPT-2 or BERT model's linear layers (q8_0, q4_0, q4_k, q6_k) into a GGUF model folder.
     Quantize(quantize::QuantizeArgs),
+    /// Perplexity of a GPT-2 model (f32, f16, bf16 or quantized) on a text file.
+    Perplexity(perplexity::PerplexityArgs),
     /// Download a model from the Hugging Face Hub into the local cache.
     Download(download::DownloadArgs),
     /// Describe a model: architecture, parameters, dtype, size, where it was found.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Train(args) => train::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
         Command::Serve(args) => serve::run(args),
