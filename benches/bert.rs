@@ -4,6 +4,8 @@
 //!   bert_base_forward_b8_s128  BertModel, BERT-base shape, inference, batch 8 × 128 tokens
 //!   bert_base_train_b8_s128    BertForSequenceClassification (2 labels), BERT-base shape, one
 //!                              training step (dropout on, cross-entropy, backward, AdamW)
+//!   bert_base_forward_b8_s128_q8_0  the same forward with every linear layer in q8_0 (PyTorch's
+//!                              twin: `quantize_dynamic` to int8 on the `nn.Linear`s)
 //!   minilm_train_b32_s64       the same step, MiniLM-L6 shape, batch 32 × 64
 //!
 //! Random weights, random ids, no padding. `cargo bench --bench bert -- [--iters N] [--warmup W]
@@ -17,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use std::time::Instant;
 use wick::models::bert::{BertForSequenceClassification, Config};
+use wick::quant::QuantType;
 use wick::train::optim::{self, grads_of, OptimizerConfig};
 
 struct Args {
@@ -64,7 +67,7 @@ fn time_ms(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
-fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq: usize, train: bool) -> Result<()> {
+fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq: usize, train: bool, quant: Option<QuantType>) -> Result<()> {
     if args.only.as_deref().is_some_and(|o| o != name) {
         return Ok(());
     }
@@ -90,7 +93,10 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
     } else {
         // Inference: plain tensors, so no autograd graph is built (as under torch.no_grad()).
         let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
-        let frozen = BertForSequenceClassification::load(wick::weights::inference_var_builder(tensors, DType::F32, device), cfg)?;
+        let mut frozen = BertForSequenceClassification::load(wick::weights::inference_var_builder(tensors, DType::F32, device), cfg)?;
+        if let Some(q) = quant {
+            wick::quant::quantize_model(&mut frozen.bert, q)?;
+        }
         time_ms(args, || {
             let out = frozen.bert.forward(&ids, Some(&mask), Some(&types), false)?;
             out.last_hidden_state.sum_all()?.to_scalar::<f32>()?;
@@ -115,8 +121,9 @@ fn main() -> Result<()> {
     let device = wick::device::device(&args.device)?;
     let base = config(768, 12, 3072)?;
     let minilm = config(384, 6, 1536)?;
-    run("bert_base_forward_b8_s128", &args, &device, &base, 8, 128, false)?;
-    run("bert_base_train_b8_s128", &args, &device, &base, 8, 128, true)?;
-    run("minilm_train_b32_s64", &args, &device, &minilm, 32, 64, true)?;
+    run("bert_base_forward_b8_s128", &args, &device, &base, 8, 128, false, None)?;
+    run("bert_base_forward_b8_s128_q8_0", &args, &device, &base, 8, 128, false, Some(QuantType::Q8_0))?;
+    run("bert_base_train_b8_s128", &args, &device, &base, 8, 128, true, None)?;
+    run("minilm_train_b32_s64", &args, &device, &minilm, 32, 64, true, None)?;
     Ok(())
 }

@@ -10,6 +10,8 @@ to compare):
   bert_base_train_b8_s128    BertForSequenceClassification (2 labels), same shape, train
                              mode (default dropout 0.1), one full step: zero_grad, forward,
                              cross-entropy, backward, AdamW(lr 5e-5, wd 0.01) step
+  bert_base_forward_b8_s128_q8_0  the same forward after torch.ao.quantization.quantize_dynamic
+                             (int8 weights of every nn.Linear, activations quantized per call)
   minilm_train_b32_s64       the same train step, MiniLM-L6 shape (hidden 384, 6 layers,
                              12 heads, intermediate 1536, vocab 30522), batch 32 x 64
 
@@ -48,6 +50,9 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
 BENCHES = {
     # which: (bench name, shape, batch, seq, train?)
     "base_forward": ("bert_base_forward_b8_s128", BASE, 8, 128, False),
+    # int8 dynamic quantization of every nn.Linear: what a PyTorch user does for a quantized
+    # CPU forward (wick's twin is q8_0); CPU only
+    "base_forward_q8": ("bert_base_forward_b8_s128_q8_0", BASE, 8, 128, False),
     "base_train": ("bert_base_train_b8_s128", BASE, 8, 128, True),
     "minilm_train": ("minilm_train_b32_s64", MINILM, 32, 64, True),
 }
@@ -79,6 +84,8 @@ def run_bench(name, shape, batch, seq, train, args):
             opt.step()
     else:
         model = BertModel(cfg).to(args.device).eval()
+        if name.endswith("_q8_0"):
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
         def step():
             with torch.no_grad():
@@ -113,6 +120,8 @@ def main():
 
     torch_setup.setup(args.threads)
     which = list(BENCHES) if args.which == "all" else [args.which]
+    if args.device != "cpu":
+        which = [w for w in which if not BENCHES[w][0].endswith("_q8_0")]
     for w in which:
         name, shape, batch, seq, train = BENCHES[w]
         if args.tiny:

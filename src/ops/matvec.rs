@@ -243,6 +243,7 @@ fn convert<W: Weight>(isa: Isa, src: &[W::Raw], dst: &mut [f32]) {
 
 /// Columns (output features) per task, and rows of W per gemm call, of the many-rows path.
 const GEMM_NB: usize = 128;
+/// A multiple of the quantized block (32), so that blocks of quantized weights convert whole.
 const GEMM_KB: usize = 256;
 
 /// Many rows: gemm, on f32 blocks of the weight converted per task.
@@ -261,6 +262,31 @@ fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [
         unsafe { gemm_acc(m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, w.as_ptr(), cs, rs, par) };
         return;
     }
+    // The block W[i0.., j0..] as f32 into `buf`, and its strides there.
+    let convert_block = |buf: &mut [f32], i0: usize, kb: usize, j0: usize, nb: usize| match layout {
+        WeightLayout::InOut => {
+            for ii in 0..kb {
+                let row = (i0 + ii) * n + j0;
+                convert::<W>(isa, &w[row..row + nb], &mut buf[ii * nb..(ii + 1) * nb]);
+            }
+            (1, nb as isize)
+        }
+        WeightLayout::OutIn => {
+            for jj in 0..nb {
+                let row = (j0 + jj) * k + i0;
+                convert::<W>(isa, &w[row..row + kb], &mut buf[jj * kb..(jj + 1) * kb]);
+            }
+            (kb as isize, 1)
+        }
+    };
+    gemm_by_blocks(x, p, y, convert_block);
+}
+
+/// y += x · W by gemm on blocks of W (GEMM_KB rows × GEMM_NB columns) that `convert_block`
+/// writes as f32 into a per-task buffer (returning their column and row strides there); rayon
+/// tasks take blocks of columns.
+pub(crate) fn gemm_by_blocks(x: &[f32], p: Problem, y: &mut [f32], convert_block: impl Fn(&mut [f32], usize, usize, usize, usize) -> (isize, isize) + Sync) {
+    let Problem { m, k, n, .. } = p;
     let out = SharedMut(y.as_mut_ptr());
     (0..n.div_ceil(GEMM_NB)).into_par_iter().for_each_init(
         || vec![0f32; GEMM_KB * GEMM_NB],
@@ -269,23 +295,7 @@ fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [
             let mut i0 = 0;
             while i0 < k {
                 let kb = GEMM_KB.min(k - i0);
-                // The block W[i0.., j0..] as f32, and its strides in `buf`.
-                let (cs, rs) = match layout {
-                    WeightLayout::InOut => {
-                        for ii in 0..kb {
-                            let row = (i0 + ii) * n + j0;
-                            convert::<W>(isa, &w[row..row + nb], &mut buf[ii * nb..(ii + 1) * nb]);
-                        }
-                        (1, nb as isize)
-                    }
-                    WeightLayout::OutIn => {
-                        for jj in 0..nb {
-                            let row = (j0 + jj) * k + i0;
-                            convert::<W>(isa, &w[row..row + kb], &mut buf[jj * kb..(jj + 1) * kb]);
-                        }
-                        (kb as isize, 1)
-                    }
-                };
+                let (cs, rs) = convert_block(buf, i0, kb, j0, nb);
                 // SAFETY: y's columns [j0, j0 + nb) belong to this task; x is m×k; buf holds
                 // the kb×nb block with the strides given.
                 unsafe { gemm_acc(m, nb, kb, out.get().add(j0), n, x.as_ptr().add(i0), k, buf.as_ptr(), cs, rs, gemm::Parallelism::None) };
