@@ -595,7 +595,7 @@ impl GPT2LMHeadModel {
     /// Logits (batch, vocab) of the last input column only (the last token of left-padded
     /// rows): what generation needs, without the LM head's cost at the other positions.
     pub fn forward_last(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.head(&self.transformer.run(input_ids, position_ids, attention_mask, cache, false, Select::Last)?)
+        crate::ops::on_cpu_pool(&self.transformer.device, || self.head(&self.transformer.run(input_ids, position_ids, attention_mask, cache, false, Select::Last)?))
     }
 }
 
@@ -731,6 +731,10 @@ impl GPT2LMHeadModel {
     /// Logits (rows, vocab) after feeding `tokens[r]` to the sequence in `caches[r]`; each
     /// cache grows by one position.
     pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        crate::ops::on_cpu_pool(&self.transformer.device, || self.decode_rows_here(tokens, caches))
+    }
+
+    fn decode_rows_here(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let model = &self.transformer;
         let n = tokens.len();
         if n == 0 || caches.len() != n {

@@ -74,6 +74,20 @@ pub fn fused_path(device: &Device) -> bool {
     device.is_cpu() && OpsPath::current() == OpsPath::Fused
 }
 
+/// Runs `f` (a whole decoding step: dozens of short parallel products) on a worker of candle's
+/// CPU thread pool, so that the step's products fork from a pool thread (which takes a share of
+/// the work itself) instead of handing each one over from the calling thread and waking it
+/// again: one hand-over a step instead of one a product. Elsewhere `f` runs as it is.
+/// EXPERIMENT: `WICK_STEP_POOL=0` turns it off.
+pub fn on_cpu_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if device.is_cpu() && *ON.get_or_init(|| std::env::var("WICK_STEP_POOL").map_or(true, |v| v != "0")) {
+        device.with_context(f)
+    } else {
+        f()
+    }
+}
+
 /// The f32 elements a contiguous CPU tensor covers; other layouts and dtypes are an error naming `op`.
 pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
