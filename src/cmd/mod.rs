@@ -2,12 +2,14 @@
 //! They live in the library so that the `wick` binary (src/main.rs) and the examples call the
 //! same code; the work itself is done by the library's other modules.
 
+pub mod distill;
 pub mod download;
 pub mod embed;
 pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod predict;
+pub mod prune;
 pub mod quantize;
 pub mod serve;
 pub mod train;
@@ -38,6 +40,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Quantize a GPT-2 or BERT model's linear layers (q8_0, q4_0, q4_k, q6_k) into a GGUF model folder.
     Quantize(quantize::QuantizeArgs),
+    /// Distil a BERT classifier or GPT-2 model into a smaller student (fewer layers or a smaller config).
+    Distill(distill::DistillArgs),
+    /// Prune a BERT classifier or GPT-2 model (magnitude sparsity, FFN neurons, whole layers), with recovery fine-tuning.
+    Prune(prune::PruneArgs),
     /// Download a model from the Hugging Face Hub into the local cache.
     Download(download::DownloadArgs),
     /// Describe a model: architecture, parameters, dtype, size, where it was found.
@@ -57,6 +63,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Train(args) => train::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Distill(args) => distill::run(args),
+        Command::Prune(args) => prune::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
         Command::Serve(args) => serve::run(args),
