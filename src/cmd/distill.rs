@@ -3,7 +3,7 @@
 //! folder (the teacher's tokenizer files copied) that `wick predict`/`wick generate` and
 //! transformers load.
 
-use crate::cli::{at_least_one, fraction, non_negative, positive, ModelArgs, OutputArgs, RunArgs};
+use crate::cli::{at_least_one, fraction, non_negative, positive, ModelArgs};
 use crate::compress::distill::{DistillConfig, Distillation};
 use crate::compress::recovery::{self, Family, TrainingArgs};
 use crate::compress::{layers, weight_stats, Checkpoint};
@@ -49,27 +49,17 @@ pub struct DistillArgs {
     pub cache_teacher: bool,
     #[command(flatten)]
     pub training: TrainingArgs,
-    #[command(flatten)]
-    pub run: RunArgs,
-    #[command(flatten)]
-    pub out: OutputArgs,
 }
 
 pub fn run(args: DistillArgs) -> Result<()> {
-    let summary = distill(&args)?;
-    if args.run.json {
-        println!("{summary}");
-    } else {
-        eprintln!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
+    args.training.print_summary(&distill(&args)?)
 }
 
 /// Distils as `args` say and saves the student; returns a summary: the teacher's and the
 /// student's parameters and evaluation metrics (`teacher_eval_<metric>`, `eval_<metric>`),
 /// steps, seconds, `output`.
 pub fn distill(args: &DistillArgs) -> Result<serde_json::Value> {
-    let files = ModelArgs::new(args.teacher.clone()).resolve(args.run.json)?;
+    let files = ModelArgs::new(args.teacher.clone()).resolve(args.training.run.json)?;
     match files.model_type()?.as_deref() {
         Some("bert") => distill_family::<BertForSequenceClassification>(args, &files),
         Some("gpt2") => distill_family::<GPT2LMHeadModel>(args, &files),
@@ -78,8 +68,8 @@ pub fn distill(args: &DistillArgs) -> Result<serde_json::Value> {
 }
 
 fn distill_family<M: Family>(args: &DistillArgs, files: &crate::weights::ModelFiles) -> Result<serde_json::Value> {
-    let output = args.out.output.clone().context("distill needs --output DIR: the student is saved there")?;
-    let device = args.run.training_device()?;
+    let output = args.training.out.output.clone().context("distill needs --output DIR: the student is saved there")?;
+    let device = args.training.run.training_device()?;
     let config = DistillConfig { alpha: args.alpha, temperature: args.temperature, cosine: args.cosine, cache_teacher: args.cache_teacher };
     config.check()?;
     let teacher_ckpt = Checkpoint::<M>::read(files, &device)?;
@@ -95,7 +85,7 @@ fn distill_family<M: Family>(args: &DistillArgs, files: &crate::weights::ModelFi
             let mut cfg: M::Config = serde_json::from_str(&text).with_context(|| format!("--student-config {} is not a {} config", path.display(), M::ARCHITECTURE))?;
             M::match_teacher(&teacher_ckpt.config, &mut cfg);
             let varmap = VarMap::new();
-            let model = M::build(crate::nn::var_builder(&varmap, DType::F32, &device, args.run.seed), &cfg).with_context(|| format!("building the student of {}", path.display()))?;
+            let model = M::build(crate::nn::var_builder(&varmap, DType::F32, &device, args.training.run.seed), &cfg).with_context(|| format!("building the student of {}", path.display()))?;
             (cfg, format!("fresh from {}", path.display()), varmap, model)
         }
         (None, None) => bail!("give --student-layers or --student-config"),
@@ -104,13 +94,13 @@ fn distill_family<M: Family>(args: &DistillArgs, files: &crate::weights::ModelFi
     let teacher = teacher_ckpt.model(&device)?;
     let mut summary = serde_json::json!({ "student": student_tensors, "output": output });
     if let Some(eval) = &eval {
-        for (k, v) in recovery::evaluate(&teacher, eval, args.training.eval_batch_size, &device)? {
+        for (k, v) in recovery::evaluate(&teacher, eval, args.training.flags.eval_batch_size, &device)? {
             summary[format!("teacher_eval_{k}")] = v.into();
         }
     }
     let distillation = Distillation::new(student, teacher, config)?;
     let goal = M::goal(&student_config);
-    let (report, metrics) = recovery::fit(&distillation, &student_varmap, &device, (&train, eval.as_ref()), goal, &args.training, (&args.run, &args.out), None)?;
+    let (report, metrics) = recovery::fit(&distillation, &student_varmap, &device, (&train, eval.as_ref()), goal, &args.training, None)?;
     let student = Checkpoint::<M> { config: student_config, tensors: crate::train::checkpoint::varmap_tensors(&student_varmap)? };
     student.save(&output, Some(&files.dir))?;
     summary["teacher_parameters"] = (weight_stats(&teacher_ckpt.tensors)?.0 / 4).into();

@@ -9,7 +9,7 @@
 //!   `intermediate_size`/`n_inner`): a really smaller, faster model.
 //! - `--drop-layers 1,3`: removes whole layers (a smaller `num_hidden_layers`/`n_layer`).
 
-use crate::cli::{at_least_one, probability, ModelArgs, OutputArgs, RunArgs};
+use crate::cli::{at_least_one, probability, ModelArgs};
 use crate::compress::prune::{self, Masks, Scope};
 use crate::compress::recovery::{self, Family, TrainingArgs};
 use crate::compress::{layers, weight_stats, Checkpoint};
@@ -60,27 +60,17 @@ pub struct PruneArgs {
     pub drop_layers: Option<Vec<usize>>,
     #[command(flatten)]
     pub training: TrainingArgs,
-    #[command(flatten)]
-    pub run: RunArgs,
-    #[command(flatten)]
-    pub out: OutputArgs,
 }
 
 pub fn run(args: PruneArgs) -> Result<()> {
-    let summary = prune(&args)?;
-    if args.run.json {
-        println!("{summary}");
-    } else {
-        eprintln!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
+    args.training.print_summary(&prune(&args)?)
 }
 
 /// Prunes as `args` say and saves the model; returns a summary (the method, parameters and
 /// sparsity before and after, `eval_before_<metric>` right after pruning and `eval_<metric>`
 /// after recovery when there is an evaluation set, `output`).
 pub fn prune(args: &PruneArgs) -> Result<serde_json::Value> {
-    let files = args.model.resolve(args.run.json)?;
+    let files = args.model.resolve(args.training.run.json)?;
     match files.model_type()?.as_deref() {
         Some("bert") => prune_family::<BertForSequenceClassification>(args, &files),
         Some("gpt2") => prune_family::<GPT2LMHeadModel>(args, &files),
@@ -89,8 +79,8 @@ pub fn prune(args: &PruneArgs) -> Result<serde_json::Value> {
 }
 
 fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles) -> Result<serde_json::Value> {
-    let output = args.out.output.clone().context("prune needs --output DIR: the pruned model is saved there")?;
-    let device = args.run.training_device()?;
+    let output = args.training.out.output.clone().context("prune needs --output DIR: the pruned model is saved there")?;
+    let device = args.training.run.training_device()?;
     if let Some(s) = args.sparsity {
         prune::check_sparsity(s)?;
     }
@@ -123,7 +113,7 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
         let keep = layers::complement(total, drop)?;
         (layers::keep_layers(&source, &keep)?, format!("layers {total} → {} (dropped {drop:?})", keep.len()))
     };
-    if !args.run.json {
+    if !args.training.run.json {
         eprintln!("{}: {method}", args.model.model);
     }
     let mut summary = serde_json::json!({ "method": method, "output": output });
@@ -131,12 +121,12 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
         Some((train, eval)) => {
             let (model, varmap) = pruned.trainable(&device)?;
             if let Some(eval) = &eval {
-                for (k, v) in recovery::evaluate(&model, eval, args.training.eval_batch_size, &device)? {
+                for (k, v) in recovery::evaluate(&model, eval, args.training.flags.eval_batch_size, &device)? {
                     summary[format!("eval_before_{k}")] = v.into();
                 }
             }
             let hook: Option<UpdateHook> = masks.clone().map(|m| Box::new(move |vars: &candle_nn::VarMap| m.apply_to_varmap(vars)) as UpdateHook);
-            let (report, metrics) = recovery::fit(&model, &varmap, &device, (&train, eval.as_ref()), M::goal(&pruned.config), &args.training, (&args.run, &args.out), hook)?;
+            let (report, metrics) = recovery::fit(&model, &varmap, &device, (&train, eval.as_ref()), M::goal(&pruned.config), &args.training, hook)?;
             summary["recovery_steps"] = report.steps.into();
             summary["recovery_seconds"] = report.train_seconds.into();
             for (k, v) in metrics.unwrap_or_default() {
@@ -158,9 +148,9 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
 /// Michel et al.'s FFN scores on the first `--importance-batches` training batches, in order.
 fn gradient_scores<M: Family>(source: &Checkpoint<M>, train: &M::Data, args: &PruneArgs, device: &candle_core::Device) -> Result<Vec<Vec<f32>>> {
     let (model, varmap) = source.trainable(device)?;
-    let batching = Batching::sequential(args.training.batch_size).epoch(train.len(), 0)?;
+    let batching = Batching::sequential(args.training.flags.batch_size).epoch(train.len(), 0)?;
     let chosen: Vec<&Vec<usize>> = batching.iter().take(args.importance_batches).collect();
-    let bar = crate::cmd::progress_bar(chosen.len(), "batches", args.run.json);
+    let bar = crate::cmd::progress_bar(chosen.len(), "batches", args.training.run.json);
     let mut batches = Vec::new();
     for indices in chosen {
         batches.push(train.batch(indices, device)?);

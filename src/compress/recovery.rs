@@ -4,19 +4,19 @@
 
 use super::distill::Distillable;
 use super::Compressible;
-use crate::cli::{at_least_one, fraction, minutes, non_negative, positive, OutputArgs, RunArgs};
+use crate::cli::{at_least_one, OutputArgs, RunArgs};
+use crate::cmd::finetune::FineTuneFlags;
 use crate::data::chars::TokenWindows;
 use crate::data::text::{read_text_file, LabelSet, Targets, TextColumns, TokenizedTexts};
 use crate::data::Dataset;
 use crate::models::bert::{self, BertForSequenceClassification};
 use crate::models::gpt2::{self, GPT2LMHeadModel};
-use crate::train::{optim, MetricGoal, Metrics, OptimizerConfig, Schedule, TrainModel, TrainReport, Trainer, TrainerConfig, UpdateHook};
+use crate::train::{MetricGoal, Metrics, OptimizerConfig, TrainModel, TrainReport, Trainer, TrainerConfig, UpdateHook};
 use crate::weights::ModelFiles;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Training data and settings of distillation or of recovery fine-tuning after pruning.
 #[derive(clap::Args, Clone, Debug)]
@@ -40,41 +40,24 @@ pub struct TrainingArgs {
     /// Stop after this many optimizer steps (the schedule spans them); default: --epochs worth.
     #[arg(long, value_parser = at_least_one)]
     pub max_steps: Option<usize>,
-    /// Texts (or GPT-2 token windows) per optimizer step.
-    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
-    pub batch_size: usize,
-    /// Texts per evaluation batch.
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
-    pub eval_batch_size: usize,
-    /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 5e-5, value_parser = positive)]
-    pub lr: f64,
-    /// Fraction (0 to 1) of the steps spent warming the learning rate up from 0; it then decays
-    /// linearly to 0.
-    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
-    pub warmup_ratio: f64,
-    /// AdamW weight decay (not applied to biases and LayerNorm weights).
-    #[arg(long, default_value_t = 0.01, value_parser = non_negative)]
-    pub weight_decay: f64,
-    /// Clip the gradients' global norm to this value (0 = no clipping).
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
-    pub max_grad_norm: f64,
-    /// BERT: tokens per text or pair (default 128, or the model's maximum if smaller). GPT-2:
-    /// tokens per training window (default 128, or n_positions if smaller).
-    #[arg(long, value_parser = at_least_one)]
-    pub max_len: Option<usize>,
-    /// Use only the first N training rows (BERT).
-    #[arg(long, value_parser = at_least_one)]
-    pub max_train_examples: Option<usize>,
-    /// Use only the first N evaluation rows (BERT).
-    #[arg(long, value_parser = at_least_one)]
-    pub max_eval_examples: Option<usize>,
-    /// Also evaluate every N optimizer steps (besides each epoch's end).
-    #[arg(long, value_parser = at_least_one)]
-    pub eval_every: Option<usize>,
-    /// Stop after this many minutes, saving a checkpoint (resume with --resume).
-    #[arg(long, value_parser = minutes)]
-    pub minutes: Option<Duration>,
+    #[command(flatten)]
+    pub flags: FineTuneFlags,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+impl TrainingArgs {
+    /// Prints a command's summary: one JSON line on stdout with --json, else readable on stderr.
+    pub fn print_summary(&self, summary: &serde_json::Value) -> Result<()> {
+        if self.run.json {
+            println!("{summary}");
+        } else {
+            eprintln!("{}", serde_json::to_string_pretty(summary)?);
+        }
+        Ok(())
+    }
 }
 
 /// A model family `wick distill` and `wick prune` handle: its datasets and what "best" means.
@@ -94,7 +77,7 @@ impl Family for BertForSequenceClassification {
     fn datasets(args: &TrainingArgs, files: &ModelFiles, cfg: &bert::Config) -> Result<(TokenizedTexts, Option<TokenizedTexts>)> {
         let data = args.data.as_ref().context("training needs --data")?;
         let tokenizer = files.tokenizer()?;
-        let max_len = crate::cmd::finetune::checked_max_len(args.max_len, 128, cfg)?;
+        let max_len = crate::cmd::finetune::checked_max_len(args.flags.max_len, 128, cfg)?;
         let labels = LabelSet { names: cfg.labels() };
         let read = |path: &PathBuf, limit: Option<usize>| -> Result<TokenizedTexts> {
             let mut file = read_text_file(path, &args.columns, true)?;
@@ -102,8 +85,8 @@ impl Family for BertForSequenceClassification {
             let targets = if cfg.is_regression() { Targets::Scores(file.scores()?) } else { Targets::Classes(file.class_ids(&labels)?) };
             TokenizedTexts::new(&tokenizer, &file.examples, targets, max_len, cfg.pad_token_id).with_context(|| format!("{}", path.display()))
         };
-        let train = read(data, args.max_train_examples)?;
-        let eval = args.eval.as_ref().map(|path| read(path, args.max_eval_examples)).transpose()?;
+        let train = read(data, args.flags.max_train_examples)?;
+        let eval = args.eval.as_ref().map(|path| read(path, args.flags.max_eval_examples)).transpose()?;
         Ok((train, eval))
     }
     fn goal(cfg: &bert::Config) -> MetricGoal {
@@ -126,7 +109,7 @@ impl Family for GPT2LMHeadModel {
         if args.eval.is_some() {
             bail!("--eval is for BERT classifiers: a GPT-2 model evaluates on the last 10% of --data");
         }
-        let block = match args.max_len {
+        let block = match args.flags.max_len {
             Some(n) if n > cfg.n_positions => bail!("--max-len {n} is longer than this model's n_positions ({})", cfg.n_positions),
             Some(n) => n,
             None => 128.min(cfg.n_positions),
@@ -156,28 +139,10 @@ pub fn fit<T: TrainModel, D: Dataset<Batch = T::Batch>>(
     (train, eval): (&D, Option<&D>),
     goal: MetricGoal,
     args: &TrainingArgs,
-    (run, out): (&RunArgs, &OutputArgs),
     after_update: Option<UpdateHook>,
 ) -> Result<(TrainReport, Option<Metrics>)> {
-    let mut config = TrainerConfig {
-        epochs: args.epochs,
-        max_steps: args.max_steps,
-        batch_size: args.batch_size,
-        eval_batch_size: args.eval_batch_size,
-        lr: args.lr,
-        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        eval_every: args.eval_every,
-        eval_each_epoch: true,
-        save_each_epoch: true,
-        keep_last: 1,
-        goal: eval.is_some().then_some(goal),
-        time_limit: args.minutes,
-        log_every: 10,
-        ..out.trainer_config(run)
-    };
-    let total = config.total_steps(train.len());
-    config.schedule = Schedule::LinearWarmup { warmup: Schedule::warmup_steps(args.warmup_ratio, total) };
-    let optimizer = OptimizerConfig::adamw(args.weight_decay).build(optim::params(varmap, optim::is_bias_or_norm))?;
+    let config = args.flags.trainer_config(args.epochs, args.max_steps, eval.is_some().then_some(goal), train.len(), (&args.run, &args.out));
+    let optimizer = args.flags.optimizer(varmap)?;
     let mut trainer = Trainer::new(config, varmap.clone(), optimizer, device.clone());
     trainer.after_update = after_update;
     let report = trainer.fit(model, train, eval)?;
