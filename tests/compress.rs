@@ -192,6 +192,15 @@ fn distillation_loss_matches_a_hand_computation_and_pytorch() -> Result<()> {
     }
     // The same logits: no divergence. A student that copies its teacher has zero loss.
     assert!(kd_loss(&tt, &tt, 2.0)?.to_scalar::<f32>()?.abs() < 1e-6);
+
+    // The cosine term: 1 − cos averaged over real tokens (row 0 has two, row 1 one; the padded
+    // token's vectors, opposite, must not count): (1 − 1) + (1 − 0) + (1 − cos 60°) over 3.
+    let dev = Device::Cpu;
+    let student = Tensor::new(&[[[1f32, 0.], [0., 1.]], [[1., 0.], [5., 5.]]], &dev)?;
+    let teacher = Tensor::new(&[[[2f32, 0.], [1., 0.]], [[0.5, 0.75f32.sqrt()], [-5., -5.]]], &dev)?;
+    let mask = Tensor::new(&[[1u32, 1], [1, 0]], &dev)?;
+    let cos = wick::compress::distill::cosine_loss(&wick::compress::distill::Hidden { states: student, mask }, &teacher)?.to_scalar::<f32>()?;
+    assert!((cos - 1.5 / 3.0).abs() < 1e-6, "{cos}");
     Ok(())
 }
 
