@@ -223,6 +223,10 @@ fn the_full_loss_and_its_cached_teacher_agree_with_the_formula() -> Result<()> {
     let expected = alpha * kd_by_hand(&to_f64(&sl)?, &to_f64(&tl)?, temperature)
         + (1.0 - alpha) * wick::nn::cross_entropy(&sl, batch.labels.as_ref().unwrap())?.to_scalar::<f32>()? as f64;
     assert!((plain as f64 - expected).abs() < 1e-5, "{plain} vs {expected}");
+    // α = 0: the labels' cross-entropy alone (and no teacher pass).
+    let labels_only = Distillation::new(student_ckpt.model(&Device::Cpu)?, teacher_ckpt.model(&Device::Cpu)?, DistillConfig { alpha: 0.0, temperature, cosine: 0.0, cache_teacher: true })?;
+    let ce = labels_only.loss(&batch, false)?.to_scalar::<f32>()?;
+    assert_eq!((ce, labels_only.cached_rows()), (wick::nn::cross_entropy(&sl, batch.labels.as_ref().unwrap())?.to_scalar::<f32>()?, 0));
     let cached = new(true)?;
     // A batch in another order and padding: the rows' cached logits are found by their tokens.
     let first = cached.loss(&data.batch(&[9, 8, 3, 0], &Device::Cpu)?, false)?.to_scalar::<f32>()?;

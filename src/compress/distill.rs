@@ -186,6 +186,10 @@ impl<M: Distillable> TrainModel for Distillation<M> {
         let cfg = &self.config;
         let hidden = cfg.cosine > 0.0;
         let (logits, student_hidden) = self.student.outputs(batch, train, hidden)?;
+        if cfg.alpha == 0.0 && !hidden {
+            // The labels alone: the teacher's pass would be wasted (the baseline student).
+            return self.student.hard_loss(&logits, batch);
+        }
         let (teacher_logits, teacher_hidden) = self.teacher_outputs(batch, logits.device())?;
         if teacher_logits.dims() != logits.dims() {
             bail!("the teacher's logits are {:?}, the student's {:?}: they must share labels (or vocabulary)", teacher_logits.dims(), logits.dims());
