@@ -288,9 +288,15 @@ impl BertForSequenceClassification {
 
     /// Logits (batch, num_labels); a regressor's scores are its one column.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_hidden(input_ids, attention_mask, token_type_ids, train)?.0)
+    }
+
+    /// The logits and the encoder's last hidden state (batch, seq, hidden), from one pass:
+    /// distillation's cosine loss compares the hidden states of student and teacher.
+    pub fn forward_with_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>, train: bool) -> Result<(Tensor, Tensor)> {
         let out = self.bert.forward(input_ids, attention_mask, token_type_ids, train)?;
         let pooled = out.pooler_output.expect("BertForSequenceClassification always has a pooler");
-        self.classifier.forward(&dropout(&pooled, self.dropout, train)?)
+        Ok((self.classifier.forward(&dropout(&pooled, self.dropout, train)?)?, out.last_hidden_state))
     }
 
     pub fn is_regression(&self) -> bool {

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod compress;
 pub mod cpu;
 pub mod data;
 pub mod device;

@@ -50,10 +50,10 @@ fn path(p: &Path) -> &str {
 #[test]
 fn every_subcommand_explains_its_flags() {
     let top = stdout(&wick(&["--help"]));
-    for sub in ["generate", "finetune", "predict", "embed", "train", "quantize", "perplexity", "serve", "download", "info"] {
+    for sub in ["generate", "finetune", "predict", "embed", "train", "quantize", "distill", "prune", "perplexity", "serve", "download", "info"] {
         assert!(top.contains(sub), "wick --help lacks {sub}");
     }
-    for sub in [&["generate"][..], &["finetune"], &["predict"], &["embed"], &["quantize"], &["perplexity"], &["serve"], &["info"], &["download"], &["train", "gpt2"], &["train", "mnist"], &["train", "char-rnn"]] {
+    for sub in [&["generate"][..], &["finetune"], &["predict"], &["embed"], &["quantize"], &["distill"], &["prune"], &["perplexity"], &["serve"], &["info"], &["download"], &["train", "gpt2"], &["train", "mnist"], &["train", "char-rnn"]] {
         let mut args = sub.to_vec();
         args.push("--help");
         let help = stdout(&wick(&args));

@@ -17,6 +17,7 @@ use crate::data::Dataset;
 use crate::models::bert::{self, BertForSequenceClassification};
 use crate::pretrained::{self, Trainable};
 use crate::train::{optim, MetricGoal, Metrics, OptimizerConfig, Schedule, Trainer, TrainerConfig};
+use candle_nn::VarMap;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::path::PathBuf;
@@ -57,7 +58,19 @@ pub struct FinetuneArgs {
     /// Passes over the training data.
     #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub epochs: usize,
-    /// Texts per optimizer step (before accumulation).
+    #[command(flatten)]
+    pub flags: FineTuneFlags,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// The optimizer, schedule and size flags of fine-tuning: `wick finetune`'s, and those of
+/// distillation and recovery after pruning.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FineTuneFlags {
+    /// Texts (or GPT-2 token windows) per optimizer step (before accumulation).
     #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Texts per evaluation batch.
@@ -80,7 +93,8 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub max_grad_norm: f64,
     /// Tokens per text or pair, special tokens included; longer ones are cut (a pair from its
-    /// longer text first). Default: 128, or the model's maximum if smaller.
+    /// longer text first). Default: 128, or the model's maximum if smaller. (GPT-2: tokens per
+    /// training window, at most n_positions.)
     #[arg(long, value_parser = at_least_one)]
     pub max_len: Option<usize>,
     /// Use only the first N training rows.
@@ -95,10 +109,39 @@ pub struct FinetuneArgs {
     /// Stop after this many minutes, saving a checkpoint (resume with --resume).
     #[arg(long, value_parser = minutes)]
     pub minutes: Option<Duration>,
-    #[command(flatten)]
-    pub run: RunArgs,
-    #[command(flatten)]
-    pub out: OutputArgs,
+}
+
+impl FineTuneFlags {
+    /// The trainer's settings for `epochs` (or `max_steps`) over `train_len` items: AdamW's
+    /// linear warmup and decay, an evaluation and a checkpoint each epoch (the last one kept,
+    /// besides the best by `goal`), on top of `--output`/`--resume`/`--seed`.
+    pub fn trainer_config(&self, epochs: usize, max_steps: Option<usize>, goal: Option<MetricGoal>, train_len: usize, (run, out): (&RunArgs, &OutputArgs)) -> TrainerConfig {
+        let mut config = TrainerConfig {
+            epochs,
+            max_steps,
+            batch_size: self.batch_size,
+            eval_batch_size: self.eval_batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            eval_every: self.eval_every,
+            eval_each_epoch: true,
+            save_each_epoch: true,
+            keep_last: 1,
+            goal,
+            time_limit: self.minutes,
+            log_every: 10,
+            ..out.trainer_config(run)
+        };
+        let total = config.total_steps(train_len);
+        config.schedule = Schedule::LinearWarmup { warmup: Schedule::warmup_steps(self.warmup_ratio, total) };
+        config
+    }
+
+    /// AdamW over `varmap`'s variables with `--weight-decay` (none on biases and LayerNorms).
+    pub fn optimizer(&self, varmap: &VarMap) -> Result<Box<dyn crate::train::Optimizer>> {
+        OptimizerConfig::adamw(self.weight_decay).build(optim::params(varmap, optim::is_bias_or_norm))
+    }
 }
 
 /// Runs `wick finetune`: with --json the last line of stdout is [`finetune`]'s summary.
@@ -134,15 +177,15 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
     let files = resolve_bert(&args.model, args.run.json)?;
     let mut cfg: bert::Config = files.config()?;
     let tokenizer = files.tokenizer()?;
-    let max_len = checked_max_len(args.max_len, 128, &cfg)?;
+    let max_len = checked_max_len(args.flags.max_len, 128, &cfg)?;
 
     let read = |path: &PathBuf, limit: Option<usize>| -> Result<TextFile> {
         let mut file = read_text_file(path, &args.columns, true)?;
         file.truncate(limit);
         Ok(file)
     };
-    let train_file = read(&args.train, args.max_train_examples)?;
-    let eval_file = read(&args.eval, args.max_eval_examples)?;
+    let train_file = read(&args.train, args.flags.max_train_examples)?;
+    let eval_file = read(&args.eval, args.flags.max_eval_examples)?;
     if train_file.columns.text_pair.is_some() != eval_file.columns.text_pair.is_some() {
         bail!(
             "{} has {:?} and {} has {:?}: both must be single texts or both sentence pairs (name the columns with --text-column/--text-pair-column)",
@@ -189,25 +232,10 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
         eprintln!("note: {warning}");
     }
 
-    let mut config = TrainerConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        eval_batch_size: args.eval_batch_size,
-        grad_accum: args.grad_accum,
-        lr: args.lr,
-        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        eval_every: args.eval_every,
-        eval_each_epoch: true,
-        save_each_epoch: true,
-        keep_last: 1,
-        goal: Some(MetricGoal::maximize(if regression { "pearson" } else { "accuracy" })),
-        time_limit: args.minutes,
-        log_every: 10,
-        ..args.out.trainer_config(&args.run)
-    };
+    let goal = MetricGoal::maximize(if regression { "pearson" } else { "accuracy" });
+    let config = args.flags.trainer_config(args.epochs, None, Some(goal), train_set.len(), (&args.run, &args.out));
     let total = config.total_steps(train_set.len());
-    config.schedule = Schedule::LinearWarmup { warmup: Schedule::warmup_steps(args.warmup_ratio, total) };
-    let optimizer = OptimizerConfig::adamw(args.weight_decay).build(optim::params(&varmap, optim::is_bias_or_norm))?;
+    let optimizer = args.flags.optimizer(&varmap)?;
     if !args.run.json {
         let task = if regression { "regression".to_string() } else { format!("{} labels", cfg.num_labels()) };
         let what = if train_file.columns.text_pair.is_some() { "text pairs" } else { "texts" };

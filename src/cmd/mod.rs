@@ -2,6 +2,7 @@
 //! They live in the library so that the `wick` binary (src/main.rs) and the examples call the
 //! same code; the work itself is done by the library's other modules.
 
+pub mod distill;
 pub mod download;
 pub mod embed;
 pub mod finetune;
@@ -9,6 +10,7 @@ pub mod generate;
 pub mod info;
 pub mod perplexity;
 pub mod predict;
+pub mod prune;
 pub mod quantize;
 pub mod serve;
 pub mod train;
@@ -39,6 +41,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Quantize a GPT-2 or BERT model's linear layers (q8_0, q4_0, q4_k, q6_k) into a GGUF model folder.
     Quantize(quantize::QuantizeArgs),
+    /// Distil a BERT classifier or GPT-2 model into a smaller student (fewer layers or a smaller config).
+    Distill(distill::DistillArgs),
+    /// Prune a BERT classifier or GPT-2 model (magnitude sparsity, FFN neurons, whole layers), with recovery fine-tuning.
+    Prune(prune::PruneArgs),
     /// Perplexity of a GPT-2 model (f32, f16, bf16 or quantized) on a text file.
     Perplexity(perplexity::PerplexityArgs),
     /// Download a model from the Hugging Face Hub into the local cache.
@@ -60,6 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Train(args) => train::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Distill(args) => distill::run(args),
+        Command::Prune(args) => prune::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),

@@ -84,7 +84,13 @@ pub struct Trainer {
     pub varmap: VarMap,
     pub optimizer: Box<dyn Optimizer>,
     pub device: Device,
+    /// Runs after every optimizer update and after a resume has restored the weights: pruning
+    /// re-applies its masks here, so that pruned weights stay exactly zero.
+    pub after_update: Option<UpdateHook>,
 }
+
+/// See [`Trainer::after_update`].
+pub type UpdateHook = Box<dyn Fn(&VarMap) -> Result<()>>;
 
 /// One call of [`Trainer::fit`] in progress: the trainer's state and what the call reports,
 /// logs and shows.
@@ -124,7 +130,7 @@ struct StepOutcome {
 
 impl Trainer {
     pub fn new(config: TrainerConfig, varmap: VarMap, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
-        Self { config, varmap, optimizer, device }
+        Self { config, varmap, optimizer, device, after_update: None }
     }
 
     /// Trains `model` on `train`, evaluating on `eval` when given. `samples_per_s` in the report
@@ -170,6 +176,7 @@ impl Trainer {
                 })?;
                 let state = checkpoint::resume(&dir, &order, &self.varmap, self.optimizer.as_mut())?;
                 report.resumed_from = Some(state.step);
+                self.run_after_update()?;
                 report.last_checkpoint = Some(dir);
                 state
             }
@@ -228,6 +235,7 @@ impl Trainer {
         }
         let lr = self.config.lr * self.config.schedule.factor(run.state.step, total_steps);
         self.optimizer.step(&grads, lr)?;
+        self.run_after_update()?;
         run.state.step += 1;
         run.state.samples_seen += items as u64;
         run.report.samples += items as u64;
@@ -286,6 +294,13 @@ impl Trainer {
             run.report.halted = true;
         }
         Ok(stop_early || halt || step >= plan.total_steps)
+    }
+
+    fn run_after_update(&self) -> Result<()> {
+        match &self.after_update {
+            Some(hook) => hook(&self.varmap),
+            None => Ok(()),
+        }
     }
 
     /// The save step: checks that every weight is finite, writes the checkpoint of `state.step`
