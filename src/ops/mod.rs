@@ -77,8 +77,9 @@ pub fn fused_path(device: &Device) -> bool {
 /// Runs `f` (a whole decoding step: dozens of short parallel products) on a worker of candle's
 /// CPU thread pool, so that the step's products fork from a pool thread (which takes a share of
 /// the work itself) instead of handing each one over from the calling thread and waking it
-/// again: one hand-over a step instead of one a product. Elsewhere `f` runs as it is.
-/// EXPERIMENT: `WICK_STEP_POOL=0` turns it off.
+/// again: one hand-over a step instead of one a product (GPT-2-small f32 decoding on 2 threads:
+/// 66–68% → 69–72% of the bandwidth limit, three alternating pairs of runs). Elsewhere `f`
+/// runs as it is; `WICK_STEP_POOL=0` turns it off, for comparing.
 pub fn on_cpu_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     static ON: OnceLock<bool> = OnceLock::new();
     if device.is_cpu() && *ON.get_or_init(|| std::env::var("WICK_STEP_POOL").map_or(true, |v| v != "0")) {
