@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod cpu;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod embed;
 pub mod generate;
 pub mod hub;
