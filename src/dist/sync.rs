@@ -34,8 +34,8 @@ pub fn buckets(sizes: &[usize], cap: usize) -> Vec<std::ops::Range<usize>> {
 /// Sums, across ranks, this rank's gradients of `vars` (each already weighted by this rank's
 /// share of the step's items, so that the sum is the gradient of the whole global batch) and
 /// `loss` (weighted the same way). A gradient is `None` afterwards only where it was `None` on
-/// every rank (a parameter no rank's loss reached). With `WICK_DIST_TIMING` set, rank 0 prints
-/// each call's bytes and seconds.
+/// every rank (a parameter no rank's loss reached). With `WICK_DIST_TIMING` set on rank 0, every
+/// rank first waits for the others (a barrier) and rank 0 prints each call's bytes and seconds.
 pub fn all_reduce_grads(world: &dyn Collective, vars: &[&Var], grads: Vec<Option<Tensor>>, loss: f64) -> Result<(f64, Vec<Option<Tensor>>)> {
     if world.world_size() == 1 {
         return Ok((loss, grads));
@@ -43,6 +43,21 @@ pub fn all_reduce_grads(world: &dyn Collective, vars: &[&Var], grads: Vec<Option
     if vars.len() != grads.len() {
         bail!("{} gradients for {} parameters", grads.len(), vars.len());
     }
+    // Timing: first wait for the slowest rank, so that the all-reduce's time is its own. Rank
+    // 0's environment decides, once, for all (a barrier on one rank alone would never return).
+    static TIMING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let timing = match TIMING.get() {
+        Some(&timing) => timing,
+        None => *TIMING.get_or_init(|| rank0_says(world, std::env::var_os("WICK_DIST_TIMING").is_some()).unwrap_or(false)),
+    };
+    let waited = match timing {
+        true => {
+            let t = std::time::Instant::now();
+            world.barrier()?;
+            t.elapsed()
+        }
+        false => std::time::Duration::ZERO,
+    };
     let started = std::time::Instant::now();
     let mut in_collective = std::time::Duration::ZERO;
     let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
@@ -76,14 +91,15 @@ pub fn all_reduce_grads(world: &dyn Collective, vars: &[&Var], grads: Vec<Option
             at += sizes[i];
         }
     }
-    if world.is_root() && std::env::var_os("WICK_DIST_TIMING").is_some() {
+    if timing && world.is_root() {
         let mb = sizes.iter().sum::<usize>() as f64 * 4.0 / 1e6;
         eprintln!(
-            "all-reduce: {mb:.1} MB of gradients in {} buckets, {:.3} s in {} ({:.3} s with packing)",
+            "all-reduce: {mb:.1} MB of gradients in {} buckets, {:.3} s in {} ({:.3} s with packing; {:.3} s waiting for the other ranks before)",
             ranges.len(),
             in_collective.as_secs_f64(),
             world.name(),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            waited.as_secs_f64()
         );
     }
     Ok((header[vars.len()] as f64 + header[vars.len() + 1] as f64, out))
