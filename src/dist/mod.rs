@@ -160,6 +160,13 @@ pub fn init() -> Result<Session> {
     let launched = launched_world_size();
     #[cfg(feature = "mpi")]
     if launched.is_some() {
+        // candle sizes its thread pool by the machine's physical cores, not by the cores mpirun
+        // bound this rank to: N ranks of one machine would each run as many threads as it has.
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            if let Ok(cores) = std::thread::available_parallelism() {
+                std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+            }
+        }
         let (universe, mpi) = Mpi::init()?;
         let world: Arc<dyn Collective> = Arc::new(mpi);
         if !world.is_root() {
