@@ -7,8 +7,8 @@
 #     with accumulation and with uneven shares; rank 0 alone writes; resume with as many ranks
 #     continues, with another number is refused;
 #  3. `wick train char-rnn` under `mpirun -np 2`: one rank prints, one model folder;
-#  4. a rank killed in the middle of training ends the whole job with an error within seconds
-#     (not a hang).
+#  4. an error on the ranks, and a rank killed in the middle of training, end the whole job
+#     with an error within seconds (not a hang).
 # The CARGO_TARGET_DIR in the environment is used when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,13 @@ if "$wick_bin" "${char_rnn[@]}" --steps 30 --output "$work/run" --resume 2>"$wor
     echo "a resume with another number of processes must fail"; exit 1
 fi
 grep -q "number of processes (mpirun -np) was 2" "$work/err.txt" || { cat "$work/err.txt"; exit 1; }
+
+echo "== an error on the ranks ends the job with its message (MPI_Abort), not a hang"
+mkdir "$work/empty"
+if timeout 120 "${mpirun[@]}" "$wick_bin" "${char_rnn[@]}" --steps 5 --output "$work/empty" --resume >"$work/err.txt" 2>&1; then
+    echo "resuming from nothing must fail"; exit 1
+fi
+grep -q "error (rank 0 of 2): nothing to resume" "$work/err.txt" || { cat "$work/err.txt"; exit 1; }
 
 echo "== a rank killed while training ends the job"
 t0=$(date +%s)
