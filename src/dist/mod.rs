@@ -27,8 +27,10 @@
 //! ([`Session::finish`] calls `MPI_Abort`), so no rank is left waiting in a collective. A rank
 //! that dies (killed, crashed, or exited without finishing) is noticed by `mpirun` at once (on
 //! one machine, through the process's exit; across machines, through its daemon's connection):
-//! OpenMPI then kills every other rank and exits non-zero with "mpirun noticed that process rank
-//! N ... exited on signal" or "... exiting improperly". There is no timeout to wait for; a
+//! OpenMPI then kills every other rank and exits non-zero with "mpirun detected that one or more
+//! processes exited with non-zero status" or "mpirun noticed that process rank N ... exited on
+//! signal" (scripts/test-distributed.sh kills a rank mid-training: the job ends within about 2
+//! s). There is no timeout to wait for; a
 //! machine that vanishes from the network without closing its connections is noticed when TCP
 //! gives up on it (minutes; OpenMPI's `oob_tcp_keepalive_*` settings shorten it).
 
