@@ -67,7 +67,7 @@ impl CustomOp1 for OnGpu<'_> {
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("NCCL needs a contiguous tensor") };
         let input = storage.as_cuda_slice::<f32>()?.slice(start..end);
-        let device = storage.device().clone();
+        let device = storage.device.clone();
         let mut output = device.alloc_zeros::<f32>(end - start)?;
         let nccl = |e| candle_core::Error::Msg(format!("NCCL: {e:?}"));
         match self.op {
