@@ -121,6 +121,12 @@ impl OutputArgs {
             ..Default::default()
         }
     }
+
+    /// The folder the trained model is saved in: --output, on rank 0 only (the other ranks of a
+    /// distributed run, `crate::dist`, hold the same weights and write nothing).
+    pub fn model_dir(&self) -> Option<&std::path::Path> {
+        self.output.as_deref().filter(|_| crate::dist::world().is_root())
+    }
 }
 
 /// `--dtype f32|f16|bf16`.

@@ -20,7 +20,8 @@ impl FromStr for DeviceSpec {
         match s.as_str() {
             "cpu" => Ok(Self::Cpu),
             "auto" => Ok(Self::Auto),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            // Under mpirun, each process of a machine its own GPU (crate::dist).
+            "cuda" | "gpu" => Ok(Self::Cuda(crate::dist::local_rank())),
             _ => match s.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
@@ -48,7 +49,7 @@ impl DeviceSpec {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(ordinal) => open_cuda(ordinal),
-            Self::Auto => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+            Self::Auto => Ok(open_cuda(crate::dist::local_rank()).unwrap_or(Device::Cpu)),
         }
     }
 }

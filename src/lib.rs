@@ -6,6 +6,7 @@ pub mod compress;
 pub mod cpu;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod embed;
 pub mod generate;
 pub mod hub;

@@ -255,7 +255,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<(Metrics, serde_json::Value)> {
     // The best evaluation's weights become the saved model.
     trainer.restore_best()?;
     let metrics = trainer.evaluate(&model, &eval_set)?;
-    pretrained::save_varmap::<BertForSequenceClassification>(&output, &cfg, &varmap, Some(&files.dir))?;
+    if let Some(output) = args.out.model_dir() {
+        pretrained::save_varmap::<BertForSequenceClassification>(output, &cfg, &varmap, Some(&files.dir))?;
+    }
     let mut summary = serde_json::json!({
         "task": if regression { "regression" } else { "classification" },
         "train_samples_per_s": report.samples_per_s,

@@ -59,7 +59,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // A misspelt WICK_OPS is an error here, not the library's warning.
     crate::ops::OpsPath::from_env()?;
-    match cli.command {
+    // Under mpirun, this process joins the job of its ranks (see crate::dist).
+    let session = crate::dist::init()?;
+    let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Predict(args) => predict::run(args),
@@ -72,7 +74,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Download(args) => download::run(args),
         Command::Info(args) => info::run(args),
         Command::Serve(args) => serve::run(args),
-    }
+    };
+    session.finish(result)
 }
 
 /// A progress bar over `len` items on stderr, or a hidden one (`hidden`: JSON output, or too

@@ -55,17 +55,23 @@ pub struct DataOrder {
     /// Items in the training set.
     #[serde(default)]
     pub train_len: Option<usize>,
+    /// Processes the run was spread over (`mpirun -np`, 1 without it): a resume with another
+    /// number is refused (its BatchNorm statistics and dropout masks would differ).
+    #[serde(default)]
+    pub world_size: Option<usize>,
 }
 
 impl DataOrder {
-    /// The order a run with `config` over `train_len` items has.
-    pub fn of(config: &TrainerConfig, train_len: usize) -> Self {
+    /// The order a run with `config` over `train_len` items, spread over `world_size`
+    /// processes, has.
+    pub fn of(config: &TrainerConfig, train_len: usize, world_size: usize) -> Self {
         Self {
             seed: config.seed,
             batch_size: Some(config.batch_size),
             grad_accum: Some(config.grad_accum),
             drop_last: Some(config.drop_last),
             train_len: Some(train_len),
+            world_size: Some(world_size),
         }
     }
 
@@ -82,7 +88,8 @@ impl DataOrder {
             .or_else(|| differs("--batch-size", self.batch_size, now.batch_size))
             .or_else(|| differs("--grad-accum (gradient accumulation)", self.grad_accum, now.grad_accum))
             .or_else(|| differs("drop_last", self.drop_last, now.drop_last))
-            .or_else(|| differs("the training set's size (items)", self.train_len, now.train_len));
+            .or_else(|| differs("the training set's size (items)", self.train_len, now.train_len))
+            .or_else(|| differs("the number of processes (mpirun -np)", self.world_size, now.world_size));
         match change {
             Some(change) => bail!(
                 "cannot resume from {}: {change}, so the resumed run would see other batches than the interrupted one. \
@@ -242,10 +249,12 @@ mod tests {
         let state: TrainerState = serde_json::from_str(old)?;
         assert_eq!((state.step, state.order.seed, state.order.batch_size), (9, 11, None));
         assert_eq!(state.best.best(), Some((7, 0.5)));
-        let now = DataOrder { seed: 11, batch_size: Some(16), grad_accum: Some(2), drop_last: Some(true), train_len: Some(200) };
+        let now = DataOrder { seed: 11, batch_size: Some(16), grad_accum: Some(2), drop_last: Some(true), train_len: Some(200), world_size: Some(2) };
         state.order.check_resumable_as(&now, Path::new("ckpt"))?;
-        let err = state.order.check_resumable_as(&DataOrder { seed: 12, ..now }, Path::new("ckpt")).unwrap_err().to_string();
+        let err = state.order.check_resumable_as(&DataOrder { seed: 12, ..now.clone() }, Path::new("ckpt")).unwrap_err().to_string();
         assert!(err.contains("--seed was 11 in the run being resumed, now 12") && err.contains("ckpt"), "{err}");
+        let err = now.check_resumable_as(&DataOrder { world_size: Some(4), ..now.clone() }, Path::new("ckpt")).unwrap_err().to_string();
+        assert!(err.contains("number of processes (mpirun -np) was 2 in the run being resumed, now 4"), "{err}");
         // Written back flat, with every field.
         let json: serde_json::Value = serde_json::to_value(&state)?;
         for key in ["step", "seed", "batch_size", "train_len", "best_step", "evals_since_best", "first_loss"] {

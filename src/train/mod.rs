@@ -11,6 +11,10 @@
 //! then evaluates, saves and decides whether to stop (`after_step`, with [`BestSoFar`] for the
 //! best checkpoint and early stopping, and `save_checkpoint`), and `finish` writes the report.
 //!
+//! With several processes (`mpirun`, see [`crate::dist`]) each rank trains on its share of
+//! every batch, the gradients are summed across ranks before clipping and the update, and rank
+//! 0 alone writes; with one (the default) nothing of that runs.
+//!
 //! A run never ends `Ok` with weights that went NaN or infinite, or that diverged by
 //! [`guard::LossWatch`]'s rule: the loss and gradient norm of every step are checked, every
 //! evaluation's metrics are, and the weights are before each checkpoint and at the end (which
@@ -35,6 +39,7 @@ pub use optim::{Optimizer, OptimizerConfig, Param};
 pub use schedule::Schedule;
 
 use crate::data::{Batching, Dataset};
+use crate::dist::{self, Collective};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -43,6 +48,7 @@ use config::Plan;
 use indicatif::ProgressBar;
 use log::MetricsLog;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the trainer needs from a model.
@@ -87,6 +93,8 @@ pub struct Trainer {
     /// Runs after every optimizer update and after a resume has restored the weights: pruning
     /// re-applies its masks here, so that pruned weights stay exactly zero.
     pub after_update: Option<UpdateHook>,
+    /// The processes training together: [`dist::world`] when the trainer is made.
+    pub world: Arc<dyn Collective>,
 }
 
 /// See [`Trainer::after_update`].
@@ -130,7 +138,7 @@ struct StepOutcome {
 
 impl Trainer {
     pub fn new(config: TrainerConfig, varmap: VarMap, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
-        Self { config, varmap, optimizer, device, after_update: None }
+        Self { config, varmap, optimizer, device, after_update: None, world: dist::world() }
     }
 
     /// Trains `model` on `train`, evaluating on `eval` when given. `samples_per_s` in the report
@@ -165,8 +173,9 @@ impl Trainer {
     /// A new run (refusing an output folder that holds an earlier run's checkpoints), or, with
     /// `config.resume`, the newest checkpoint's run.
     fn start(&mut self, plan: &Plan, train_len: usize) -> Result<Run> {
+        self.world = dist::for_device(self.world.clone(), &self.device)?;
         let cfg = &self.config;
-        let order = DataOrder::of(cfg, train_len);
+        let order = DataOrder::of(cfg, train_len, self.world.world_size());
         let mut report = TrainReport::default();
         let state = match (cfg.output_dir.as_deref(), cfg.resume) {
             (None, true) => bail!("resume needs an output directory"),
@@ -190,8 +199,11 @@ impl Trainer {
                 TrainerState { order, ..Default::default() }
             }
         };
-        let log = MetricsLog::open(cfg.output_dir.as_deref(), report.resumed_from)?;
-        let bar = log::progress_bar(cfg.progress, plan.total_steps, state.step);
+        // Every rank starts from rank 0's weights; only rank 0 logs and shows progress.
+        dist::sync::broadcast_vars(&*self.world, &self.varmap)?;
+        let root = self.world.is_root();
+        let log = MetricsLog::open(cfg.output_dir.as_deref().filter(|_| root), report.resumed_from)?;
+        let bar = log::progress_bar(cfg.progress && root, plan.total_steps, state.step);
         if let Some(step) = report.resumed_from {
             bar.println(format!("resumed from step {step} (epoch {})", state.epoch));
         }
@@ -218,7 +230,9 @@ impl Trainer {
         D: Dataset<Batch = M::Batch>,
     {
         let started = Instant::now();
-        crate::nn::reseed(&self.device, self.config.seed, run.state.step as u64)?;
+        // Each rank its own dropout masks (rank 0 those of a single process).
+        let rank_seed = self.config.seed.wrapping_add((self.world.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        crate::nn::reseed(&self.device, rank_seed, run.state.step as u64)?;
         let items: usize = group.iter().map(Vec::len).sum();
         let (loss, mut grads) = self.accumulate(model, train, group, items)?;
         let (step, shown_epoch) = (run.state.step + 1, epoch + 1);
@@ -272,7 +286,12 @@ impl Trainer {
             (Some(eval), true) => self.evaluate_during_run(model, eval, done.epoch + 1, run)?,
             _ => false,
         };
-        let halt = cfg.halt_at_step.is_some_and(|h| step >= h) || cfg.time_limit.is_some_and(|t| run.started.elapsed() >= t);
+        // Rank 0's clock decides the time limit for all (the ranks must stop at the same step).
+        let out_of_time = match cfg.time_limit {
+            Some(t) => dist::sync::rank0_says(&*self.world, run.started.elapsed() >= t)?,
+            None => false,
+        };
+        let halt = cfg.halt_at_step.is_some_and(|h| step >= h) || out_of_time;
         let stop_early = run.state.best.patience_spent(cfg.early_stopping_patience);
         let wants_save = improved
             || cfg.save_every.is_some_and(|n| step.is_multiple_of(n))
@@ -304,9 +323,13 @@ impl Trainer {
     }
 
     /// The save step: checks that every weight is finite, writes the checkpoint of `state.step`
-    /// and removes the old ones beyond `keep_last` (never the best); returns its folder.
+    /// and removes the old ones beyond `keep_last` (never the best); returns its folder. Rank 0
+    /// alone writes (the weights are the same on every rank).
     fn save_checkpoint(&self, out: &Path, state: &TrainerState) -> Result<PathBuf> {
         guard::check_weights_finite(&self.varmap, state.step)?;
+        if !self.world.is_root() {
+            return Ok(checkpoint::step_dir(out, state.step));
+        }
         let dir = checkpoint::save(out, &self.varmap, self.optimizer.as_ref(), state)?;
         checkpoint::prune(out, self.config.keep_last, state.best.best_step)?;
         Ok(dir)
@@ -377,6 +400,8 @@ impl Trainer {
         if let Some(out) = output {
             run.log.plot(&out.join("loss_curve.svg"))?;
         }
+        // No rank returns before rank 0 has written everything (a later read sees it all).
+        self.world.barrier()?;
         let report = TrainReport {
             steps: step,
             epochs_completed: run.state.epoch,
@@ -401,8 +426,9 @@ impl Trainer {
         Ok(Some(step))
     }
 
-    /// Runs the micro-batches of one optimizer step; returns the mean loss and the gradients of
-    /// the optimizer's parameters, weighted so the step equals one on the whole group.
+    /// Runs this rank's shares of the micro-batches of one optimizer step; returns the mean loss
+    /// and the gradients of the optimizer's parameters, weighted and summed across ranks so the
+    /// step equals one on the whole group.
     fn accumulate<M, D>(&self, model: &M, data: &D, group: &[Vec<usize>], n_items: usize) -> Result<(f64, Vec<Option<Tensor>>)>
     where
         M: TrainModel,
@@ -411,12 +437,17 @@ impl Trainer {
         let params = self.optimizer.params();
         let mut total: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0.0;
+        let world = self.world.world_size();
         for indices in group {
+            let indices = dist::share(indices, self.world.rank(), world);
+            if indices.is_empty() {
+                continue; // a batch smaller than the world: other ranks have it all
+            }
             let batch = data.batch(indices, &self.device)?;
             let loss = model.loss(&batch, true)?;
             let weight = indices.len() as f64 / n_items as f64;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * weight;
-            let loss = if group.len() > 1 { (loss * weight)? } else { loss };
+            let loss = if group.len() > 1 || world > 1 { (loss * weight)? } else { loss };
             let store = loss.backward()?;
             for (acc, g) in total.iter_mut().zip(optim::grads_of(params, &store)) {
                 *acc = match (acc.take(), g) {
@@ -425,7 +456,8 @@ impl Trainer {
                 };
             }
         }
-        Ok((loss_sum, total))
+        let vars: Vec<&candle_core::Var> = params.iter().map(|p| &p.var).collect();
+        dist::sync::all_reduce_grads(&*self.world, &vars, total, loss_sum)
     }
 
     /// Metrics of `model` on the whole of `data`, in evaluation mode (evaluations during
@@ -438,7 +470,9 @@ impl Trainer {
         self.evaluate_batches(model, data, None)
     }
 
-    /// Metrics of `model` on the first `limit` batches of `data` (all without a limit).
+    /// Metrics of `model` on the first `limit` batches of `data` (all without a limit). With
+    /// several ranks, rank r evaluates batches r, r + N, ...; every rank gets every output and
+    /// summarizes them in the batches' order, as one process would.
     fn evaluate_batches<M, D>(&self, model: &M, data: &D, limit: Option<usize>) -> Result<Metrics>
     where
         M: TrainModel,
@@ -446,7 +480,14 @@ impl Trainer {
     {
         let batches = Batching::sequential(self.config.eval_batch_size).epoch(data.len(), 0)?;
         let n = limit.unwrap_or(usize::MAX);
-        let outputs = batches.iter().take(n).map(|idx| model.evaluate(&data.batch(idx, &self.device)?)).collect::<Result<Vec<_>>>()?;
-        Ok(metrics::summarize(model.task(), &outputs))
+        let (rank, world) = (self.world.rank(), self.world.world_size());
+        let mine = batches.iter().take(n).skip(rank).step_by(world);
+        let outputs = mine.map(|idx| model.evaluate(&data.batch(idx, &self.device)?)).collect::<Result<Vec<_>>>()?;
+        let by_rank = dist::sync::all_gather_eval(&*self.world, outputs)?;
+        // Batch i is output i / N of rank i % N.
+        let count = by_rank.iter().map(Vec::len).sum::<usize>();
+        let mut by_rank: Vec<_> = by_rank.into_iter().map(Vec::into_iter).collect();
+        let in_order: Vec<_> = (0..count).filter_map(|i| by_rank[i % world].next()).collect();
+        Ok(metrics::summarize(model.task(), &in_order))
     }
 }

@@ -117,7 +117,7 @@ pub fn run(args: CharRnnArgs) -> Result<()> {
     let val_metrics = trainer.evaluate(&model, &val)?;
     let val_loss = val_metrics["loss"];
 
-    if let Some(dir) = &args.out.output {
+    if let Some(dir) = args.out.model_dir() {
         crate::pretrained::save_varmap::<CharRnn>(dir, &cfg, &varmap, None)?;
         let chars: String = corpus.vocab.iter().collect();
         crate::weights::write_atomically(&dir.join(CHAR_VOCAB), serde_json::to_string(&chars)?.as_bytes())?;

@@ -179,7 +179,7 @@ pub fn run(args: Gpt2Args) -> Result<()> {
 
     // The trained weights as plain tensors: export, and sample without building autograd graphs.
     let tensors = crate::train::checkpoint::varmap_tensors(&varmap)?;
-    let inference = match &args.out.output {
+    let inference = match args.out.model_dir() {
         Some(dir) => {
             crate::pretrained::save::<GPT2LMHeadModel>(dir, &cfg, tensors, Some(&tokenizer_dir))?;
             write_tokenizer_config(dir, args.block_size, eos_text)?;

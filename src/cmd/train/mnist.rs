@@ -72,7 +72,7 @@ pub fn run(args: MnistArgs) -> Result<()> {
         log_every: 20,
         ..args.out.trainer_config(&args.run)
     };
-    let job = Job { config, optimizer: OptimizerConfig::adamw(args.weight_decay), device: &device, seed: args.run.seed, output: args.out.output.as_deref() };
+    let job = Job { config, optimizer: OptimizerConfig::adamw(args.weight_decay), device: &device, seed: args.run.seed, output: args.out.model_dir() };
     let (report, params) = match args.model {
         ModelKind::Mlp => job.fit::<Mlp>(&MlpConfig { dropout: 0.2, ..MlpConfig::new(784, &[512, 256], 10) }, &train, &mnist.test)?,
         ModelKind::Cnn => job.fit::<ConvNet>(&ConvNetConfig::default(), &train, &mnist.test)?,
