@@ -247,7 +247,7 @@ const GEMM_NB: usize = 128;
 const GEMM_KB: usize = 256;
 
 /// Many rows: gemm, on f32 blocks of the weight converted per task.
-fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32]) {
+pub(crate) fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32]) {
     let Problem { m, k, n, layout } = p;
     let threads = rayon::current_num_threads();
     if W::KIND == Kind::F32 {
