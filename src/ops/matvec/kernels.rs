@@ -316,7 +316,7 @@ pub(super) mod avx2 {
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: V) -> f32 {
+    pub(in crate::ops::matvec) fn hsum(v: V) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))

@@ -237,6 +237,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+    use crate::ops::matvec::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// A block's 32 values as int8 (q4_0: nibbles widened, minus 8).
@@ -259,14 +260,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load_scale(block: *const u8) -> f32 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(block as *const u16) as i32))) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
     /// y[r][j] += Σ_blocks dw·dx·Σ qw·qx for r < R rows of x, j < J rows of W. Per block and
