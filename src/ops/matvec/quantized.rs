@@ -57,10 +57,13 @@ impl QFormat {
     }
 }
 
-/// x's rows quantized: `qs` (m·k int8) and one scale per block (m·k/32).
+/// x's rows quantized: `qs` (m·k int8) and one scale per block (m·k/32); `scales8` holds each
+/// scale broadcast to 8 lanes, so that the AVX2 tiles scale with one memory operand. Built once
+/// per product, before the tasks that share it.
 pub(crate) struct QuantizedRows {
     pub qs: Vec<i8>,
     pub scales: Vec<f32>,
+    pub scales8: Vec<f32>,
 }
 
 /// Rows of x (m × k, k a multiple of 32) as int8 blocks with f32 scales: `round(x / dx)` with
@@ -77,7 +80,8 @@ pub(crate) fn quantize_rows(x: &[f32]) -> QuantizedRows {
         }
         scales.push(d);
     }
-    QuantizedRows { qs, scales }
+    let scales8 = scales.iter().flat_map(|&d| [d; 8]).collect();
+    QuantizedRows { qs, scales, scales8 }
 }
 
 /// Products with more rows than this (prompts, encoder batches) convert blocks of W to f32 and
@@ -303,9 +307,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn columns<const Q4: bool>(x: &QuantizedRows, m: usize, nb: usize, w: *const u8, row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
         let bb = if Q4 { 18 } else { 34 };
-        // Each block scale of x broadcast to 8 lanes, so that scaling is one memory operand.
-        let scales8: Vec<f32> = x.scales.iter().flat_map(|&d| [d; 8]).collect();
-        let (qs, ds) = (x.qs.as_ptr(), scales8.as_ptr());
+        let (qs, ds) = (x.qs.as_ptr(), x.scales8.as_ptr());
         unsafe {
             let mut r = 0;
             while r < m {
