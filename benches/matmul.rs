@@ -1,6 +1,7 @@
-//! f32 matrix-product throughput of candle's CPU backend (the `gemm` crate) on the shapes of a
-//! BERT-base (b8 s128) and MiniLM (b32 s64) training step: forward (x·W), and the weight gradient
-//! with a transposed left operand (dYᵀ·X). `scripts/bench_matmul.py` runs the same in PyTorch.
+//! f32 matrix-product throughput on the shapes of a BERT-base (b8 s128) and MiniLM (b32 s64)
+//! training step: forward (x·W), and the weight gradient with a transposed left operand (dYᵀ·X);
+//! once through candle's matmul (the `gemm` crate) and once through `wick::ops::gemm` (what wick's
+//! fused ops run: our AVX2 kernel on AVX2 CPUs).
 //!
 //! cargo bench --bench matmul -- [--reps N]
 //! Threads: RAYON_NUM_THREADS. One JSON object a line: {"name": "1024x768x768", "gflops": ..}
@@ -42,9 +43,16 @@ fn main() -> Result<()> {
         let at = Tensor::randn(0f32, 1.0, (k, m), &dev)?.t()?;
         let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
         let flops = 2.0 * (m * k * n) as f64;
-        for (name, lhs) in [(format!("{m}x{k}x{n}"), &a), (format!("{m}x{k}x{n} lhsT"), &at)] {
+        let threads = candle_core::utils::get_num_threads();
+        for (name, lhs, transposed) in [(format!("{m}x{k}x{n}"), &a, false), (format!("{m}x{k}x{n} lhsT"), &at, true)] {
             let s = best_seconds(reps, || Ok(drop(lhs.matmul(&b)?)))?;
-            println!("{}", serde_json::json!({"name": name, "impl": "wick", "threads": candle_core::utils::get_num_threads(), "gflops": flops / s / 1e9}));
+            println!("{}", serde_json::json!({"name": name, "impl": "candle matmul (gemm crate)", "threads": threads, "gflops": flops / s / 1e9}));
+            // The same product on the same values, through wick's ops.
+            let stored = if transposed { lhs.t()?.contiguous()? } else { lhs.contiguous()? };
+            let (lhs_values, rhs_values) = (stored.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+            let mut dst = vec![0f32; m * n];
+            let s = best_seconds(reps, || Ok(wick::ops::gemm::matmul_f32(&mut dst, m, n, k, &lhs_values, transposed, &rhs_values, false)?))?;
+            println!("{}", serde_json::json!({"name": name, "impl": wick::ops::gemm::kernel_name(), "threads": threads, "gflops": flops / s / 1e9}));
         }
     }
     Ok(())

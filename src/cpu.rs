@@ -4,8 +4,10 @@
 //! several instruction sets in one binary and one is chosen at run time, so the same binary runs
 //! on AVX2-only machines and uses AVX-512 where it exists. `WICK_CPU_ISA=avx2|portable` caps the
 //! choice (read once), so the AVX2 path can be run and tested on an AVX-512 machine;
-//! [`set_isa_cap`] does the same from code (tests). gemm, candle's matrix product, makes its own
-//! choice by CPU detection (AVX-512 kernels through its `x86-v4` feature) and ignores the cap.
+//! [`set_isa_cap`] does the same from code (tests). The f32 matrix product of wick's ops is ours
+//! at the AVX2 level and the `gemm` crate's otherwise (`ops::gemm`); gemm, which candle's own
+//! matmul also runs, picks its kernels by CPU detection (AVX-512 ones through its `x86-v4`
+//! feature) and ignores the cap.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -148,15 +150,15 @@ pub fn read_bandwidth() -> f64 {
     best
 }
 
-/// One line for benchmark output: CPU, features, the kernels chosen, gemm's kernels, load.
+/// One line for benchmark output: CPU, features, the kernels chosen, the f32 matrix product's
+/// kernel, load.
 pub fn describe() -> String {
-    let gemm = if features().contains(&"avx512f") { "avx512 (x86-v4)" } else { "avx2" };
     format!(
-        "cpu: {}; features: {}; wick kernels: {}; gemm: {}; load average: {}",
+        "cpu: {}; features: {}; wick kernels: {}; f32 matmul: {}; load average: {}",
         model_name(),
         features().join(" "),
         isa().name(),
-        gemm,
+        crate::ops::gemm::kernel_name(),
         load_average().map_or("?".into(), |l| format!("{l:.2}"))
     )
 }

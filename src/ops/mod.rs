@@ -12,7 +12,7 @@ pub mod conv;
 pub mod conv_pool;
 pub mod cross_entropy;
 pub mod dropout;
-pub(crate) mod gemm;
+pub mod gemm;
 pub mod heads;
 pub mod linear;
 pub mod lstm;
@@ -117,4 +117,18 @@ mod tests {
         let err = OpsPath::parse("refrence").unwrap_err().to_string();
         assert!(err.contains("WICK_OPS") && err.contains("\"refrence\"") && err.contains("fused") && err.contains("reference"), "{err}");
     }
+}
+
+/// Deterministic values in [-1, 1).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
 }

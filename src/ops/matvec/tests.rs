@@ -4,18 +4,7 @@
 use super::*;
 use candle_core::{Device, Var};
 
-/// Deterministic values in [-1, 1).
-pub(super) fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+pub(super) use crate::ops::test_values as values;
 
 /// The weight in `dtype` (as the kernels read it) and its exact values as f32.
 fn weight(vals: &[f32], dtype: DType) -> Result<(CpuStorage, Vec<f32>)> {

@@ -1,0 +1,158 @@
+//! The f32 matrix product of wick's fused ops (linear, conv, attention tiles, LSTM layer): a
+//! bounds-checked front that picks the kernel at run time.
+//!
+//! [`product`] checks that each strided view stays inside its slice (so a shape mistake is an
+//! error, not memory corruption), then runs our AVX2 kernel ([`blis_avx2`]) at the AVX2 level and
+//! the `gemm` crate (candle's own product) at the AVX-512 level, where its x86-v4 kernels are the
+//! faster, and at the portable one. Products too narrow for the 6×16 tile go to `gemm` too.
+
+#[cfg(target_arch = "x86_64")]
+mod blis_avx2;
+
+use candle_core::Result;
+
+/// A strided view of a row-major or column-major matrix: element (r, c) is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major with `cols` columns.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with `cols` columns: (r, c) is `data[c·cols + r]`.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self { data, rs: 1, cs: cols }
+    }
+}
+
+/// Whether an `rows`×`cols` matrix with strides (rs, cs) fits in `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// `dst (m×n, row-major with row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)`; with
+/// `accumulate` the product is added to what `dst` holds. Runs on candle's thread count.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, parallelism)
+}
+
+/// [`matmul`] on the calling thread only: for small products inside a parallel loop.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_serial(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool) -> Result<()> {
+    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, gemm::Parallelism::None)
+}
+
+/// `dst = [dst +] scale·lhs·rhs` with the given parallelism: what [`matmul`] and
+/// [`matmul_serial`] call, and the kernels that pick their own thread split.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) -> Result<()> {
+    if !(fits(dst.len(), m, n, dst_rs, 1) && fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs)) {
+        candle_core::bail!("matmul: a {m}×{k} by {k}×{n} product does not fit its buffers")
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: `fits` checked that every element the three strided views address lies inside its
+    // slice; dst does not alias the inputs (it is borrowed mutably).
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if uses_blis_avx2(m, n) {
+            with_blis_avx2(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, threads_of(parallelism));
+            return Ok(());
+        }
+        with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism);
+    }
+    Ok(())
+}
+
+/// Whether [`product`] runs our AVX2 kernel: at the AVX2 level (detected, or AVX-512 capped by
+/// `WICK_CPU_ISA=avx2`), for products at least two tiles tall and wide (below that the zero
+/// padding of a 6×16 tile wastes more than `gemm`'s smaller tiles do).
+fn threads_of(parallelism: gemm::Parallelism) -> usize {
+    match parallelism {
+        gemm::Parallelism::None => 1,
+        gemm::Parallelism::Rayon(t) => t.max(1),
+    }
+}
+
+/// [`product`] on our AVX2 kernel.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the views fit their slices (as [`product`] checks).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_blis_avx2(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, threads: usize) {
+    let view = |v: View| blis_avx2::Mat { ptr: v.data.as_ptr(), rs: v.rs as isize, cs: v.cs as isize };
+    blis_avx2::gemm(m, n, k, view(lhs), view(rhs), dst.as_mut_ptr(), dst_rs, accumulate, scale, threads)
+}
+
+/// [`product`] on the `gemm` crate.
+///
+/// # Safety
+/// The views fit their slices (as [`product`] checks).
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_gemm_crate(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.data.as_ptr(),
+        rhs.cs as isize,
+        rhs.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+fn uses_blis_avx2(m: usize, n: usize) -> bool {
+    crate::cpu::isa() == crate::cpu::Isa::Avx2 && m >= 2 * blis_avx2::MR && n >= 2 * blis_avx2::NR
+}
+
+/// `dst (m×n) = lhs (m×k, or its transpose stored k×m) · rhs (k×n, or its transpose stored n×k)`,
+/// all row-major, through [`product`] on candle's thread count: the entry `benches/matmul` times.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lhs_transposed: bool, rhs: &[f32], rhs_transposed: bool) -> Result<()> {
+    let lhs = if lhs_transposed { View::transposed(lhs, m) } else { View::rows(lhs, k) };
+    let rhs = if rhs_transposed { View::transposed(rhs, k) } else { View::rows(rhs, n) };
+    matmul(dst, n, m, n, k, lhs, rhs, false)
+}
+
+/// The kernel [`product`] runs at the current level, for benchmark output.
+pub fn kernel_name() -> &'static str {
+    match crate::cpu::isa() {
+        crate::cpu::Isa::Avx2 => "wick avx2 6x16 (gemm crate below 12x32)",
+        crate::cpu::Isa::Avx512 => "gemm crate avx512 (x86-v4)",
+        crate::cpu::Isa::Portable => "gemm crate",
+    }
+}
+
+#[cfg(test)]
+mod tests;

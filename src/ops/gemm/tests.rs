@@ -1,0 +1,96 @@
+//! Both kernels [`product`] can run (ours at the AVX2 level, the `gemm` crate otherwise) against
+//! an f64 reference and against each other, on shapes that cross every block edge of ours (the
+//! 6×16 tile, MC = 144 rows, KC = 256 depths, NC = 4080 columns), with transposed operands, with
+//! and without accumulation, on one thread and split over two.
+
+use super::*;
+
+use crate::ops::test_values as values;
+
+/// `dst = [dst +] scale·lhs·rhs` in f64.
+#[allow(clippy::too_many_arguments)]
+fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            let dot: f64 = (0..k).map(|p| lhs.data[r * lhs.rs + p * lhs.cs] as f64 * rhs.data[p * rhs.rs + c * rhs.cs] as f64).sum();
+            out[r * n + c] = scale as f64 * dot + if accumulate { dst[r * n + c] as f64 } else { 0.0 };
+        }
+    }
+    out
+}
+
+/// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 9] = [
+    (12, 32, 1, false, false, false, 1.0),
+    (13, 35, 7, false, true, true, 1.0),
+    (37, 45, 29, true, false, false, 0.5),
+    (150, 33, 300, false, true, true, 1.0),
+    (149, 70, 513, true, true, false, 2.0),
+    (20, 4100, 9, false, false, true, 1.0),
+    (64, 64, 64, false, true, false, 0.125),
+    (7, 300, 50, true, true, true, 1.0),
+    (300, 5, 40, false, false, false, 1.0),
+];
+
+/// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the
+/// reference: within 1e-5 of the largest product term sum, relative.
+fn check(name: &str, run: impl Fn(&mut [f32], usize, usize, usize, View, View, bool, f32)) {
+    for (i, &(m, n, k, lt, rt, acc, scale)) in CASES.iter().enumerate() {
+        let (a, b) = (values(m * k, 3 * i as u64 + 1), values(k * n, 3 * i as u64 + 2));
+        let lhs = if lt { View::transposed(&a, m) } else { View::rows(&a, k) };
+        let rhs = if rt { View::transposed(&b, k) } else { View::rows(&b, n) };
+        let mut dst = values(m * n, 3 * i as u64 + 3);
+        let want = reference(&dst, m, n, k, lhs, rhs, acc, scale);
+        run(&mut dst, m, n, k, lhs, rhs, acc, scale);
+        let bound = 1e-5 * (k as f64 * scale.abs() as f64 + 1.0);
+        for (j, (&got, &want)) in dst.iter().zip(&want).enumerate() {
+            assert!((got as f64 - want).abs() <= bound, "{name}: case {i} ({m}×{n}×{k}), element {j}: {got} vs {want}");
+        }
+    }
+}
+
+fn gemm_crate(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    // SAFETY: the views come from slices of the right sizes.
+    pool.install(|| unsafe { with_gemm_crate(dst, n, m, n, k, lhs, rhs, acc, scale, gemm::Parallelism::Rayon(2)) });
+}
+
+#[test]
+fn the_gemm_crate_matches_the_reference() {
+    check("gemm crate", gemm_crate);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threads() {
+    if crate::cpu::detected_isa() < crate::cpu::Isa::Avx2 {
+        eprintln!("skipped: this CPU has no AVX2 + FMA");
+        return;
+    }
+    let ours = |threads: usize| {
+        move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            // SAFETY: AVX2 checked above; the views come from slices of the right sizes.
+            pool.install(|| unsafe { with_blis_avx2(dst, n, m, n, k, lhs, rhs, acc, scale, threads) });
+        }
+    };
+    check("ours, 1 thread", ours(1));
+    check("ours, 2 threads", ours(2));
+    // The two kernels agree with each other as closely as each agrees with the reference.
+    let (m, n, k) = (150, 200, 300);
+    let (a, b) = (values(m * k, 7), values(k * n, 8));
+    let (lhs, rhs) = (View::rows(&a, k), View::transposed(&b, k));
+    let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
+    ours(2)(&mut x, m, n, k, lhs, rhs, false, 1.0);
+    gemm_crate(&mut y, m, n, k, lhs, rhs, false, 1.0);
+    let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "the kernels differ by {worst}");
+}
+
+#[test]
+fn a_view_outside_its_slice_is_an_error() {
+    let (a, b, mut c) = (vec![0f32; 10], vec![0f32; 12], vec![0f32; 12]);
+    let err = matmul(&mut c, 4, 3, 4, 4, View::rows(&a, 4), View::rows(&b, 4), false).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+}
