@@ -305,10 +305,12 @@ pub(crate) fn gemm_by_blocks(x: &[f32], p: Problem, y: &mut [f32], convert_block
     );
 }
 
-/// y (m×n, rows `ldy` apart) += x (m×k, rows `ldx` apart) · W (element (i, j) at w[i·rs + j·cs]).
+/// y (m×n, rows `ldy` apart) += x (m×k, rows `ldx` apart) · W (element (i, j) at w[i·rs + j·cs]),
+/// through `ops::gemm` (our AVX2 kernel or the gemm crate, by level).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_acc(m: usize, n: usize, k: usize, y: *mut f32, ldy: usize, x: *const f32, ldx: usize, w: *const f32, cs: isize, rs: isize, par: gemm::Parallelism) {
-    unsafe { gemm::gemm(m, n, k, y, 1, ldy as isize, true, x, 1, ldx as isize, w, cs, rs, 1.0, 1.0, false, false, false, par) }
+    let (x, w) = (super::gemm::Mat { ptr: x, rs: ldx as isize, cs: 1 }, super::gemm::Mat { ptr: w, rs, cs });
+    unsafe { super::gemm::product_raw(y, ldy, m, n, k, x, w, true, 1.0, par) }
 }
 
 /// `x` (..., k) times the weight `w` as stored ((k, n) for `InOut`, (n, k) for `OutIn`) plus

@@ -15,6 +15,7 @@
 //! Per depth step the micro-kernel does 2 loads of B, 6 broadcasts of A and 12 FMAs: two FMA
 //! ports are busy every cycle, which is the CPU's peak.
 
+use super::Mat;
 use std::arch::x86_64::*;
 
 pub(crate) const MR: usize = 6;
@@ -22,17 +23,6 @@ pub(crate) const NR: usize = 16;
 const KC: usize = 256;
 const MC: usize = 144;
 const NC: usize = 4080;
-
-/// A strided read-only matrix: element (r, c) at `ptr + r·rs + c·cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-// SAFETY: a Mat is only read, and only while the slice it was made from is borrowed by the caller.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
 
 impl Mat {
     #[inline(always)]

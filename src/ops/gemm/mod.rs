@@ -70,67 +70,58 @@ pub(crate) fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usi
     }
     // SAFETY: `fits` checked that every element the three strided views address lies inside its
     // slice; dst does not alias the inputs (it is borrowed mutably).
-    unsafe {
-        #[cfg(target_arch = "x86_64")]
-        if uses_blis_avx2(m, n) {
-            with_blis_avx2(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, threads_of(parallelism));
-            return Ok(());
-        }
-        with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism);
-    }
+    unsafe { product_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs.into(), rhs.into(), accumulate, scale, parallelism) };
     Ok(())
+}
+
+/// A strided read-only matrix on a raw pointer: element (r, c) at `ptr + r·rs + c·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+// SAFETY: a Mat is only read, and only while the slice it was made from is borrowed by the caller.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl From<View<'_>> for Mat {
+    fn from(v: View) -> Self {
+        Mat { ptr: v.data.as_ptr(), rs: v.rs as isize, cs: v.cs as isize }
+    }
+}
+
+/// [`product`] on raw pointers, without its checks: for callers whose parallel tasks write
+/// disjoint column blocks of one output (the many-rows path of `ops::matvec`).
+///
+/// # Safety
+/// `lhs` addresses m×k valid elements, `rhs` k×n, `dst` m rows of n (`dst_rs` apart, column
+/// stride 1) that nothing else reads or writes meanwhile; k > 0.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
+    #[cfg(target_arch = "x86_64")]
+    if uses_blis_avx2(m, n) {
+        let threads = match parallelism {
+            gemm::Parallelism::None => 1,
+            gemm::Parallelism::Rayon(t) => t.max(1),
+        };
+        return blis_avx2::gemm(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads);
+    }
+    with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism)
+}
+
+/// [`product_raw`] on the `gemm` crate, whatever the level.
+///
+/// # Safety
+/// As [`product_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_gemm_crate(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, scale, false, false, false, parallelism)
 }
 
 /// Whether [`product`] runs our AVX2 kernel: at the AVX2 level (detected, or AVX-512 capped by
 /// `WICK_CPU_ISA=avx2`), for products at least two tiles tall and wide (below that the zero
 /// padding of a 6×16 tile wastes more than `gemm`'s smaller tiles do).
-fn threads_of(parallelism: gemm::Parallelism) -> usize {
-    match parallelism {
-        gemm::Parallelism::None => 1,
-        gemm::Parallelism::Rayon(t) => t.max(1),
-    }
-}
-
-/// [`product`] on our AVX2 kernel.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA, and the views fit their slices (as [`product`] checks).
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn with_blis_avx2(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, threads: usize) {
-    let view = |v: View| blis_avx2::Mat { ptr: v.data.as_ptr(), rs: v.rs as isize, cs: v.cs as isize };
-    blis_avx2::gemm(m, n, k, view(lhs), view(rhs), dst.as_mut_ptr(), dst_rs, accumulate, scale, threads)
-}
-
-/// [`product`] on the `gemm` crate.
-///
-/// # Safety
-/// The views fit their slices (as [`product`] checks).
-#[allow(clippy::too_many_arguments)]
-unsafe fn with_gemm_crate(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.data.as_ptr(),
-        lhs.cs as isize,
-        lhs.rs as isize,
-        rhs.data.as_ptr(),
-        rhs.cs as isize,
-        rhs.rs as isize,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        parallelism,
-    )
-}
-
 #[cfg(target_arch = "x86_64")]
 fn uses_blis_avx2(m: usize, n: usize) -> bool {
     crate::cpu::isa() == crate::cpu::Isa::Avx2 && m >= 2 * blis_avx2::MR && n >= 2 * blis_avx2::NR

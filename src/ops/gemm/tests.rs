@@ -53,7 +53,7 @@ fn check(name: &str, run: impl Fn(&mut [f32], usize, usize, usize, View, View, b
 fn gemm_crate(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     // SAFETY: the views come from slices of the right sizes.
-    pool.install(|| unsafe { with_gemm_crate(dst, n, m, n, k, lhs, rhs, acc, scale, gemm::Parallelism::Rayon(2)) });
+    pool.install(|| unsafe { with_gemm_crate(dst.as_mut_ptr(), n, m, n, k, lhs.into(), rhs.into(), acc, scale, gemm::Parallelism::Rayon(2)) });
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
         move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             // SAFETY: AVX2 checked above; the views come from slices of the right sizes.
-            pool.install(|| unsafe { with_blis_avx2(dst, n, m, n, k, lhs, rhs, acc, scale, threads) });
+            pool.install(|| unsafe { blis_avx2::gemm(m, n, k, lhs.into(), rhs.into(), dst.as_mut_ptr(), n, acc, scale, threads) });
         }
     };
     check("ours, 1 thread", ours(1));
