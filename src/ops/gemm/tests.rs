@@ -1,7 +1,8 @@
 //! Both kernels [`product`] can run (ours at the AVX2 level, the `gemm` crate otherwise) against
 //! an f64 reference and against each other, on shapes that cross every block edge of ours (the
 //! 6×16 tile, MC = 144 rows, KC = 256 depths, NC = 4080 columns), with transposed operands, with
-//! and without accumulation, on one thread and split over two.
+//! and without accumulation, on one thread and split over two. Our kernel is called directly, so
+//! it is checked on the short and narrow shapes `product` gives the gemm crate as well.
 
 use super::*;
 
