@@ -39,7 +39,7 @@ impl Activation {
         match self {
             Self::Relu => x.relu(),
             Self::Gelu => crate::ops::activation::gelu_erf(x),
-            Self::GeluNew => x.gelu(),
+            Self::GeluNew => crate::ops::activation::gelu_tanh(x),
             Self::Tanh => x.tanh(),
             Self::Sigmoid => candle_nn::ops::sigmoid(x),
             Self::Silu => x.silu(),
