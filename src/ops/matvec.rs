@@ -10,14 +10,15 @@
 //! Few rows (m ≤ [`MATVEC_ROWS`]): our kernels (`matvec/kernels.rs`) widen 8 or 16 weights at a
 //! time to f32 inside the product (F16C's `vcvtph2ps` for f16, a 16-bit shift for bf16) and
 //! accumulate in f32 registers, in tiles of up to 4 rows of x so that each weight loaded serves
-//! every row (and 8 independent accumulators for a single row). The work is split over the rayon pool by output columns (the (in, out) layout: each
-//! task streams its columns of W block by block of rows) or by rows of W (the (out, in) layout:
-//! each task takes dot products of whole contiguous rows). Memory traffic: the weight once, x and
+//! every row (and 8 independent accumulators for a single row). The work is split over the rayon
+//! pool by output columns (the (in, out) layout: each task streams its columns of W block by
+//! block of rows) or by rows of W (the (out, in) layout: each task takes dot products of whole
+//! contiguous rows). Memory traffic: the weight once, x and
 //! y (m·(k + n) floats, cache-resident) a few times; no allocation but the output.
 //!
 //! Many rows (the prompt pass): compute-bound, so the weight is converted to f32 in blocks of
-//! 256 × 128 (per rayon task, into a buffer that stays in L2) and each block goes through `gemm`
-//! (candle's CPU product); f32 weights go to `gemm` directly.
+//! 256 × 128 (per rayon task, into a buffer that stays in L2) and each block goes through
+//! `ops::gemm` (our AVX2 product or the `gemm` crate); f32 weights go there directly.
 //!
 //! Kernels exist for AVX-512, AVX2+FMA+F16C and portable Rust, chosen by [`crate::cpu::isa`].
 //! [`matmul_weight`] is the autograd op (its backward pass: dx by the same product with the
@@ -35,7 +36,7 @@ pub(crate) mod quantized;
 mod tests;
 
 /// Products with at most this many rows run our kernels; more rows go through `gemm`.
-pub const MATVEC_ROWS: usize = 8;
+pub const MATVEC_ROWS: usize = 16;
 
 /// A stored weight element type, for the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
