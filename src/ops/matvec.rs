@@ -13,8 +13,8 @@
 //! every row (and 8 independent accumulators for a single row). The work is split over the rayon
 //! pool by output columns (the (in, out) layout: each task streams its columns of W block by
 //! block of rows) or by rows of W (the (out, in) layout: each task takes dot products of whole
-//! contiguous rows). Memory traffic: the weight once, x and
-//! y (m·(k + n) floats, cache-resident) a few times; no allocation but the output.
+//! contiguous rows). Memory traffic: the weight once, x and y (m·(k + n) floats, cache-resident)
+//! a few times; no allocation but the output.
 //!
 //! Many rows (the prompt pass): compute-bound, so the weight is converted to f32 in blocks of
 //! 256 × 128 (per rayon task, into a buffer that stays in L2) and each block goes through
