@@ -130,6 +130,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// (seed, position) (`ops/dropout.rs`), so the fused CPU op applies it tile by tile in both
 /// passes and the CPU reference path (`WICK_OPS=reference`) draws the same mask; other
 /// devices run the reference path with their own generator.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return attention(q, k, v, key_mask, scale, causal);
