@@ -25,8 +25,10 @@
 //!
 //! On CPUs with AVX-512 and head_dim a multiple of 16 the tile products are micro-kernels of our
 //! own with the queries along the vector lanes (`attention/avx512.rs`, which explains the layout);
-//! elsewhere the same algorithm runs with the `gemm` crate (candle's CPU matrix product) and
-//! 16-lane chunked softmax loops compiled for AVX-512 or AVX2+FMA, chosen at run time.
+//! the forward pass without dropout has an AVX2+FMA twin for head_dim a multiple of 8
+//! (`attention/avx2.rs`). Elsewhere (dropout, other head sizes, the AVX2 backward) the same
+//! algorithm runs with the `gemm` crate (candle's CPU matrix product) and 16-lane chunked softmax
+//! loops compiled for AVX-512 or AVX2+FMA, chosen at run time.
 //!
 //! The backward pass is fused too (flash-attention 2's): per (batch, head), for each key tile
 //! and each query block that sees it, P is recomputed from the saved logsumexp and
@@ -128,6 +130,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<
 /// (seed, position) (`ops/dropout.rs`), so the fused CPU op applies it tile by tile in both
 /// passes and the CPU reference path (`WICK_OPS=reference`) draws the same mask; other
 /// devices run the reference path with their own generator.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return attention(q, k, v, key_mask, scale, causal);
@@ -181,7 +184,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Ten
 }
 
 /// [`fused_attention`], with dropout on the probabilities (CPU only) and, for the tests, the
-/// portable kernel forced where the AVX-512 one would run.
+/// portable kernel forced where the AVX-512 or AVX2 one would run.
 #[allow(clippy::too_many_arguments)]
 fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>, scale: f64, causal: bool, dropout: Option<DropoutMask>, portable: bool) -> Result<Tensor> {
     let (b, h, _lq, _lk, d) = dims(q, k, v, key_mask)?;
@@ -219,7 +222,7 @@ fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Te
 
 /// The extra memory the fused CPU forward pass allocates beyond its inputs and output, in bytes,
 /// with `threads` tasks in flight: the saved logsumexp (4·batch·heads·q_len) and, per task, one
-/// score tile (and on the AVX-512 path the task's packed queries; the running max and sum live
+/// score tile (and on the AVX-512 and AVX2 paths the task's packed queries; the running max and sum live
 /// on the stack). (f16/bf16 inputs also take an f32
 /// copy of q, k, v and of the output.)
 pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize, threads: usize) -> usize {
@@ -227,6 +230,11 @@ pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_
     if avx512::usable(head_dim) {
         // scale·Qᵀ (BQ × head_dim) and Sᵀ (BK × BQ) per task
         let task = (avx512::BQ * head_dim + avx512::BK * avx512::BQ) * 4;
+        return 4 * batch * heads * q_len + threads * task;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable(head_dim) {
+        let task = (avx2::BQ * head_dim + avx2::BK * avx2::BQ) * 4;
         return 4 * batch * heads * q_len + threads * task;
     }
     let _ = head_dim;
@@ -245,7 +253,7 @@ struct FusedAttention {
     /// The logsumexp of every row's scaled scores (+inf for rows that see no key), saved by the
     /// CPU forward pass for the backward pass.
     lse: Mutex<Option<Vec<f32>>>,
-    /// Use the portable CPU kernel even where the AVX-512 one applies (for tests).
+    /// Use the portable CPU kernel even where the AVX-512 or AVX2 one applies (for tests).
     portable: bool,
     /// Dropout on the probabilities (CPU; it runs the portable kernel, which supports it).
     dropout: Option<DropoutMask>,
@@ -280,6 +288,49 @@ impl Problem<'_> {
     fn keys(&self, bh: usize) -> Option<&[f32]> {
         self.mask.map(|m| &m[(bh / self.h) * self.lk..][..self.lk])
     }
+    /// Rows `r0..r0 + rows` of head `bh`'s queries, and the head's keys and values.
+    fn block(&self, bh: usize, r0: usize, rows: usize) -> (&[f32], &[f32], &[f32]) {
+        let (d, lk) = (self.d, self.lk);
+        (&self.q[(bh * self.lq + r0) * d..][..rows * d], &self.k[bh * lk * d..][..lk * d], &self.v[bh * lk * d..][..lk * d])
+    }
+    /// qt[c·ld + i] = scale·q[i][c] for the rows of `q` (queries along the vector lanes of the
+    /// micro-kernels); the lanes past them stay as they are (zero when fresh).
+    fn pack_scaled_t(&self, q: &[f32], qt: &mut [f32], ld: usize) {
+        let d = self.d;
+        for (i, row) in q.chunks_exact(d).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                qt[c * ld + i] = x * self.scale;
+            }
+        }
+    }
+    /// limit[i] = how many leading keys row r0 + i sees, as i32 (lanes past the last row: as
+    /// the last row), for lane-wise causal masks.
+    fn lane_limits(&self, r0: usize, limit: &mut [i32]) {
+        for (i, x) in limit.iter_mut().enumerate() {
+            *x = self.limit((r0 + i).min(self.lq - 1)) as i32;
+        }
+    }
+}
+
+/// The key tiles (first key, length, the tile's slice of the padding mask) of at most `bk` keys
+/// below `end`, without those the padding mask hides entirely.
+fn key_tiles(keys: Option<&[f32]>, end: usize, bk: usize) -> impl Iterator<Item = (usize, usize, Option<&[f32]>)> {
+    (0..end).step_by(bk).map(move |j0| (j0, bk.min(end - j0), keys.map(|ks| &ks[j0..bk.min(end - j0) + j0]))).filter(|(_, _, ks)| !ks.is_some_and(|ks| ks.iter().all(|&x| x == 0.0)))
+}
+
+/// The end of an online softmax: each row of `o` (d columns) divided by its sum l, and lse =
+/// m + ln l; rows that saw no key get 0 and lse = +∞.
+fn finish_rows(o: &mut [f32], d: usize, m: &[f32], l: &[f32], lse: &mut [f32]) {
+    for (i, row) in o.chunks_exact_mut(d).enumerate() {
+        if l[i] > 0.0 {
+            let inv = 1.0 / l[i];
+            row.iter_mut().for_each(|x| *x *= inv);
+            lse[i] = m[i] + l[i].ln();
+        } else {
+            row.fill(0.0);
+            lse[i] = f32::INFINITY;
+        }
+    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -296,19 +347,25 @@ impl CustomOp3 for FusedAttention {
         let mut out = vec![0f32; b * h * lq * d];
         let mut lse = vec![0f32; b * h * lq];
         if lq > 0 && d > 0 {
+            // our micro-kernels (no dropout there), or the `gemm`-crate tiles
             #[cfg(target_arch = "x86_64")]
-            let fast = !self.portable && self.dropout.is_none() && avx512::usable(d);
-            #[cfg(not(target_arch = "x86_64"))]
-            let fast = {
-                let _ = self.portable;
-                false
+            let (fast512, fast2) = {
+                let ours = !self.portable && self.dropout.is_none();
+                (ours && avx512::usable(d), ours && avx2::usable(d))
             };
-            let br = if fast { avx512::BQ } else { BR };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (fast512, fast2) = {
+                let _ = self.portable;
+                (false, false)
+            };
+            let br = if fast512 { avx512::BQ } else if fast2 { avx2::BQ } else { BR };
             out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
                 o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
                     #[cfg(target_arch = "x86_64")]
-                    if fast {
+                    if fast512 {
                         return avx512::forward_block(&p, bh, qb * br, o, l);
+                    } else if fast2 {
+                        return avx2::forward_block(&p, bh, qb * br, o, l);
                     }
                     simd::forward_block(&p, bh, qb * br, o, l);
                 })
@@ -741,6 +798,8 @@ mod simd {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 use super::dropout::DropoutMask;
 
@@ -769,6 +828,61 @@ mod tests {
             for (ours, x) in [(&dq, &q), (&dk, &k), (&dv, &v)] {
                 let err = (ours - g.get(x).unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 1e-4, "recompute backward off by {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The AVX2 forward kernel, called directly (on any CPU with AVX2+FMA, whatever
+    /// `wick::cpu::isa` picks), against an f64 loop and the portable kernel on shapes that are no
+    /// multiple of its tiles: 1..300 rows and keys, head_dim 8/32/64, causal with more queries
+    /// than keys (rows that see nothing), and a padding mask with a hole.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_forward_matches_f64_and_portable() -> Result<()> {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (b, h) = (2, 2);
+        let cases = [(1, 1, 8), (7, 300, 64), (65, 65, 32), (300, 300, 64), (65, 7, 8), (300, 129, 32), (3, 130, 64), (64, 256, 64)];
+        for (lq, lk, d) in cases {
+            for (causal, masked) in [(false, false), (true, false), (false, true), (true, true)] {
+                let rand = |l: usize| -> Result<Vec<f32>> { Tensor::randn(0f32, 1.0, (b, h, l, d), &dev)?.flatten_all()?.to_vec1() };
+                let (q, k, v) = (rand(lq)?, rand(lk)?, rand(lk)?);
+                // batch 1: keys past lk/2 padded, and key 2 as a hole
+                let mask: Vec<f32> = (0..b * lk).map(|i| (i < lk || (i % lk <= lk / 2 && i % lk != 2)) as u8 as f32).collect();
+                let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), h, lq, lk, d, scale: 0.3, causal, dropout: None };
+                let (mut o, mut lse) = (vec![0f32; b * h * lq * d], vec![0f32; b * h * lq]);
+                for bh in 0..b * h {
+                    for r0 in (0..lq).step_by(avx2::BQ) {
+                        let rows = avx2::BQ.min(lq - r0);
+                        avx2::forward_block(&p, bh, r0, &mut o[(bh * lq + r0) * d..][..rows * d], &mut lse[bh * lq + r0..][..rows]);
+                    }
+                }
+                let mut worst = 0f64;
+                for bh in 0..b * h {
+                    for i in 0..lq {
+                        let qi = &q[(bh * lq + i) * d..][..d];
+                        let seen: Vec<usize> = (0..p.limit(i)).filter(|&j| p.keys(bh).is_none_or(|ks| ks[j] != 0.0)).collect();
+                        let s: Vec<f64> = seen.iter().map(|&j| 0.3 * (0..d).map(|c| qi[c] as f64 * k[(bh * lk + j) * d + c] as f64).sum::<f64>()).collect();
+                        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                        let want_lse = if seen.is_empty() { f64::INFINITY } else { mx + sum.ln() };
+                        let got_lse = lse[bh * lq + i] as f64;
+                        assert!(got_lse == want_lse || (got_lse - want_lse).abs() < 1e-4, "lse {got_lse} vs {want_lse} ({lq}, {lk}, {d}, causal {causal}, masked {masked})");
+                        for c in 0..d {
+                            let want: f64 = seen.iter().zip(&s).map(|(&j, x)| (x - mx).exp() / sum * v[(bh * lk + j) * d + c] as f64).sum();
+                            worst = worst.max((o[(bh * lq + i) * d + c] as f64 - want).abs());
+                        }
+                    }
+                }
+                assert!(worst < 3e-5, "off the f64 reference by {worst} ({lq}, {lk}, {d}, causal {causal}, masked {masked})");
+                let t = |x: &[f32], l: usize| Tensor::from_slice(x, (b, h, l, d), &dev);
+                let mt = Tensor::from_slice(&mask, (b, lk), &dev)?;
+                let portable = fused_attention_impl(&t(&q, lq)?, &t(&k, lk)?, &t(&v, lk)?, masked.then_some(&mt), 0.3, causal, None, true)?;
+                let err = (portable - t(&o, lq)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 3e-5, "off the portable kernel by {err}");
             }
         }
         Ok(())

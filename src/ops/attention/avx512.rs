@@ -224,44 +224,29 @@ pub fn forward_block(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut
 
 #[target_feature(enable = "avx512f")]
 unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
-    let (d, lk) = (p.d, p.lk);
+    let d = p.d;
     let rows = lse.len();
     assert!(rows <= BQ && o.len() == rows * d && d.is_multiple_of(16));
     let nr = rows.div_ceil(16);
-    let q = &p.q[(bh * p.lq + r0) * d..][..rows * d];
-    let k = &p.k[bh * lk * d..][..lk * d];
-    let v = &p.v[bh * lk * d..][..lk * d];
+    let (q, k, v) = p.block(bh, r0, rows);
     let keys = p.keys(bh);
     // scale·Qᵀ, zero in the lanes past `rows`
     let mut qt = vec![0f32; if rows <= DOT_ROWS { 0 } else { d * BQ }];
     if rows > DOT_ROWS {
-        for i in 0..rows {
-            for c in 0..d {
-                qt[c * BQ + i] = q[i * d + c] * p.scale;
-            }
-        }
+        p.pack_scaled_t(q, &mut qt, BQ);
     }
     let mut st = vec![0f32; BK * BQ];
     let mut m = [f32::NEG_INFINITY; BQ];
     let mut l = [0f32; BQ];
     let mut corr = [1f32; BQ];
-    // per lane: how many keys the query row sees (causal), as i32
+    // per lane: how many keys the query row sees (causal)
     let mut limit = [0i32; BQ];
-    for (i, x) in limit.iter_mut().enumerate() {
-        *x = p.limit((r0 + i).min(p.lq - 1)) as i32;
-    }
+    p.lane_limits(r0, &mut limit);
     o.fill(0.0);
     let end = p.limit(r0 + rows - 1);
     let first_full = p.limit(r0); // keys below this are visible to every row of the block
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut j0 = 0;
-    while j0 < end {
-        let n = BK.min(end - j0);
-        let tile_keys = keys.map(|ks| &ks[j0..j0 + n]);
-        if tile_keys.is_some_and(|ks| ks.iter().all(|&x| x == 0.0)) {
-            j0 += n;
-            continue;
-        }
+    for (j0, n, tile_keys) in super::key_tiles(keys, end, BK) {
         let kt = k[j0 * d..(j0 + n) * d].as_ptr();
         if rows <= DOT_ROWS {
             unsafe { qk_dot(q.as_ptr(), rows, kt, n, d, p.scale, st.as_mut_ptr()) };
@@ -307,19 +292,8 @@ unsafe fn forward_block_impl(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
         let vt = v[j0 * d..(j0 + n) * d].as_ptr();
         // O = corr∘O + P·V, P(i, j) = Sᵀ[j][i]
         unsafe { product(st.as_ptr(), 1, BQ, vt, n, o.as_mut_ptr(), corr.as_ptr(), rows, d) };
-        j0 += n;
     }
-    for i in 0..rows {
-        let row = &mut o[i * d..(i + 1) * d];
-        if l[i] > 0.0 {
-            let inv = 1.0 / l[i];
-            row.iter_mut().for_each(|x| *x *= inv);
-            lse[i] = m[i] + l[i].ln();
-        } else {
-            row.fill(0.0);
-            lse[i] = f32::INFINITY;
-        }
-    }
+    super::finish_rows(o, d, &m, &l, lse);
 }
 
 /// The gradients of one (batch, head) (flash-attention 2's backward pass with the layouts of the
