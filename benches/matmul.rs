@@ -45,7 +45,10 @@ fn main() -> Result<()> {
         let flops = 2.0 * (m * k * n) as f64;
         let threads = candle_core::utils::get_num_threads();
         for (name, lhs, transposed) in [(format!("{m}x{k}x{n}"), &a, false), (format!("{m}x{k}x{n} lhsT"), &at, true)] {
-            let s = best_seconds(reps, || Ok(drop(lhs.matmul(&b)?)))?;
+            let s = best_seconds(reps, || {
+                lhs.matmul(&b)?;
+                Ok(())
+            })?;
             println!("{}", serde_json::json!({"name": name, "impl": "candle matmul (gemm crate)", "threads": threads, "gflops": flops / s / 1e9}));
             // The same product on the same values, through wick's ops.
             let stored = if transposed { lhs.t()?.contiguous()? } else { lhs.contiguous()? };

@@ -105,20 +105,6 @@ pub(crate) fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Re
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ops_path_values_parse_and_unknown_ones_name_the_allowed_values() {
-        assert_eq!(OpsPath::parse("Reference").unwrap(), OpsPath::Reference);
-        assert_eq!(OpsPath::parse("fused").unwrap(), OpsPath::Fused);
-        assert_eq!(OpsPath::parse("").unwrap(), OpsPath::Fused);
-        let err = OpsPath::parse("refrence").unwrap_err().to_string();
-        assert!(err.contains("WICK_OPS") && err.contains("\"refrence\"") && err.contains("fused") && err.contains("reference"), "{err}");
-    }
-}
-
 /// Deterministic values in [-1, 1).
 #[cfg(test)]
 pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
@@ -131,4 +117,18 @@ pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_path_values_parse_and_unknown_ones_name_the_allowed_values() {
+        assert_eq!(OpsPath::parse("Reference").unwrap(), OpsPath::Reference);
+        assert_eq!(OpsPath::parse("fused").unwrap(), OpsPath::Fused);
+        assert_eq!(OpsPath::parse("").unwrap(), OpsPath::Fused);
+        let err = OpsPath::parse("refrence").unwrap_err().to_string();
+        assert!(err.contains("WICK_OPS") && err.contains("\"refrence\"") && err.contains("fused") && err.contains("reference"), "{err}");
+    }
 }

@@ -105,7 +105,7 @@ unsafe fn pack_a(ap: &mut [f32], a: Mat, mc: usize, kc: usize) {
         } else if a.rs == 1 && rows == MR {
             // Columns of A are contiguous (dZᵀ in dZᵀ·x): a run of 6 per depth, 8 depths ahead
             // prefetched (each depth is a different row of the stored matrix, often a new page).
-            let src = a.ptr.offset((q * MR) as isize);
+            let src = a.ptr.add(q * MR);
             for p in 0..kc {
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_offset((p + 8) as isize * a.cs) as *const i8);
                 std::ptr::copy_nonoverlapping(src.offset(p as isize * a.cs), dst.as_mut_ptr().add(p * MR), MR);
@@ -237,6 +237,7 @@ thread_local! {
 /// # Safety
 /// The CPU has AVX2 and FMA; `a` addresses m×k elements, `b` k×n and `c` m rows of n (row stride
 /// `ldc`), all valid, and `c` overlaps neither.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, accumulate: bool, scale: f32) {
     BUFFERS.with_borrow_mut(|(ap, bp)| {
         let kc_max = KC.min(k);
@@ -271,10 +272,18 @@ pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c
     })
 }
 
+/// C's pointer, shared by the tasks of [`gemm`], each writing its own rows or columns.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint parts of C.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// (A method, so that closures capture the whole Send wrapper, not its raw field.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Below this many multiply-adds a product runs on the calling thread: handing work to the pool
 /// (a wake-up and a join, some microseconds) costs more than it saves.
@@ -285,6 +294,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 ///
 /// # Safety
 /// As [`gemm_serial`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, accumulate: bool, scale: f32, threads: usize) {
     use rayon::prelude::*;
     let split_m = m >= n;
@@ -296,16 +306,15 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut 
     let per = len.div_ceil(unit).div_ceil(tasks) * unit;
     let cp = SendPtr(c);
     (0..tasks).into_par_iter().for_each(|t| {
-        let cp = cp;
         let start = t * per;
         if start >= len {
             return;
         }
         let size = per.min(len - start);
         if split_m {
-            gemm_serial(size, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..a }, b, cp.0.add(start * ldc), ldc, accumulate, scale);
+            gemm_serial(size, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..a }, b, cp.get().add(start * ldc), ldc, accumulate, scale);
         } else {
-            gemm_serial(m, size, k, a, Mat { ptr: b.ptr.offset(start as isize * b.cs), ..b }, cp.0.add(start), ldc, accumulate, scale);
+            gemm_serial(m, size, k, a, Mat { ptr: b.ptr.offset(start as isize * b.cs), ..b }, cp.get().add(start), ldc, accumulate, scale);
         }
     });
 }

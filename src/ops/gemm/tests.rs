@@ -51,6 +51,7 @@ fn check(name: &str, run: impl Fn(&mut [f32], usize, usize, usize, View, View, b
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_crate(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     // SAFETY: the views come from slices of the right sizes.
