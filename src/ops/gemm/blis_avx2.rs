@@ -1,7 +1,8 @@
 //! Our f32 matrix product for AVX2 + FMA CPUs, BLIS-style (Goto's algorithm): what
 //! `ops::gemm::product` runs at the AVX2 level. On this project's AMD EPYC (Zen 3, 2 threads) it
-//! ran 1.1–1.9× the `gemm` crate on the products of BERT, the MLP and the LSTM (notes/cpu-speed.md);
-//! `gemm` stays the product at the AVX-512 level (its x86-v4 kernels) and the portable one.
+//! ran 1.15–1.7× the `gemm` crate on the products of BERT-base and MiniLM training steps
+//! (`benches/matmul`, notes/cpu-speed.md); `gemm` stays the product at the AVX-512 level (its
+//! x86-v4 kernels), at the portable one, and for products too short or narrow for this one.
 //!
 //! Algorithm: C (m×n) = [C +] scale · A (m×k) · B (k×n), any strides for A and B, C row-major.
 //!   for each block of KC depths:                      (B block KC×NC and A block MC×KC packed)
