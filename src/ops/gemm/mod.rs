@@ -4,7 +4,8 @@
 //! [`product`] checks that each strided view stays inside its slice (so a shape mistake is an
 //! error, not memory corruption), then runs our AVX2 kernel ([`blis_avx2`]) at the AVX2 level and
 //! the `gemm` crate (candle's own product) at the AVX-512 level, where its x86-v4 kernels are the
-//! faster, and at the portable one. Products too narrow for the 6×16 tile go to `gemm` too.
+//! faster, and at the portable one. Products of fewer than 64 rows or 32 columns go to `gemm`
+//! too (`uses_blis_avx2` says why).
 
 #[cfg(target_arch = "x86_64")]
 mod blis_avx2;
