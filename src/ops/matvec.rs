@@ -35,7 +35,10 @@ pub(crate) mod quantized;
 #[cfg(test)]
 mod tests;
 
-/// Products with at most this many rows run our kernels; more rows go through `gemm`.
+/// Products with at most this many rows run our kernels; more rows go through a GEMM. At 16 rows
+/// (batch-16 decoding) ours stream the weight once where the `gemm` crate first copies it into
+/// panels: GPT-2-small decoding measured 201–212 tok/s through ours against 116–160 through
+/// `gemm`; at 32 rows `gemm` was ahead (142–151 against 126–134).
 pub const MATVEC_ROWS: usize = 16;
 
 /// A stored weight element type, for the kernels.
