@@ -14,13 +14,16 @@ use candle_core::{Device, Tensor};
 use std::time::Instant;
 use wick::ops::linear::{Dense, WeightLayout};
 
-/// (in, out) of GPT-2-small's linear layers, and its LM head.
-const SHAPES: [(&str, usize, usize, WeightLayout); 5] = [
+/// (in, out) of GPT-2-small's linear layers, and its LM head; the MLP's two also stored
+/// transposed (`.T`, the (out, in) layout), to compare the two layouts' kernels on one shape.
+const SHAPES: [(&str, usize, usize, WeightLayout); 7] = [
     ("attn.c_attn", 768, 2304, WeightLayout::InOut),
     ("attn.c_proj", 768, 768, WeightLayout::InOut),
     ("mlp.c_fc", 768, 3072, WeightLayout::InOut),
     ("mlp.c_proj", 3072, 768, WeightLayout::InOut),
     ("lm_head", 768, 50257, WeightLayout::OutIn),
+    ("mlp.c_fc.T", 768, 3072, WeightLayout::OutIn),
+    ("mlp.c_proj.T", 3072, 768, WeightLayout::OutIn),
 ];
 
 /// Weight bytes cycled per shape: past the last-level cache of any current CPU.

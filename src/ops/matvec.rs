@@ -193,6 +193,9 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
     if p.m > MATVEC_ROWS {
         return many_rows::<W>(isa, x, w, p, y);
     }
+    if p.layout == WeightLayout::InOut && tasks > 1 {
+        return in_out_by_rows::<W>(isa, x, w, p, y, tasks);
+    }
     // Column ranges aligned to whole strips (8 vectors of 16 lanes) or whole groups of 8 rows.
     let align = if p.layout == WeightLayout::InOut { 128 } else { 8 };
     let per = p.n.div_ceil(align).div_ceil(tasks.max(1)) * align;
@@ -202,7 +205,7 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
         let (j0, j1) = (t * per, ((t + 1) * per).min(p.n));
         // SAFETY: x, w and y hold m·k, k·n and m·n elements (checked by `product`); the level
         // is supported by this CPU; tasks write disjoint columns [j0, j1) of y.
-        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, j0, j1, out.get()) }
+        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, 0..p.k, j0, j1, out.get()) }
     };
     if tasks <= 1 {
         task(0)
@@ -211,20 +214,45 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
     }
 }
 
+/// The (in, out) layout split over tasks by rows of W: each task streams one contiguous part of
+/// the weight (every column of its rows) into its own partial sum, and the partial sums are
+/// added at the end (m·n floats each, cache-resident).
+fn in_out_by_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], tasks: usize) {
+    // Whole blocks of rows per task (16 is the largest `kernels::block_rows`).
+    let per = p.k.div_ceil(tasks).next_multiple_of(16);
+    let tasks = p.k.div_ceil(per);
+    let partial: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let rows = t * per..((t + 1) * per).min(p.k);
+            let mut part = if t == 0 { y.to_vec() } else { vec![0f32; y.len()] };
+            // SAFETY: as in `run`; each task writes only its own buffer.
+            unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, rows, 0, p.n, part.as_mut_ptr()) };
+            part
+        })
+        .collect();
+    y.copy_from_slice(&partial[0]);
+    for part in &partial[1..] {
+        for (a, b) in y.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+}
+
 /// y[.., j0..j1] += x · W[.., j0..j1] at level `isa`.
-unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Problem, j0: usize, j1: usize, y: *mut f32) {
+unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Problem, rows: std::ops::Range<usize>, j0: usize, j1: usize, y: *mut f32) {
     let Problem { m, k, n, layout } = p;
     unsafe {
         match (isa, layout) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, WeightLayout::InOut) => kernels::avx512::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            (Isa::Avx512, WeightLayout::InOut) => kernels::avx512::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, WeightLayout::OutIn) => kernels::avx512::out_in::<W>(x, m, k, w, n, j0, j1, y),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, WeightLayout::InOut) => kernels::avx2::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            (Isa::Avx2, WeightLayout::InOut) => kernels::avx2::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, WeightLayout::OutIn) => kernels::avx2::out_in::<W>(x, m, k, w, n, j0, j1, y),
-            (_, WeightLayout::InOut) => kernels::portable::in_out::<W>(x, m, k, w, n, j0, j1, y),
+            (_, WeightLayout::InOut) => kernels::portable::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
             (_, WeightLayout::OutIn) => kernels::portable::out_in::<W>(x, m, k, w, n, j0, j1, y),
         }
     }
