@@ -29,6 +29,7 @@ use super::linear::WeightLayout;
 use crate::cpu::Isa;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::ops::Range;
 
 mod kernels;
 pub(crate) mod quantized;
@@ -205,7 +206,7 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
         let (j0, j1) = (t * per, ((t + 1) * per).min(p.n));
         // SAFETY: x, w and y hold m·k, k·n and m·n elements (checked by `product`); the level
         // is supported by this CPU; tasks write disjoint columns [j0, j1) of y.
-        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, 0..p.k, j0, j1, out.get()) }
+        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, 0..p.k, j0..j1, out.get()) }
     };
     if tasks <= 1 {
         task(0)
@@ -227,7 +228,7 @@ fn in_out_by_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &
             let rows = t * per..((t + 1) * per).min(p.k);
             let mut part = if t == 0 { y.to_vec() } else { vec![0f32; y.len()] };
             // SAFETY: as in `run`; each task writes only its own buffer.
-            unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, rows, 0, p.n, part.as_mut_ptr()) };
+            unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, rows, 0..p.n, part.as_mut_ptr()) };
             part
         })
         .collect();
@@ -239,20 +240,23 @@ fn in_out_by_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &
     }
 }
 
-/// y[.., j0..j1] += x · W[.., j0..j1] at level `isa`.
-unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Problem, rows: std::ops::Range<usize>, j0: usize, j1: usize, y: *mut f32) {
+/// y[.., cols] += x[.., rows] · W[rows, cols] at level `isa`; only the (in, out) layout takes
+/// part of the rows (the (out, in) kernels sum whole rows of W).
+unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Problem, rows: Range<usize>, cols: Range<usize>, y: *mut f32) {
     let Problem { m, k, n, layout } = p;
+    debug_assert!(layout == WeightLayout::InOut || rows == (0..k));
+    let (j0, j1) = (cols.start, cols.end);
     unsafe {
         match (isa, layout) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, WeightLayout::InOut) => kernels::avx512::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
+            (Isa::Avx512, WeightLayout::InOut) => kernels::avx512::in_out::<W>(x, m, k, w, n, rows, j0, j1, y),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, WeightLayout::OutIn) => kernels::avx512::out_in::<W>(x, m, k, w, n, j0, j1, y),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, WeightLayout::InOut) => kernels::avx2::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
+            (Isa::Avx2, WeightLayout::InOut) => kernels::avx2::in_out::<W>(x, m, k, w, n, rows, j0, j1, y),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, WeightLayout::OutIn) => kernels::avx2::out_in::<W>(x, m, k, w, n, j0, j1, y),
-            (_, WeightLayout::InOut) => kernels::portable::in_out::<W>(x, m, k, w, n, rows.clone(), j0, j1, y),
+            (_, WeightLayout::InOut) => kernels::portable::in_out::<W>(x, m, k, w, n, rows, j0, j1, y),
             (_, WeightLayout::OutIn) => kernels::portable::out_in::<W>(x, m, k, w, n, j0, j1, y),
         }
     }
