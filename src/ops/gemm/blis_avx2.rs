@@ -201,8 +201,12 @@ unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: us
         b = b.add(NR);
     }
     let s = _mm256_set1_ps(scale);
-    if rows == MR && cols == NR {
+    if cols == NR {
+        // (A constant bound with a test inside, so that the accumulators stay in registers.)
         for i in 0..MR {
+            if i >= rows {
+                break;
+            }
             let row = c.add(i * ldc);
             for h in 0..2 {
                 let mut v = _mm256_mul_ps(acc[i][h], s);

@@ -22,7 +22,7 @@ fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, ac
 }
 
 /// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
-const CASES: [(usize, usize, usize, bool, bool, bool, f32); 9] = [
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 12] = [
     (12, 32, 1, false, false, false, 1.0),
     (13, 35, 7, false, true, true, 1.0),
     (37, 45, 29, true, false, false, 0.5),
@@ -32,6 +32,10 @@ const CASES: [(usize, usize, usize, bool, bool, bool, f32); 9] = [
     (64, 64, 64, false, true, false, 0.125),
     (7, 300, 50, true, true, true, 1.0),
     (300, 5, 40, false, false, false, 1.0),
+    // Row counts that end in a partial tile of full-width panels, across a KC edge.
+    (16, 45, 300, false, false, true, 1.0),
+    (24, 130, 270, false, false, false, 1.0),
+    (25, 40, 260, false, true, true, 1.0),
 ];
 
 /// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the
