@@ -403,6 +403,34 @@ fn prune_and_distill_save_folders_that_reload_with_the_same_logits() -> Result<(
 }
 
 #[test]
+fn a_sparsity_sweep_writes_a_folder_per_sparsity_a_table_and_a_picture() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = write(dir.path(), "train.tsv", TRAIN);
+    let (data, model, out) = (data.to_str().unwrap(), hf("bert-tiny-cls"), dir.path().join("sweep"));
+    let argv = ["--model", model.to_str().unwrap(), "--sparsity", "0,0.5,0.9", "--data", data, "--eval", data, "--batch-size", "4", "--lr", "1e-3", "--output", out.to_str().unwrap(), "--json"];
+    let summary = prune(&prune_args(&argv)?)?;
+    assert_eq!(summary["metric"], "accuracy");
+    let runs = summary["sweep"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    let mut last_sparsity = -1.0;
+    for (run, wanted) in runs.iter().zip([0.0, 0.5, 0.9]) {
+        assert_eq!(run["sparsity"], wanted);
+        assert!(run["eval_accuracy"].is_f64() && run["eval_before_accuracy"].is_f64(), "{run}");
+        let folder = out.join(format!("sparsity-{wanted}"));
+        let measured = pruning::measured_sparsity::<Bert>(&Checkpoint::<Bert>::read(&ModelFiles::from_dir(&folder)?, &Device::Cpu)?.tensors)?;
+        assert!(measured > wanted - 1e-3 && measured > last_sparsity, "{wanted}: {measured}");
+        last_sparsity = measured;
+    }
+    let table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json"))?)?;
+    let column = |v: &serde_json::Value, key: &str| v["sweep"].as_array().unwrap().iter().map(|r| r[key].clone()).collect::<Vec<_>>();
+    assert_eq!(column(&table, "sparsity"), column(&summary, "sparsity"));
+    assert_eq!(column(&table, "eval_accuracy"), column(&summary, "eval_accuracy"));
+    let picture = std::fs::read_to_string(out.join("sweep.svg"))?;
+    assert!(picture.contains("<svg") && picture.contains("accuracy after recovery"), "{}", &picture[..200.min(picture.len())]);
+    Ok(())
+}
+
+#[test]
 fn wick_distill_trains_bert_and_gpt2_students() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = write(dir.path(), "train.tsv", TRAIN);

@@ -4,7 +4,9 @@
 //!
 //! - `--sparsity S [--per-layer]`: unstructured magnitude pruning of the transformer layers'
 //!   linear weights; saved dense (the zeros are in the file), so the folder is no smaller or
-//!   faster by itself.
+//!   faster by itself. Several values (`--sparsity 0,0.3,0.5,0.7,0.9`) run a sweep: one folder
+//!   each, and the evaluation metric against sparsity as a table (`sweep.json`) and a picture
+//!   (`sweep.svg`).
 //! - `--ffn-keep F`: keeps the fraction F of FFN neurons in every layer (a smaller
 //!   `intermediate_size`/`n_inner`): a really smaller, faster model.
 //! - `--drop-layers 1,3`: removes whole layers (a smaller `num_hidden_layers`/`n_layer`).
@@ -40,8 +42,11 @@ pub struct PruneArgs {
     pub model: ModelArgs,
     /// Set this fraction (0 to <1) of the transformer layers' linear weights to zero, the
     /// smallest in magnitude (embeddings, pooler, task head, LayerNorms and biases are kept).
-    #[arg(long)]
-    pub sparsity: Option<f64>,
+    /// Several values, comma-separated, run a sweep: the model pruned to each (and recovered,
+    /// with --data) in --output/sparsity-S, and --output/sweep.json and sweep.svg with the
+    /// evaluation metric (with --eval) against sparsity, before and after recovery.
+    #[arg(long, value_delimiter = ',')]
+    pub sparsity: Option<Vec<f64>>,
     /// With --sparsity: prune each weight matrix to the sparsity on its own (default: one
     /// threshold over all of them).
     #[arg(long, requires = "sparsity")]
@@ -81,17 +86,55 @@ pub fn prune(args: &PruneArgs) -> Result<serde_json::Value> {
 fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles) -> Result<serde_json::Value> {
     let output = args.training.out.output.clone().context("prune needs --output DIR: the pruned model is saved there")?;
     let device = args.training.run.training_device()?;
-    if let Some(s) = args.sparsity {
+    let sparsities = args.sparsity.as_deref().unwrap_or_default();
+    for &s in sparsities {
         prune::check_sparsity(s)?;
     }
     let source = Checkpoint::<M>::read(files, &device)?;
-    let recovery = args.training.data.is_some();
-    let data = recovery.then(|| M::datasets(&args.training, files, &source.config)).transpose()?;
+    let data = args.training.data.is_some().then(|| M::datasets(&args.training, files, &source.config)).transpose()?;
+    if sparsities.len() < 2 {
+        return prune_once(args, files, &source, data.as_ref(), sparsities.first().copied(), &output);
+    }
+    let mut runs = Vec::new();
+    for &s in sparsities {
+        let summary = prune_once(args, files, &source, data.as_ref(), Some(s), &output.join(format!("sparsity-{s}")))?;
+        if !args.training.run.json {
+            eprintln!("{}", serde_json::to_string(&summary)?);
+        }
+        runs.push((s, summary));
+    }
+    sweep_report(&output, &args.model.model, &M::goal(&source.config).metric, &runs)
+}
+
+/// The sweep's table (`sweep.json`) and picture (`sweep.svg`, when the runs were evaluated):
+/// `metric` after pruning and after recovery, against sparsity.
+fn sweep_report(output: &std::path::Path, model: &str, metric: &str, runs: &[(f64, serde_json::Value)]) -> Result<serde_json::Value> {
+    let series = |key: String| -> Vec<(f64, f64)> { runs.iter().filter_map(|(s, summary)| Some((*s, summary[&key].as_f64()?))).collect() };
+    let (pruned, recovered) = (series(format!("eval_before_{metric}")), series(format!("eval_{metric}")));
+    let picture = output.join("sweep.svg");
+    let drawn = !(pruned.is_empty() && recovered.is_empty());
+    if drawn {
+        let lines = [(format!("{metric} after pruning"), pruned), (format!("{metric} after recovery"), recovered)];
+        crate::train::plot::line_chart(&picture, &format!("{model}: magnitude pruning"), ("sparsity of the pruned weights", metric), &lines)?;
+    }
+    let summary = serde_json::json!({
+        "sweep": runs.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+        "metric": metric,
+        "picture": drawn.then(|| picture.display().to_string()),
+    });
+    crate::weights::write_atomically(&output.join("sweep.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}
+
+/// Prunes `source` once (to `sparsity`, or as the other flags say), recovers it on `data` when
+/// given, and saves it in `output`.
+fn prune_once<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles, source: &Checkpoint<M>, data: Option<&(M::Data, Option<M::Data>)>, sparsity: Option<f64>, output: &std::path::Path) -> Result<serde_json::Value> {
+    let device = args.training.run.training_device()?;
     let (params_before, _) = weight_stats(&source.tensors)?;
     let mut masks = None;
-    let (pruned, method) = if let Some(sparsity) = args.sparsity {
+    let (pruned, method) = if let Some(sparsity) = sparsity {
         let scope = if args.per_layer { Scope::PerMatrix } else { Scope::Global };
-        let m = Masks::magnitude(&source, sparsity, scope)?;
+        let m = Masks::magnitude(source, sparsity, scope)?;
         let mut pruned = source.clone();
         m.apply_to_tensors(&mut pruned.tensors)?;
         masks = Some(m);
@@ -100,33 +143,38 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
         let size = M::ffn_size(&source.config);
         let count = prune::ffn_keep_count(size, keep)?;
         let scores = match args.importance {
-            Importance::Norm => prune::ffn_norm_scores(&source)?,
+            Importance::Norm => prune::ffn_norm_scores(source)?,
             Importance::Gradient => {
-                let (train, _) = data.as_ref().context("--importance gradient needs --data (the batches it scores on)")?;
-                gradient_scores(&source, train, args, &device)?
+                let (train, _) = data.context("--importance gradient needs --data (the batches it scores on)")?;
+                gradient_scores(source, train, args, &device)?
             }
         };
-        (prune::keep_ffn_neurons(&source, count, &scores)?, format!("FFN neurons {size} → {count} per layer ({:?} importance)", args.importance))
+        (prune::keep_ffn_neurons(source, count, &scores)?, format!("FFN neurons {size} → {count} per layer ({:?} importance)", args.importance))
     } else {
         let drop = args.drop_layers.as_deref().context("no pruning method")?;
         let total = M::num_layers(&source.config);
         let keep = layers::complement(total, drop)?;
-        (layers::keep_layers(&source, &keep)?, format!("layers {total} → {} (dropped {drop:?})", keep.len()))
+        (layers::keep_layers(source, &keep)?, format!("layers {total} → {} (dropped {drop:?})", keep.len()))
     };
     if !args.training.run.json {
         eprintln!("{}: {method}", args.model.model);
     }
     let mut summary = serde_json::json!({ "method": method, "output": output });
+    if let Some(sparsity) = sparsity {
+        summary["sparsity"] = sparsity.into();
+    }
     let pruned = match data {
         Some((train, eval)) => {
             let (model, varmap) = pruned.trainable(&device)?;
-            if let Some(eval) = &eval {
+            if let Some(eval) = eval {
                 for (k, v) in recovery::evaluate(&model, eval, args.training.flags.eval_batch_size, &device)? {
                     summary[format!("eval_before_{k}")] = v.into();
                 }
             }
             let hook: Option<UpdateHook> = masks.clone().map(|m| Box::new(move |vars: &candle_nn::VarMap| m.apply_to_varmap(vars)) as UpdateHook);
-            let (report, metrics) = recovery::fit(&model, &varmap, &device, (&train, eval.as_ref()), M::goal(&pruned.config), &args.training, hook)?;
+            let mut training = args.training.clone();
+            training.out.output = Some(output.to_path_buf());
+            let (report, metrics) = recovery::fit(&model, &varmap, &device, (train, eval.as_ref()), M::goal(&pruned.config), &training, hook)?;
             summary["recovery_steps"] = report.steps.into();
             summary["recovery_seconds"] = report.train_seconds.into();
             for (k, v) in metrics.unwrap_or_default() {
@@ -141,7 +189,7 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
     summary["parameters_after"] = params_after.div_euclid(4).into();
     summary["nonzero_parameters"] = nonzero.into();
     summary["sparsity_of_pruned_weights"] = prune::measured_sparsity::<M>(&pruned.tensors)?.into();
-    pruned.save(&output, Some(&files.dir))?;
+    pruned.save(output, Some(&files.dir))?;
     Ok(summary)
 }
 
