@@ -18,9 +18,10 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
 pub struct ServeArgs {
-    /// A model to serve: a Hub repo id or a local folder; repeatable. Its id in the API is the
-    /// Hub id, or the folder's name.
-    #[arg(long = "model", value_name = "ID|DIR", required = true)]
+    /// A model to serve: a Hub repo id or a local folder; repeatable. `ID@REV` serves a Hub
+    /// branch, tag or commit (default: main). Its id in the API is the Hub id (without @REV),
+    /// or the folder's name.
+    #[arg(long = "model", value_name = "ID[@REV]|DIR", required = true)]
     pub models: Vec<String>,
     /// Use only files already in the Hugging Face cache; never touch the network.
     #[arg(long)]
@@ -54,6 +55,22 @@ pub struct ServeArgs {
     pub run: RunArgs,
 }
 
+/// The API id of a `--model` value and where to get it: a local folder (its name), or a Hub id
+/// with an optional `@REV` (a folder whose name has an `@` is still a folder).
+fn model_source(name: &str, offline: bool) -> Result<(String, ModelArgs)> {
+    let folder = Path::new(name);
+    if folder.is_dir() {
+        let id = folder.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| name.into());
+        return Ok((id, ModelArgs { offline, ..ModelArgs::new(name) }));
+    }
+    let (repo, revision) = match name.rsplit_once('@') {
+        Some((repo, rev)) if repo.is_empty() || rev.is_empty() => bail!("--model {name:?}: give ID@REV with both parts (like openai-community/gpt2@main)"),
+        Some((repo, rev)) => (repo, Some(rev.to_string())),
+        None => (name, None),
+    };
+    Ok((repo.into(), ModelArgs { revision, offline, ..ModelArgs::new(repo) }))
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let (device, dtype) = args.run.device_and_dtype(&[DType::F32, DType::F16, DType::BF16])?;
     let api_key = match args.api_key.clone().or_else(|| std::env::var("WICK_API_KEY").ok()) {
@@ -65,13 +82,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let mut models = vec![];
     for name in &args.models {
-        let model_args = ModelArgs { offline: args.offline, ..ModelArgs::new(name) };
+        let (id, model_args) = model_source(name, args.offline)?;
         let files = model_args.resolve(args.run.json).with_context(|| format!("cannot get the model {name:?}"))?;
-        let folder = Path::new(name);
-        let id = match folder.is_dir() {
-            true => folder.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| name.clone()),
-            false => name.clone(),
-        };
         models.push(ModelSpec { id, files });
     }
     let options = ServeOptions {
@@ -94,4 +106,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!("wick serve: listening on http://{addr}/v1 ({} threads; ctrl-c to stop)", rayon::current_num_threads());
     }
     server.wait()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_values_name_a_folder_or_a_hub_id_with_an_optional_revision() -> Result<()> {
+        let (id, m) = model_source("openai-community/gpt2@v1.0", true)?;
+        assert_eq!((id.as_str(), m.model.as_str(), m.revision.as_deref(), m.offline), ("openai-community/gpt2", "openai-community/gpt2", Some("v1.0"), true));
+        let (id, m) = model_source("gpt2", false)?;
+        assert_eq!((id.as_str(), m.revision), ("gpt2", None));
+        for bad in ["gpt2@", "@main"] {
+            assert!(model_source(bad, false).unwrap_err().to_string().contains("both parts"), "{bad}");
+        }
+        let dir = tempfile::tempdir()?;
+        let folder = dir.path().join("tuned@2");
+        std::fs::create_dir(&folder)?;
+        let (id, m) = model_source(folder.to_str().unwrap(), false)?;
+        assert_eq!((id.as_str(), m.revision), ("tuned@2", None));
+        Ok(())
+    }
 }
