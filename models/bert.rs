@@ -132,6 +132,7 @@ fn dense(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Dense> {
     Dense::load_normal(vb, d_in, d_out, 0.02, WeightLayout::OutIn)
 }
 
+#[derive(Clone)]
 struct Embeddings {
     word_embeddings: Embedding,
     position_embeddings: Embedding,
@@ -164,6 +165,7 @@ impl Embeddings {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     query: Dense,
     key: Dense,
@@ -213,7 +215,8 @@ impl Layer {
     }
 }
 
-/// `BertModel`: embeddings, encoder and (optionally) the pooler.
+/// `BertModel`: embeddings, encoder and (optionally) the pooler. (Cloning shares the weights.)
+#[derive(Clone)]
 pub struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,

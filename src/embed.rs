@@ -24,6 +24,12 @@ impl SentenceEmbedder {
     /// Loads the encoder, tokenizer and pooling settings of a model folder.
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let (model, config) = crate::pretrained::load::<BertModel>(files, dtype, device)?;
+        Self::with_encoder(files, model, config, device)
+    }
+
+    /// An embedder on an encoder already loaded from `files` (a classifier's, which then
+    /// shares its weights), with the folder's tokenizer and pooling settings.
+    pub fn with_encoder(files: &ModelFiles, model: BertModel, config: bert::Config, device: &Device) -> Result<Self> {
         let tokenizer = files.tokenizer()?;
         let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
             let path = files.dir.join(name);

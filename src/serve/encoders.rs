@@ -35,6 +35,14 @@ impl EncoderModel {
         Ok(Self::Classifier { model, config, tokenizer: files.tokenizer()?, device: device.clone() })
     }
 
+    /// Embeddings on this classifier's encoder (the same weights in memory, not a second copy).
+    pub fn embeddings_of_classifier(&self, files: &ModelFiles) -> Result<Option<Self>> {
+        match self {
+            Self::Classifier { model, config, device, .. } => Ok(Some(Self::Embeddings { embedder: SentenceEmbedder::with_encoder(files, model.bert.clone(), config.clone(), device)? })),
+            Self::Embeddings { .. } => Ok(None),
+        }
+    }
+
     /// The classifier's label names (none for embeddings).
     pub fn labels(&self) -> Vec<String> {
         match self {

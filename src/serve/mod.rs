@@ -138,11 +138,17 @@ impl Server {
                 batchers.push(thread);
                 Ok(EncoderEndpoint { queue, width, labels })
             };
+            // A classifier's embeddings run on its own encoder: the weights are loaded once.
+            let classifier = classifies.then(|| EncoderModel::classifier(&spec.files, dtype, device)).transpose()?;
             if embeds {
-                model.embeddings = Some(encoder(EncoderModel::embeddings(&spec.files, dtype, device)?, "embeddings")?);
+                let embedder = match classifier.as_ref().map(|c| c.embeddings_of_classifier(&spec.files)).transpose()?.flatten() {
+                    Some(shared) => shared,
+                    None => EncoderModel::embeddings(&spec.files, dtype, device)?,
+                };
+                model.embeddings = Some(encoder(embedder, "embeddings")?);
             }
-            if classifies {
-                model.classifier = Some(encoder(EncoderModel::classifier(&spec.files, dtype, device)?, "classify")?);
+            if let Some(classifier) = classifier {
+                model.classifier = Some(encoder(classifier, "classify")?);
             }
             served.push(model);
         }
