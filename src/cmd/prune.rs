@@ -115,7 +115,9 @@ fn sweep_report(output: &std::path::Path, model: &str, metric: &str, runs: &[(f6
     let drawn = !(pruned.is_empty() && recovered.is_empty());
     if drawn {
         let lines = [(format!("{metric} after pruning"), pruned), (format!("{metric} after recovery"), recovered)];
-        crate::train::plot::line_chart(&picture, &format!("{model}: magnitude pruning"), ("sparsity of the pruned weights", metric), &lines)?;
+        // A folder is named by its last part, as `wick serve` names it.
+        let name = std::path::Path::new(model).file_name().filter(|_| std::path::Path::new(model).is_dir()).map_or(model.into(), |n| n.to_string_lossy());
+        crate::train::plot::line_chart(&picture, &format!("{name}: magnitude pruning"), ("sparsity of the pruned weights", metric), &lines)?;
     }
     let summary = serde_json::json!({
         "sweep": runs.iter().map(|(_, s)| s).collect::<Vec<_>>(),
