@@ -11,10 +11,11 @@
 //! time to f32 inside the product (F16C's `vcvtph2ps` for f16, a 16-bit shift for bf16) and
 //! accumulate in f32 registers, in tiles of up to 4 rows of x so that each weight loaded serves
 //! every row (and 8 independent accumulators for a single row). The work is split over the rayon
-//! pool by output columns (the (in, out) layout: each task streams its columns of W block by
-//! block of rows) or by rows of W (the (out, in) layout: each task takes dot products of whole
-//! contiguous rows). Memory traffic: the weight once, x and y (m·(k + n) floats, cache-resident)
-//! a few times; no allocation but the output.
+//! pool by rows of W either way: in the (in, out) layout each task streams a contiguous part of W
+//! (blocks of a few rows, every column) into its own partial sum, added up at the end; in the
+//! (out, in) layout each task takes dot products of whole contiguous rows, its own outputs.
+//! Memory traffic: the weight once, x and y (m·(k + n) floats, cache-resident) a few times; no
+//! allocation but the output and, for (in, out), one partial sum per task.
 //!
 //! Many rows (the prompt pass): compute-bound, so the weight is converted to f32 in blocks of
 //! 256 × 128 (per rayon task, into a buffer that stays in L2) and each block goes through
