@@ -93,11 +93,11 @@ fn prune_family<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles)
     let source = Checkpoint::<M>::read(files, &device)?;
     let data = args.training.data.is_some().then(|| M::datasets(&args.training, files, &source.config)).transpose()?;
     if sparsities.len() < 2 {
-        return prune_once(args, files, &source, data.as_ref(), sparsities.first().copied(), &output);
+        return prune_once(args, files, &device, &source, data.as_ref(), sparsities.first().copied(), &output);
     }
     let mut runs = Vec::new();
     for &s in sparsities {
-        let summary = prune_once(args, files, &source, data.as_ref(), Some(s), &output.join(format!("sparsity-{s}")))?;
+        let summary = prune_once(args, files, &device, &source, data.as_ref(), Some(s), &output.join(format!("sparsity-{s}")))?;
         if !args.training.run.json {
             eprintln!("{}", serde_json::to_string(&summary)?);
         }
@@ -130,8 +130,7 @@ fn sweep_report(output: &std::path::Path, model: &str, metric: &str, runs: &[(f6
 
 /// Prunes `source` once (to `sparsity`, or as the other flags say), recovers it on `data` when
 /// given, and saves it in `output`.
-fn prune_once<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles, source: &Checkpoint<M>, data: Option<&(M::Data, Option<M::Data>)>, sparsity: Option<f64>, output: &std::path::Path) -> Result<serde_json::Value> {
-    let device = args.training.run.training_device()?;
+fn prune_once<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles, device: &candle_core::Device, source: &Checkpoint<M>, data: Option<&(M::Data, Option<M::Data>)>, sparsity: Option<f64>, output: &std::path::Path) -> Result<serde_json::Value> {
     let (params_before, _) = weight_stats(&source.tensors)?;
     let mut masks = None;
     let (pruned, method) = if let Some(sparsity) = sparsity {
@@ -148,7 +147,7 @@ fn prune_once<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles, s
             Importance::Norm => prune::ffn_norm_scores(source)?,
             Importance::Gradient => {
                 let (train, _) = data.context("--importance gradient needs --data (the batches it scores on)")?;
-                gradient_scores(source, train, args, &device)?
+                gradient_scores(source, train, args, device)?
             }
         };
         (prune::keep_ffn_neurons(source, count, &scores)?, format!("FFN neurons {size} → {count} per layer ({:?} importance)", args.importance))
@@ -167,16 +166,16 @@ fn prune_once<M: Family>(args: &PruneArgs, files: &crate::weights::ModelFiles, s
     }
     let pruned = match data {
         Some((train, eval)) => {
-            let (model, varmap) = pruned.trainable(&device)?;
+            let (model, varmap) = pruned.trainable(device)?;
             if let Some(eval) = eval {
-                for (k, v) in recovery::evaluate(&model, eval, args.training.flags.eval_batch_size, &device)? {
+                for (k, v) in recovery::evaluate(&model, eval, args.training.flags.eval_batch_size, device)? {
                     summary[format!("eval_before_{k}")] = v.into();
                 }
             }
             let hook: Option<UpdateHook> = masks.clone().map(|m| Box::new(move |vars: &candle_nn::VarMap| m.apply_to_varmap(vars)) as UpdateHook);
             let mut training = args.training.clone();
             training.out.output = Some(output.to_path_buf());
-            let (report, metrics) = recovery::fit(&model, &varmap, &device, (train, eval.as_ref()), M::goal(&pruned.config), &training, hook)?;
+            let (report, metrics) = recovery::fit(&model, &varmap, device, (train, eval.as_ref()), M::goal(&pruned.config), &training, hook)?;
             summary["recovery_steps"] = report.steps.into();
             summary["recovery_seconds"] = report.train_seconds.into();
             for (k, v) in metrics.unwrap_or_default() {
