@@ -33,6 +33,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 mod kernels;
+mod qgemm;
 pub(crate) mod quantized;
 #[cfg(test)]
 mod tests;

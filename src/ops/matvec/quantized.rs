@@ -14,7 +14,8 @@
 //! once and scaled by `dw · dx`. q4_0's nibbles (low nibble = element i, high = element i + 16)
 //! are widened to int8 minus 8 in registers.
 //!
-//! More than [`INTEGER_ROWS`] rows: blocks of W are converted to f32 and multiplied by `gemm`
+//! More than [`INTEGER_ROWS`] rows: on AVX2 the 7-bit integer product of [`super::qgemm`] (when
+//! n is a multiple of 16); otherwise blocks of W are converted to f32 and multiplied by `gemm`
 //! (exact in x: no activation rounding), as `super`'s many-rows path does for f16.
 //!
 //! Tiles: R rows of x × J rows of W (4×1, 2×2, 1×4): each weight block loaded and its sign taken
@@ -84,10 +85,10 @@ pub(crate) fn quantize_rows(x: &[f32]) -> QuantizedRows {
     QuantizedRows { qs, scales, scales8 }
 }
 
-/// Products with more rows than this (prompts, encoder batches) convert blocks of W to f32 and
-/// run `gemm`, which does more multiply-adds per instruction than the integer tiles on AVX2 (one
-/// FMA per 8 against about seven instructions per 32 and row) once the conversion is shared by
-/// enough rows; with fewer the integer tiles read W once per 4 rows, and win.
+/// Products with more rows than this (prompts, encoder batches) run [`super::qgemm`]'s tiles
+/// (the weight repacked once per product, x in 7 bits) or convert blocks of W to f32 for `gemm`;
+/// with fewer rows the repacking is not paid back, and these tiles, which read W as stored once
+/// per 4 rows, win.
 pub(crate) const INTEGER_ROWS: usize = 32;
 
 /// From this many rows (encoder batches) a weight of at most [`WHOLE_WEIGHT_BYTES`] as f32 is
@@ -135,6 +136,10 @@ pub(crate) fn product(isa: Isa, format: QFormat, x: &[f32], m: usize, k: usize, 
         return Ok(());
     }
     if m > INTEGER_ROWS {
+        if isa >= Isa::Avx2 && super::qgemm::fits(n, k) {
+            super::qgemm::product(format, x, m, k, w, n, y);
+            return Ok(());
+        }
         let p = super::Problem { m, k, n, layout: super::WeightLayout::OutIn };
         if m >= WHOLE_WEIGHT_ROWS && n * k * 4 <= WHOLE_WEIGHT_BYTES {
             // The whole weight as f32 once, then one product over every row: gemm packs x once
@@ -190,33 +195,34 @@ unsafe fn columns(isa: Isa, format: QFormat, x: &QuantizedRows, m: usize, k: usi
 
 /// A block's f16 scale (its first two bytes) as f32.
 #[inline(always)]
-fn block_scale(block: &[u8]) -> f32 {
+pub(super) fn block_scale(block: &[u8]) -> f32 {
     super::f16_to_f32(u16::from_le_bytes([block[0], block[1]]))
+}
+
+/// The 32 int8 values of a block.
+#[inline(always)]
+pub(super) fn block_values(format: QFormat, block: &[u8]) -> [i8; BLOCK] {
+    let mut v = [0i8; BLOCK];
+    match format {
+        QFormat::Q8_0 => {
+            for (v, b) in v.iter_mut().zip(&block[2..2 + BLOCK]) {
+                *v = *b as i8;
+            }
+        }
+        QFormat::Q4_0 => {
+            for (i, b) in block[2..2 + BLOCK / 2].iter().enumerate() {
+                v[i] = (b & 0x0f) as i8 - 8;
+                v[i + BLOCK / 2] = (b >> 4) as i8 - 8;
+            }
+        }
+    }
+    v
 }
 
 /// Plain Rust: the same integer sums, one block at a time; the reference the SIMD level is
 /// tested against.
 mod portable {
     use super::*;
-
-    /// The 32 int8 values of a block.
-    fn block_values(format: QFormat, block: &[u8]) -> [i8; BLOCK] {
-        let mut v = [0i8; BLOCK];
-        match format {
-            QFormat::Q8_0 => {
-                for (v, b) in v.iter_mut().zip(&block[2..2 + BLOCK]) {
-                    *v = *b as i8;
-                }
-            }
-            QFormat::Q4_0 => {
-                for (i, b) in block[2..2 + BLOCK / 2].iter().enumerate() {
-                    v[i] = (b & 0x0f) as i8 - 8;
-                    v[i + BLOCK / 2] = (b >> 4) as i8 - 8;
-                }
-            }
-        }
-        v
-    }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn columns(format: QFormat, x: &QuantizedRows, m: usize, nb: usize, w: &[u8], row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {

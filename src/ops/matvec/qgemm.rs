@@ -1,0 +1,313 @@
+//! `y += x · Wᵀ` for many rows of x (encoder batches, prompts) and a `q8_0` / `q4_0` weight W
+//! (n, k), in 8-bit integers on AVX2.
+//!
+//! Why: with hundreds of rows the product is bound by arithmetic, not by reading W. AVX2's
+//! `vpmaddubsw` multiplies 32 byte pairs per instruction (u8 × i8, adjacent pairs summed to i16)
+//! and `vpmaddwd` by ones adds those pairs up to i32: on a Zen 3 core that pair of instructions
+//! does 1.8–2.0× the multiply-adds per second of f32 FMAs, where converting W to f32 for `gemm`
+//! (the path before this one) ran a little slower than f32 weights (`notes/cpu-speed.md`).
+//!
+//! Algorithm (fbgemm's, on GGML's blocks of 32): each row of x is quantized per block to 7 bits,
+//! `q = round(x / dx)` with `dx = max|x| / 63`, and stored offset as a byte `q + 64` (1..=127),
+//! so a pair of u8 × i8 products is at most 2·127·127 < 2¹⁵ and `vpmaddubsw` cannot saturate
+//! (8 bits, as the few-rows path [`super::quantized`] uses, would need a sign instruction per
+//! product and measured 1.5× FMA instead of 2×). The offset comes out per block with each
+//! column's Σw: Σ (q + 64)·w = Σ q·w + 64·Σw. A block's integer sum is converted to f32 once and
+//! added into an f32 accumulator scaled by `dx · dw`. Seven bits per block of 32 activations is
+//! finer than PyTorch's `quantize_dynamic` (7 bits, one scale per tensor); the tests bound the
+//! rounding against the f32 product.
+//!
+//! Layout: W is repacked per call into panels of [`NR`] = 16 output columns; per block, 8 steps
+//! of 4 k-values, each step 16 columns × 4 bytes (two vectors of 8 columns), then the panel's 16
+//! `dw` and 16 corrections `64·Σw` per block. x goes into groups of [`MR`] = 4 rows; per step,
+//! 4 rows × 4 bytes, which the kernel broadcasts. Tile: 4 rows × 16 columns, taken a row at a
+//! time (two integer and two f32 accumulators); per step 1 broadcast of x, 2 loads of W (L1),
+//! 2 × (`vpmaddubsw`, `vpmaddwd`, `vpaddd`); per block 2 conversions and FMAs into the f32
+//! accumulators.
+//! Memory traffic: W once per call into its packed copy (n·k bytes), x once into its packed copy
+//! (m·k bytes); rayon tasks take column panels and sweep the packed rows in chunks of
+//! [`ROW_CHUNK`] so a chunk stays in L2 while the task's panels pass over it; y once.
+
+use super::quantized::{QFormat, BLOCK};
+use super::SharedMut;
+use rayon::prelude::*;
+
+/// Rows of x per tile.
+const MR: usize = 4;
+/// Columns (rows of W) per tile and packed panel.
+const NR: usize = 16;
+/// 4-value steps per block.
+const STEPS: usize = BLOCK / 4;
+/// The 7-bit range of the activations and their offset to unsigned bytes.
+const QMAX: f32 = 63.0;
+const OFFSET: i32 = 64;
+/// Rows of packed x swept by a task before it moves to its next panels: 128 rows × k = 3072 is
+/// 384 KB, inside a Zen 3 or Skylake-SP L2.
+const ROW_CHUNK: usize = 128;
+
+/// Whether this product can run here: an n that fills whole panels, k whole blocks.
+pub(crate) fn fits(n: usize, k: usize) -> bool {
+    n.is_multiple_of(NR) && k.is_multiple_of(BLOCK) && n > 0 && k > 0
+}
+
+/// x (m × k) packed: per group of MR rows, per block, STEPS × MR × 4 bytes (`q + 64`); one scale
+/// per row and block (rows past m are zeros with scale 0).
+struct PackedRows {
+    qs: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+fn pack_rows(x: &[f32], m: usize, k: usize) -> PackedRows {
+    let nb = k / BLOCK;
+    let groups = m.div_ceil(MR);
+    let mut qs = vec![OFFSET as u8; groups * nb * BLOCK * MR];
+    let mut scales = vec![0f32; groups * nb * MR];
+    qs.par_chunks_mut(nb * BLOCK * MR).zip(scales.par_chunks_mut(nb * MR)).enumerate().for_each(|(g, (qs, scales))| {
+        // Vectorised (AVX2 where the CPU has it): rounding and the block maxima in SIMD.
+        crate::ops::math::run_vectorised(|| {
+            for r in 0..MR.min(m - g * MR) {
+                let row = &x[(g * MR + r) * k..(g * MR + r + 1) * k];
+                for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                    let (d, q) = quantize_block(block);
+                    scales[b * MR + r] = d;
+                    let mut bytes = [0u8; BLOCK];
+                    for (o, v) in bytes.iter_mut().zip(q) {
+                        *o = (v + OFFSET as i8) as u8;
+                    }
+                    // Step s's 4 bytes of this row sit at [s][r].
+                    let out = &mut qs[b * BLOCK * MR..(b + 1) * BLOCK * MR];
+                    for (s, word) in bytes.chunks_exact(4).enumerate() {
+                        out[(s * MR + r) * 4..(s * MR + r + 1) * 4].copy_from_slice(word);
+                    }
+                }
+            }
+        })
+    });
+    PackedRows { qs, scales }
+}
+
+/// One block of activations as 7-bit integers (rounded to nearest, ties to even) and their scale
+/// `max|x| / 63` (0 for zeros).
+#[inline(always)]
+fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
+    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / QMAX;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    // Adding and taking away 1.5·2²³ rounds |v| < 2²² to the nearest integer, ties to even, in
+    // the default rounding mode: `round_ties_even` without libm's `rintf`, so it vectorises.
+    const ROUND: f32 = 12_582_912.0;
+    let mut q = [0i8; BLOCK];
+    for (q, v) in q.iter_mut().zip(block) {
+        *q = ((v * id + ROUND) - ROUND).clamp(-QMAX, QMAX) as i8;
+    }
+    (d, q)
+}
+
+/// W (n × k, `format` blocks) packed into panels of NR columns: per panel and block, the values
+/// (STEPS × NR × 4 bytes), then NR scales and NR corrections `64·Σw` in their own arrays.
+struct PackedWeight {
+    qs: Vec<i8>,
+    scales: Vec<f32>,
+    corrections: Vec<i32>,
+}
+
+fn pack_weight(format: QFormat, w: &[u8], n: usize, k: usize) -> PackedWeight {
+    let nb = k / BLOCK;
+    let bb = format.block_bytes();
+    let mut qs = vec![0i8; n * k];
+    let mut scales = vec![0f32; n * nb];
+    let mut corrections = vec![0i32; n * nb];
+    let chunks = qs.par_chunks_mut(NR * k).zip(scales.par_chunks_mut(NR * nb)).zip(corrections.par_chunks_mut(NR * nb));
+    chunks.enumerate().for_each(|(p, ((qs, scales), corrections))| {
+        crate::ops::math::run_vectorised(|| {
+            for j in 0..NR {
+                let row = &w[(p * NR + j) * nb * bb..(p * NR + j + 1) * nb * bb];
+                for (b, block) in row.chunks_exact(bb).enumerate() {
+                    let values = super::quantized::block_values(format, block);
+                    scales[b * NR + j] = super::quantized::block_scale(block);
+                    corrections[b * NR + j] = OFFSET * values.iter().map(|&v| v as i32).sum::<i32>();
+                    // Step s's 4 values of this column sit at [s][j].
+                    let out = &mut qs[b * BLOCK * NR..(b + 1) * BLOCK * NR];
+                    for (s, word) in values.chunks_exact(4).enumerate() {
+                        out[(s * NR + j) * 4..(s * NR + j + 1) * 4].copy_from_slice(word);
+                    }
+                }
+            }
+        })
+    });
+    PackedWeight { qs, scales, corrections }
+}
+
+/// y (m × n, holding the bias rows or zeros) += x (m × k) · Wᵀ, W (n × k) in `format` blocks, in
+/// rayon tasks over panels of W. The caller checks the sizes and [`fits`], and that the CPU has
+/// AVX2, FMA and F16C.
+pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, y: &mut [f32]) {
+    debug_assert!(fits(n, k) && x.len() == m * k && y.len() == m * n);
+    let nb = k / BLOCK;
+    let (xp, wp) = rayon::join(|| pack_rows(x, m, k), || pack_weight(format, w, n, k));
+    let groups = m.div_ceil(MR);
+    let panels = n / NR;
+    let out = SharedMut(y.as_mut_ptr());
+    // Four ranges of panels a thread, to balance; each sweeps the rows a chunk at a time.
+    let per = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+        let my_panels = t * per..((t + 1) * per).min(panels);
+        for chunk in (0..groups).step_by(ROW_CHUNK / MR) {
+            for p in my_panels.clone() {
+                let wq = &wp.qs[p * NR * k..(p + 1) * NR * k];
+                let wd = &wp.scales[p * NR * nb..(p + 1) * NR * nb];
+                let wc = &wp.corrections[p * NR * nb..(p + 1) * NR * nb];
+                for g in chunk..(chunk + ROW_CHUNK / MR).min(groups) {
+                    let xq = &xp.qs[g * nb * BLOCK * MR..(g + 1) * nb * BLOCK * MR];
+                    let xd = &xp.scales[g * nb * MR..(g + 1) * nb * MR];
+                    let mut tile = [[0f32; NR]; MR];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller checked the CPU's features; the slices hold nb blocks.
+                    unsafe {
+                        avx2::tile(xq, xd, wq, wd, wc, nb, &mut tile)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    reference_tile(xq, xd, wq, wd, wc, nb, &mut tile);
+                    for (r, row) in tile.iter().enumerate().take(m - g * MR) {
+                        // SAFETY: row g·MR + r < m and columns p·NR.. + NR ≤ n lie inside y;
+                        // tasks write disjoint columns.
+                        let yr = unsafe { std::slice::from_raw_parts_mut(out.get().add((g * MR + r) * n + p * NR), NR) };
+                        for (y, v) in yr.iter_mut().zip(row) {
+                            *y += v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The tile in plain Rust: the same integers, the same order of block sums; what the AVX2 tile is
+/// tested against.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn reference_tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, tile: &mut [[f32; NR]; MR]) {
+    for b in 0..nb {
+        for (r, row) in tile.iter_mut().enumerate() {
+            for (j, out) in row.iter_mut().enumerate() {
+                let mut sum = 0i32;
+                for i in 0..BLOCK {
+                    let x = xq[b * BLOCK * MR + (i / 4) * MR * 4 + r * 4 + i % 4] as i32;
+                    let w = wq[b * BLOCK * NR + (i / 4) * NR * 4 + j * 4 + i % 4] as i32;
+                    sum += x * w;
+                }
+                *out += (sum - wc[b * NR + j]) as f32 * (xd[b * MR + r] * wd[b * NR + j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// tile[r][j] += Σ_b dx[r][b]·dw[j][b]·(Σ_i (q[r][i] + 64)·w[j][i] − 64·Σ_i w[j][i]) for one
+    /// group of MR packed rows and one panel of NR packed columns.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, tile: &mut [[f32; NR]; MR]) {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let (xq, wq) = (xq.as_ptr(), wq.as_ptr());
+            // Row by row over every block: the row's two f32 accumulators stay in registers, and
+            // the panel (16 × k bytes) is read again from L1 or L2 by the next row. All four rows
+            // at once kept too many vectors live: LLVM spilled the f32 accumulators, and their
+            // stores were the kernel's hottest instructions. Two rows at a time (each W vector
+            // loaded once for both) measured slower still: 2.8–3.1 seq/s against 4.0–4.1 for
+            // BERT-base q8_0 forward b8 s128 on one Zen 3 core.
+            for (r, out) in tile.iter_mut().enumerate() {
+                let mut acc_f = [_mm256_setzero_ps(); 2];
+                for b in 0..nb {
+                    let (xb, wb) = (xq.add(b * BLOCK * MR + r * 4), wq.add(b * BLOCK * NR));
+                    let mut acc = [_mm256_setzero_si256(); 2];
+                    for s in 0..STEPS {
+                        let x = _mm256_set1_epi32(std::ptr::read_unaligned(xb.add(s * MR * 4) as *const i32));
+                        for (h, acc) in acc.iter_mut().enumerate() {
+                            let w = _mm256_loadu_si256(wb.add(s * NR * 4 + h * 32) as *const __m256i);
+                            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
+                        }
+                    }
+                    let dx = _mm256_set1_ps(*xd.get_unchecked(b * MR + r));
+                    for (h, acc_f) in acc_f.iter_mut().enumerate() {
+                        let c = _mm256_loadu_si256(wc.as_ptr().add(b * NR + h * 8) as *const __m256i);
+                        let sum = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[h], c));
+                        *acc_f = _mm256_fmadd_ps(sum, _mm256_mul_ps(dx, _mm256_loadu_ps(wd.as_ptr().add(b * NR + h * 8))), *acc_f);
+                    }
+                }
+                _mm256_storeu_ps(out.as_mut_ptr(), acc_f[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), acc_f[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::matvec::tests::values;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Result, Tensor};
+
+    /// The kernel against the plain tile on the same packed data (the same integers: 1e-5
+    /// relative), and both within the activations' 7-bit rounding of the f32 product with the
+    /// dequantized weight: each activation is off by at most dx/2 = max|x_block|/126, so an
+    /// output by at most Σ|w|·max|x|/126.
+    #[test]
+    fn matches_the_reference_tile_and_the_f32_product() -> Result<()> {
+        if !crate::cpu::available_levels().contains(&crate::cpu::Isa::Avx2) {
+            return Ok(());
+        }
+        for (format, dtype) in [(QFormat::Q8_0, GgmlDType::Q8_0), (QFormat::Q4_0, GgmlDType::Q4_0)] {
+            for &(m, k, n) in &[(1, 32, 16), (5, 64, 32), (33, 96, 48), (130, 256, 64)] {
+                let wv = values(n * k, (k + n) as u64);
+                let q = QTensor::quantize(&Tensor::from_slice(&wv, (n, k), &Device::Cpu)?, dtype)?;
+                let bytes = q.data()?.into_owned();
+                let deq = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut x = values(m * k, 11 + m as u64);
+                x[..BLOCK].fill(0.0); // an all-zero block: scale 0
+                let bias = values(n, 5);
+                let mut got = bias.repeat(m);
+                product(format, &x, m, k, &bytes, n, &mut got);
+
+                let (xp, wp) = (pack_rows(&x, m, k), pack_weight(format, &bytes, n, k));
+                let nb = k / BLOCK;
+                for g in 0..m.div_ceil(MR) {
+                    for p in 0..n / NR {
+                        let mut want = [[0f32; NR]; MR];
+                        let (xq, xd) = (&xp.qs[g * nb * BLOCK * MR..], &xp.scales[g * nb * MR..]);
+                        let (wq, wd, wc) = (&wp.qs[p * NR * k..], &wp.scales[p * NR * nb..], &wp.corrections[p * NR * nb..]);
+                        reference_tile(xq, xd, wq, wd, wc, nb, &mut want);
+                        for r in 0..MR.min(m - g * MR) {
+                            for j in 0..NR {
+                                let (row, col) = (g * MR + r, p * NR + j);
+                                let (got, want) = (got[row * n + col], want[r][j] + bias[col]);
+                                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{format:?} ({m},{k},{n}) [{row},{col}]: {got} vs {want}");
+                                let exact: f32 = (0..k).map(|i| x[row * k + i] * deq[col * k + i]).sum::<f32>() + bias[col];
+                                let xmax = x[row * k..(row + 1) * k].iter().fold(0f32, |a, v| a.max(v.abs()));
+                                let bound = (0..k).map(|i| deq[col * k + i].abs()).sum::<f32>() * xmax / 126.0 + 1e-4;
+                                assert!((got - exact).abs() <= bound, "{format:?} ({m},{k},{n}) [{row},{col}]: {got} vs f32 {exact} (bound {bound})");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn seven_bit_blocks_stay_in_range_and_round_to_nearest() {
+        let block: Vec<f32> = (0..BLOCK).map(|i| (i as f32 - 16.0) / 8.0).collect();
+        let (d, q) = quantize_block(&block);
+        assert!((d - 2.0 / 63.0).abs() < 1e-7);
+        assert_eq!(q[0], -63);
+        for (v, &q) in block.iter().zip(&q) {
+            assert!((v - q as f32 * d).abs() <= d / 2.0 + 1e-6);
+        }
+        assert_eq!(quantize_block(&[0.0; BLOCK]), (0.0, [0; BLOCK]));
+    }
+}
