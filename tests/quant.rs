@@ -10,6 +10,8 @@
 //! The logits of a two-layer model come from about nine products in series (GPT-2: four a
 //! block and the LM head), whose errors add up and are amplified by the layers: measured 2-4×
 //! one product's error on the models below, so [`model_bound`] is 5× one product's error.
+//! Products of more than 32 rows of a q8_0 / q4_0 weight take 7-bit activations on AVX2
+//! ([`seven_bit_activations`]): their activations' share doubles, and so does its bound.
 
 mod common;
 
@@ -52,6 +54,13 @@ fn product_bound(qtype: QuantType) -> f32 {
     }
 }
 
+/// Whether a product of `rows` rows and `outputs` outputs rounds its activations to 7 bits per
+/// block (`ops::matvec::qgemm`: more than 32 rows of a q8_0 / q4_0 weight whose outputs fill
+/// panels of 16, on AVX2) instead of 8: twice the activations' rounding, measured 1.08% alone.
+fn seven_bit_activations(qtype: QuantType, rows: usize, outputs: usize) -> bool {
+    matches!(qtype, QuantType::Q8_0 | QuantType::Q4_0) && rows > 32 && outputs % 16 == 0 && wick::cpu::isa() >= wick::cpu::Isa::Avx2
+}
+
 /// A bound on a two-layer model's logits' relative error against the f32 model's.
 fn model_bound(qtype: QuantType) -> f32 {
     5.0 * product_bound(qtype) / 1.4
@@ -84,10 +93,12 @@ fn quantize_dequantize_error_is_within_candles_bound() -> Result<()> {
 #[test]
 fn quantized_products_match_f32_products_for_both_activation_formats() -> Result<()> {
     let dev = Device::Cpu;
-    for qtype in QuantType::ALL {
+    // 72 outputs, and 64: a multiple of 16, which more than 32 rows take through the 7-bit
+    // integer product on AVX2 (`ops::matvec::qgemm`).
+    for (qtype, outputs) in QuantType::ALL.into_iter().flat_map(|q| [(q, 72), (q, 64)]) {
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            let shape = if layout == WeightLayout::OutIn { (72, 512) } else { (512, 72) };
-            let mut dense = Dense::new(seeded_normal(shape, 1)?, Some(Tensor::zeros(72, DType::F32, &dev)?), layout);
+            let shape = if layout == WeightLayout::OutIn { (outputs, 512) } else { (512, outputs) };
+            let mut dense = Dense::new(seeded_normal(shape, 1)?, Some(Tensor::zeros(outputs, DType::F32, &dev)?), layout);
             let f32_layer = dense.clone();
             let q = std::sync::Arc::new(quantize_weight(&dense, qtype)?);
             let dequantized = Dense::new(q.dequantize(&dev)?, dense.bias.clone(), WeightLayout::OutIn);
@@ -95,12 +106,19 @@ fn quantized_products_match_f32_products_for_both_activation_formats() -> Result
             assert_eq!(dense.weight.dims(), [shape.0, shape.1]);
             for rows in [1, 7, 40] {
                 let x = seeded_normal((rows, 512), 2 + rows as u64)?;
+                // The activations' rounding alone: 0.55-0.75% in 8 bits, twice that in 7; added
+                // in quadrature to the weights' for the bound against f32.
+                let (activations, against_f32) = if seven_bit_activations(qtype, rows, outputs) {
+                    (0.02, (product_bound(qtype).powi(2) + (1.4f32 * 0.011).powi(2)).sqrt())
+                } else {
+                    (0.01, product_bound(qtype))
+                };
                 let error = relative_error(&dense.forward(&x)?, &dequantized.forward(&x)?)?;
-                assert!(error < 0.01, "{qtype} ({} activations) {layout:?} rows {rows}: {error}", qtype.activation_format());
+                assert!(error < activations, "{qtype} ({} activations) {layout:?} {outputs} outputs, rows {rows}: {error}", qtype.activation_format());
                 let error = relative_error(&dense.forward(&x)?, &f32_layer.forward(&x)?)?;
-                assert!(error < product_bound(qtype), "{qtype} against f32 {layout:?} rows {rows}: {error}");
+                assert!(error < against_f32, "{qtype} against f32 {layout:?} {outputs} outputs, rows {rows}: {error}");
                 let error = relative_error(&dense.forward_relu(&x)?, &dequantized.forward(&x)?.relu()?)?;
-                assert!(error < 0.01, "{qtype} relu rows {rows}: {error}");
+                assert!(error < activations, "{qtype} relu rows {rows}: {error}");
             }
         }
     }

@@ -395,14 +395,18 @@ pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: O
     if !(x.device().is_cpu() && super::fused_path(x.device()) && x.dim(D::Minus1)? == k) {
         return Ok(None);
     }
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut y = match bias {
         Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?.repeat(rows),
         None => vec![0f32; rows * n],
     };
     let data = w.data()?;
     let p = Problem { m: rows, k, n, layout: WeightLayout::OutIn };
-    quantized::product(crate::cpu::isa(), format, &xv, rows, k, &data, n, &mut y, default_tasks(&p))?;
+    // x read in place when it is contiguous f32 (an encoder batch is megabytes: no copy).
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x32.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
+    let xv = cpu_f32(storage, layout, "quantized product")?;
+    quantized::product(crate::cpu::isa(), format, xv, rows, k, &data, n, &mut y, default_tasks(&p))?;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().unwrap() = n;
     Ok(Some(Tensor::from_vec(y, dims, x.device())?))
