@@ -721,68 +721,86 @@ impl crate::pretrained::Pretrained for GPT2Model {
     }
 }
 
-/// One decoding step for several independent sequences (continuous batching: `wick serve`).
+/// Several independent sequences fed together (continuous batching: `wick serve`).
 ///
-/// Each sequence has its own [`KvCache`] (one row, filled by its own prompt pass) and so its
-/// own length and position. The token and position embeddings, every `Conv1D`, the LayerNorms
-/// and the LM head run once on the stacked rows (the weights are read once for all of them);
-/// only attention runs per row, each query against its own cache.
+/// Each sequence has its own [`KvCache`] (one row) and so its own length and position, and gets
+/// its own new tokens: a whole prompt for an empty cache, one token for a decoding step. Their
+/// tokens are stacked as rows: the embeddings, every `Conv1D`, the LayerNorms and the LM head
+/// run once on all of them (the weights are read once for all); only attention runs per
+/// sequence, its new queries (causal among themselves) against its own cache.
 impl GPT2LMHeadModel {
     /// Logits (rows, vocab) after feeding `tokens[r]` to the sequence in `caches[r]`; each
     /// cache grows by one position.
     pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        crate::ops::on_cpu_pool(&self.transformer.device, || self.decode_rows_here(tokens, caches))
+        let tokens: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.feed_rows(&tokens, caches)
     }
 
-    fn decode_rows_here(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    /// Logits (sequences, vocab) of the last new token of each sequence after feeding
+    /// `tokens[r]` (one or more) to the sequence in `caches[r]` (empty, or holding one row).
+    pub fn feed_rows(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        crate::ops::on_cpu_pool(&self.transformer.device, || self.feed_rows_here(tokens, caches))
+    }
+
+    fn feed_rows_here(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let model = &self.transformer;
         let n = tokens.len();
         if n == 0 || caches.len() != n {
-            bail!("decode_rows: {n} tokens for {} caches", caches.len())
+            bail!("feed_rows: {n} sequences for {} caches", caches.len())
         }
-        let mut positions = Vec::with_capacity(n);
-        for (r, cache) in caches.iter().enumerate() {
-            if cache.batch() != Some(1) {
-                bail!("decode_rows: cache {r} must hold one sequence after its prompt pass")
+        let (mut ids, mut positions, mut last) = (vec![], vec![], Vec::with_capacity(n));
+        for (r, (new, cache)) in tokens.iter().zip(caches.iter()).enumerate() {
+            if new.is_empty() || !matches!(cache.batch(), None | Some(1)) {
+                bail!("feed_rows: sequence {r} needs at least one new token and a cache of one sequence")
             }
-            // The position of the next token is the count of real tokens so far.
-            let position = cache.mask[0].iter().filter(|&&m| m == 1).count();
-            if position >= model.config.n_positions {
-                bail!("position {position} is past this model's context of {} positions (n_positions)", model.config.n_positions)
+            // Positions continue from the count of real tokens so far.
+            let start = cache.mask.first().map_or(0, |m| m.iter().filter(|&&m| m == 1).count());
+            if start + new.len() > model.config.n_positions {
+                bail!("a sequence of {} tokens is longer than this model's context of {} positions (n_positions)", start + new.len(), model.config.n_positions)
             }
-            positions.push(position as u32);
+            ids.extend_from_slice(new);
+            positions.extend((start..start + new.len()).map(|p| p as u32));
+            last.push((ids.len() - 1) as u32);
         }
-        let ids = Tensor::from_vec(tokens.to_vec(), (n, 1), &model.device)?;
-        let positions = Tensor::from_vec(positions, (n, 1), &model.device)?;
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, (rows, 1), &model.device)?;
+        let positions = Tensor::from_vec(positions, (rows, 1), &model.device)?;
         let act = model.compute_dtype();
         let mut x = embed(&model.wte, &ids)?.to_dtype(act)?.add(&embed(&model.wpe, &positions)?.to_dtype(act)?)?;
+        let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         for (i, block) in model.blocks.iter().enumerate() {
-            x = block.forward_rows(&x, caches, i)?;
+            x = block.forward_rows(&x, &lens, caches, i)?;
         }
-        for cache in caches.iter_mut() {
-            cache.advance(None, 1, 1);
+        for (cache, &t) in caches.iter_mut().zip(&lens) {
+            cache.advance(None, 1, t);
         }
-        let hidden = norm(&model.ln_f, &x.reshape((n, x.dim(2)?))?)?;
-        self.head(&hidden)
+        let x = x.reshape((rows, x.dim(2)?))?.index_select(&Tensor::new(last.as_slice(), &model.device)?, 0)?;
+        self.head(&norm(&model.ln_f, &x)?)
     }
 }
 
 impl Block {
-    /// [`Block::forward`] in inference for `x` (rows, 1, n_embd), row `r` attending to
-    /// `caches[r]` (layer `layer`).
-    fn forward_rows(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Result<Tensor> {
-        let (n, t, h) = x.dims3()?;
+    /// [`Block::forward`] in inference for `x` (rows, 1, n_embd) holding `lens[r]` consecutive
+    /// rows of sequence r, which attend to `caches[r]` (layer `layer`).
+    fn forward_rows(&self, x: &Tensor, lens: &[usize], caches: &mut [&mut KvCache], layer: usize) -> Result<Tensor> {
+        let (rows, _, h) = x.dims3()?;
         let hd = h / self.n_head;
         let qkv = self.c_attn.forward(&norm(&self.ln_1, x)?)?;
-        let qkv = qkv.reshape((n, t, 3, self.n_head, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        // (rows, 3, heads, hd) → (3, rows, heads, hd): one copy gives q, k and v, whose rows each
+        // sequence takes in turn as (1, heads, t, hd): a view without a copy for one new token.
+        let qkv = qkv.reshape((rows, 3, self.n_head, hd))?.permute((1, 0, 2, 3))?.contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let mut contexts = Vec::with_capacity(n);
-        for (r, cache) in caches.iter_mut().enumerate() {
-            let (keys, values) = cache.append(layer, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
-            let key_mask = cache.key_mask(None, 1, 1, x.device())?;
-            contexts.push(crate::ops::attention::attention(&q.narrow(0, r, 1)?, &keys, &values, key_mask.as_ref(), self.scale, false)?);
+        let mut contexts = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for (cache, &t) in caches.iter_mut().zip(lens) {
+            let rows_of = |m: &Tensor| -> Result<Tensor> { m.narrow(0, start, t)?.permute((1, 0, 2))?.unsqueeze(0) };
+            let (keys, values) = cache.append(layer, &rows_of(&k)?, &rows_of(&v)?)?;
+            let key_mask = cache.key_mask(None, 1, t, x.device())?;
+            let context = crate::ops::attention::attention(&rows_of(&q)?, &keys, &values, key_mask.as_ref(), self.scale, t > 1)?;
+            contexts.push(crate::ops::heads::merge_heads(&context)?.reshape((t, 1, h))?);
+            start += t;
         }
-        let context = crate::ops::heads::merge_heads(&Tensor::cat(&contexts, 0)?)?;
+        let context = Tensor::cat(&contexts, 0)?;
         let x = (self.attn_proj.forward(&context)? + x)?;
         let inner = self.act.apply(&self.c_fc.forward(&norm(&self.ln_2, &x)?)?)?;
         self.mlp_proj.forward(&inner)? + x

@@ -487,21 +487,27 @@ fn sigterm_finishes_the_stream_in_flight_and_exits() -> Result<()> {
     Ok(())
 }
 
+/// Prompts of different lengths fed together (`feed_rows`, one pass over ragged rows), then
+/// decoding steps of every sequence together (`decode_rows`), give each sequence the logits it
+/// gets alone.
 #[test]
-fn decode_rows_equals_one_sequence_at_a_time() -> Result<()> {
+fn feed_rows_and_decode_rows_equal_one_sequence_at_a_time() -> Result<()> {
     use candle_core::{Device, Tensor};
     use wick::models::gpt2::GPT2LMHeadModel;
     let files = wick::weights::ModelFiles::from_dir(&fixture_path("hf/gpt2-tiny"))?;
     let (model, _) = wick::pretrained::load::<GPT2LMHeadModel>(&files, candle_core::DType::F32, &Device::Cpu)?;
     let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[10], &[11, 12, 13]];
     let prefill = |cache: &mut wick::models::gpt2::KvCache, ids: &[u32]| model.forward_last(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?, None, None, Some(cache));
-    let (mut batched, mut single) = (vec![], vec![]);
-    for p in prompts {
-        for caches in [&mut batched, &mut single] {
-            let mut cache = model.new_cache(16);
-            prefill(&mut cache, p)?;
-            caches.push(cache);
-        }
+    let mut batched: Vec<wick::models::gpt2::KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+    let mut refs: Vec<&mut wick::models::gpt2::KvCache> = batched.iter_mut().collect();
+    let together = model.feed_rows(&prompts, &mut refs)?;
+    let mut single = vec![];
+    for (r, p) in prompts.iter().enumerate() {
+        let mut cache = model.new_cache(16);
+        let alone = prefill(&mut cache, p)?;
+        let diff = (together.get(r)? - alone.squeeze(0)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "prompt {r}: logits differ by {diff}");
+        single.push(cache);
     }
     // Three steps: every row together, then each row alone with its own cache.
     for step in 0..3u32 {

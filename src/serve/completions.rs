@@ -2,8 +2,9 @@
 //! every running request together.
 //!
 //! Requests arrive over a bounded channel (full: the handler answers 503). At each token
-//! boundary the scheduler admits waiting requests up to `max_batch` running ones: each gets
-//! its own prompt pass into its own [`KvCache`], which also yields its first token's logits.
+//! boundary the scheduler admits waiting requests up to `max_batch` running ones: their prompts
+//! run as one pass ([`GPT2LMHeadModel::feed_rows`]; one request at a time for quantized models),
+//! each into its own [`KvCache`], which also yields its first token's logits.
 //! Then one step samples every running request's next token (each with its own settings and
 //! seeded generator, over the rayon pool), sends the new text, retires the finished ones (end
 //! of text, a stop string, `max_tokens`, or a client that went away), and feeds the rest to one
@@ -11,7 +12,7 @@
 //! which is why throughput grows with concurrency while decoding is bound by memory traffic.
 //!
 //! A request's tokens are those `wick generate` picks for the same prompt, settings and seed:
-//! the same prompt pass, sampler and generator. Only the batching of the products changes, which
+//! the same prompt, sampler and generator. Only the batching of the products changes, which
 //! moves logits by float rounding (~1e-6): a token can differ only where two candidates tie to
 //! that precision.
 //! Its text follows OpenAI: a stop string ends the text and is not part of it; text is sent only
@@ -21,14 +22,18 @@
 use super::metrics::Metrics;
 use crate::generate::{choose, GenerationConfig};
 use crate::models::gpt2::{GPT2LMHeadModel, KvCache};
+use crate::pretrained::Pretrained;
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use rand::SeedableRng;
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
+
+/// Most prompt tokens one prompt pass takes (the activations of a pass grow with its tokens).
+const PROMPT_PASS_TOKENS: usize = 2048;
 
 /// What the scheduler tells a request's handler, tagged with the prompt's index in the request.
 #[derive(Debug)]
@@ -60,9 +65,10 @@ pub struct CompletionQueue {
 impl CompletionQueue {
     /// Starts the scheduler thread for `model`; it ends once this queue is dropped and the
     /// running requests are finished.
-    pub fn start(model: GPT2LMHeadModel, tokenizer: Arc<tokenizers::Tokenizer>, queue_size: usize, max_batch: usize, metrics: Arc<Metrics>) -> Result<(Self, std::thread::JoinHandle<()>)> {
+    pub fn start(mut model: GPT2LMHeadModel, tokenizer: Arc<tokenizers::Tokenizer>, queue_size: usize, max_batch: usize, metrics: Arc<Metrics>) -> Result<(Self, std::thread::JoinHandle<()>)> {
         let (queue, jobs) = std::sync::mpsc::sync_channel(queue_size);
-        let scheduler = Scheduler { model, tokenizer, max_batch, metrics: metrics.clone(), running: vec![] };
+        let quantized = model.linear_layers().iter().any(|(_, layer)| layer.quantized().is_some());
+        let scheduler = Scheduler { model, tokenizer, max_batch, quantized, metrics: metrics.clone(), running: vec![] };
         let thread = std::thread::Builder::new().name("wick-completions".into()).spawn(move || scheduler.run(jobs)).context("starting the completion scheduler")?;
         Ok((Self { queue, metrics }, thread))
     }
@@ -104,6 +110,8 @@ enum Outcome {
 
 struct Scheduler {
     model: GPT2LMHeadModel,
+    /// Some linear layer is quantized: prompt passes run one request at a time (see `admit`).
+    quantized: bool,
     tokenizer: Arc<tokenizers::Tokenizer>,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -113,19 +121,21 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self, jobs: Receiver<Job>) {
         loop {
+            let mut arrived = vec![];
             if self.running.is_empty() {
                 // Idle: wait for work; every queue handle gone means shutdown.
                 match jobs.recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => arrived.push(job),
                     Err(_) => return,
                 }
             }
-            while self.running.len() < self.max_batch {
+            while self.running.len() + arrived.len() < self.max_batch {
                 match jobs.try_recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => arrived.push(job),
                     Err(_) => break,
                 }
             }
+            self.admit(arrived);
             self.metrics.decoding.store(self.running.len(), Ordering::Relaxed);
             // A bug in one step must not take the server down: its requests fail, the rest go on.
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
@@ -143,44 +153,92 @@ impl Scheduler {
         }
     }
 
-    /// The prompt pass of a new request; it joins the running set.
-    fn admit(&mut self, job: Job) {
-        self.metrics.completion_queue.fetch_sub(1, Ordering::Relaxed);
-        if job.events.is_closed() {
-            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
+    /// The prompt passes of new requests; they join the running set. Prompts that arrived
+    /// together run as one pass over all their tokens (up to [`PROMPT_PASS_TOKENS`]), which
+    /// reads the weights once for all of them, except for quantized models: their products over
+    /// more than 32 rows round the activations to 7 bits instead of 8 (`ops::matvec::qgemm`), so
+    /// each of their prompts runs alone and gets the tokens `wick generate` gives it.
+    fn admit(&mut self, jobs: Vec<Job>) {
+        let mut ready = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            self.metrics.completion_queue.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.metrics.prompt_tokens.fetch_add(job.prompt_ids.len() as u64, Ordering::Relaxed);
+            if job.config.max_new_tokens == 0 {
+                let _ = job.events.send((job.index, Event::Done { finish_reason: "length", completion_tokens: 0 }));
+                continue;
+            }
+            ready.push(job);
         }
-        self.metrics.prompt_tokens.fetch_add(job.prompt_ids.len() as u64, Ordering::Relaxed);
-        if job.config.max_new_tokens == 0 {
-            let _ = job.events.send((job.index, Event::Done { finish_reason: "length", completion_tokens: 0 }));
-            return;
+        let limit = if self.quantized { 1 } else { PROMPT_PASS_TOKENS };
+        while !ready.is_empty() {
+            // As many as fit the pass (at least one).
+            let mut take = 1;
+            let mut tokens = ready[0].prompt_ids.len();
+            while take < ready.len() && tokens + ready[take].prompt_ids.len() <= limit {
+                tokens += ready[take].prompt_ids.len();
+                take += 1;
+            }
+            let group: Vec<Job> = ready.drain(..take).collect();
+            match self.prompt_pass(&group) {
+                Ok(results) => {
+                    for (job, (cache, logits)) in group.into_iter().zip(results) {
+                        self.start(job, cache, logits);
+                    }
+                }
+                // One failing prompt must not fail the others: each alone, with its own error.
+                Err(_) if group.len() > 1 => {
+                    for job in group {
+                        match self.prompt_pass(std::slice::from_ref(&job)) {
+                            Ok(mut results) => {
+                                let (cache, logits) = results.remove(0);
+                                self.start(job, cache, logits);
+                            }
+                            Err(e) => {
+                                let _ = job.events.send((job.index, Event::Failed(e)));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let job = &group[0];
+                    let _ = job.events.send((job.index, Event::Failed(e)));
+                }
+            }
         }
-        let prefill = || -> Result<(KvCache, Vec<f32>)> {
-            let mut cache = self.model.new_cache(job.prompt_ids.len() + job.config.max_new_tokens);
-            let ids = Tensor::new(job.prompt_ids.as_slice(), self.model.transformer.device())?.unsqueeze(0)?;
-            let logits = self.model.forward_last(&ids, None, None, Some(&mut cache))?;
-            Ok((cache, logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1()?))
+    }
+
+    /// One pass over the prompts of `jobs`: each one's cache and its next token's logits.
+    fn prompt_pass(&self, jobs: &[Job]) -> std::result::Result<Vec<(KvCache, Vec<f32>)>, String> {
+        let pass = || -> Result<Vec<(KvCache, Vec<f32>)>> {
+            let mut caches: Vec<KvCache> = jobs.iter().map(|j| self.model.new_cache(j.prompt_ids.len() + j.config.max_new_tokens)).collect();
+            let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.prompt_ids.as_slice()).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let logits = self.model.feed_rows(&prompts, &mut refs)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            Ok(caches.into_iter().zip(logits).collect())
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(prefill)) {
-            Ok(Ok((cache, logits))) => {
-                let hold = job.config.stop_strings.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
-                self.running.push(Sequence {
-                    rng: rand::rngs::StdRng::seed_from_u64(job.config.seed),
-                    seen: job.prompt_ids.clone(),
-                    generated: vec![],
-                    cache,
-                    logits,
-                    visible: VisibleText { emitted: 0, hold },
-                    job,
-                });
-            }
-            Ok(Err(e)) => {
-                let _ = job.events.send((job.index, Event::Failed(format!("the prompt pass failed: {e:#}"))));
-            }
-            Err(_) => {
-                let _ = job.events.send((job.index, Event::Failed("the prompt pass panicked".into())));
-            }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)) {
+            Ok(Ok(results)) => Ok(results),
+            Ok(Err(e)) => Err(format!("the prompt pass failed: {e:#}")),
+            Err(_) => Err("the prompt pass panicked".into()),
         }
+    }
+
+    /// A request whose prompt has been read joins the running set.
+    fn start(&mut self, job: Job, cache: KvCache, logits: Vec<f32>) {
+        let hold = job.config.stop_strings.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
+        self.running.push(Sequence {
+            rng: rand::rngs::StdRng::seed_from_u64(job.config.seed),
+            seen: job.prompt_ids.clone(),
+            generated: vec![],
+            cache,
+            logits,
+            visible: VisibleText { emitted: 0, hold },
+            job,
+        });
     }
 
     /// Samples every running sequence's next token, retires the finished ones and runs one
