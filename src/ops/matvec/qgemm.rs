@@ -160,21 +160,16 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
                 for g in chunk..(chunk + ROW_CHUNK / MR).min(groups) {
                     let xq = &xp.qs[g * nb * BLOCK * MR..(g + 1) * nb * BLOCK * MR];
                     let xd = &xp.scales[g * nb * MR..(g + 1) * nb * MR];
-                    let mut tile = [[0f32; NR]; MR];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the caller checked the CPU's features; the slices hold nb blocks.
+                    let rows = MR.min(m - g * MR);
+                    // SAFETY: rows g·MR.. + rows ≤ m and columns p·NR.. + NR ≤ n lie inside y
+                    // (m × n); tasks write disjoint columns. The caller checked the CPU's
+                    // features; the slices hold nb blocks.
                     unsafe {
-                        avx2::tile(xq, xd, wq, wd, wc, nb, &mut tile)
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    reference_tile(xq, xd, wq, wd, wc, nb, &mut tile);
-                    for (r, row) in tile.iter().enumerate().take(m - g * MR) {
-                        // SAFETY: row g·MR + r < m and columns p·NR.. + NR ≤ n lie inside y;
-                        // tasks write disjoint columns.
-                        let yr = unsafe { std::slice::from_raw_parts_mut(out.get().add((g * MR + r) * n + p * NR), NR) };
-                        for (y, v) in yr.iter_mut().zip(row) {
-                            *y += v;
-                        }
+                        let y = out.get().add(g * MR * n + p * NR);
+                        #[cfg(target_arch = "x86_64")]
+                        avx2::tile(xq, xd, wq, wd, wc, nb, y, n, rows);
+                        #[cfg(not(target_arch = "x86_64"))]
+                        add_tile(&reference_tile(xq, xd, wq, wd, wc, nb), y, n, rows);
                     }
                 }
             }
@@ -182,10 +177,24 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
     });
 }
 
+/// `rows` rows of `tile` added to y (rows `ldy` apart).
+///
+/// # Safety
+/// y addresses `rows` rows of NR floats, `ldy` apart, that nothing else accesses meanwhile.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+unsafe fn add_tile(tile: &[[f32; NR]; MR], y: *mut f32, ldy: usize, rows: usize) {
+    for (r, row) in tile.iter().enumerate().take(rows) {
+        for (j, v) in row.iter().enumerate() {
+            unsafe { *y.add(r * ldy + j) += v };
+        }
+    }
+}
+
 /// The tile in plain Rust: the same integers, the same order of block sums; what the AVX2 tile is
 /// tested against.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn reference_tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, tile: &mut [[f32; NR]; MR]) {
+fn reference_tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize) -> [[f32; NR]; MR] {
+    let mut tile = [[0f32; NR]; MR];
     for b in 0..nb {
         for (r, row) in tile.iter_mut().enumerate() {
             for (j, out) in row.iter_mut().enumerate() {
@@ -199,6 +208,7 @@ fn reference_tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: 
             }
         }
     }
+    tile
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -206,10 +216,12 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// tile[r][j] += Σ_b dx[r][b]·dw[j][b]·(Σ_i (q[r][i] + 64)·w[j][i] − 64·Σ_i w[j][i]) for one
-    /// group of MR packed rows and one panel of NR packed columns.
+    /// y[r][j] += Σ_b dx[r][b]·dw[j][b]·(Σ_i (q[r][i] + 64)·w[j][i] − 64·Σ_i w[j][i]) for the
+    /// first `rows` of one group of MR packed rows and one panel of NR packed columns; y's rows
+    /// `ldy` apart.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, tile: &mut [[f32; NR]; MR]) {
+    pub(super) unsafe fn tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, y: *mut f32, ldy: usize, rows: usize) {
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let (xq, wq) = (xq.as_ptr(), wq.as_ptr());
@@ -219,8 +231,9 @@ mod avx2 {
             // stores were the kernel's hottest instructions. Two rows at a time (each W vector
             // loaded once for both) measured slower still: 2.8–3.1 seq/s against 4.0–4.1 for
             // BERT-base q8_0 forward b8 s128 on one Zen 3 core.
-            for (r, out) in tile.iter_mut().enumerate() {
-                let mut acc_f = [_mm256_setzero_ps(); 2];
+            for r in 0..rows {
+                let out = y.add(r * ldy);
+                let mut acc_f = [_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8))];
                 for b in 0..nb {
                     let (xb, wb) = (xq.add(b * BLOCK * MR + r * 4), wq.add(b * BLOCK * NR));
                     let mut acc = [_mm256_setzero_si256(); 2];
@@ -238,8 +251,8 @@ mod avx2 {
                         *acc_f = _mm256_fmadd_ps(sum, _mm256_mul_ps(dx, _mm256_loadu_ps(wd.as_ptr().add(b * NR + h * 8))), *acc_f);
                     }
                 }
-                _mm256_storeu_ps(out.as_mut_ptr(), acc_f[0]);
-                _mm256_storeu_ps(out.as_mut_ptr().add(8), acc_f[1]);
+                _mm256_storeu_ps(out, acc_f[0]);
+                _mm256_storeu_ps(out.add(8), acc_f[1]);
             }
         }
     }
@@ -277,10 +290,9 @@ mod tests {
                 let nb = k / BLOCK;
                 for g in 0..m.div_ceil(MR) {
                     for p in 0..n / NR {
-                        let mut want = [[0f32; NR]; MR];
                         let (xq, xd) = (&xp.qs[g * nb * BLOCK * MR..], &xp.scales[g * nb * MR..]);
                         let (wq, wd, wc) = (&wp.qs[p * NR * k..], &wp.scales[p * NR * nb..], &wp.corrections[p * NR * nb..]);
-                        reference_tile(xq, xd, wq, wd, wc, nb, &mut want);
+                        let want = reference_tile(xq, xd, wq, wd, wc, nb);
                         for r in 0..MR.min(m - g * MR) {
                             for j in 0..NR {
                                 let (row, col) = (g * MR + r, p * NR + j);
