@@ -233,10 +233,7 @@ impl CustomOp3 for Linear {
             candle_core::bail!("linear: input {:?}, weight {:?} ({:?}), bias {:?} do not fit", xl.dims(), wl.dims(), self.layout, bl.dims())
         }
         let rows = x.len() / d_in.max(1);
-        let mut y: Vec<f32> = Vec::with_capacity(rows * d_out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
+        let mut y = super::repeated_rows(Some(b), rows, d_out);
         // Element (k, j) of the right operand is W[j, k] (OutIn) or W[k, j] (InOut).
         let rhs = match self.layout {
             WeightLayout::OutIn => View::transposed(w, d_in),
@@ -303,7 +300,7 @@ impl CustomOp3 for LinearBackward {
             candle_core::bail!("linear backward: input {:?}, weight {:?}, gradient {:?} do not fit", xl.dims(), wl.dims(), gl.dims())
         }
         let dx_len = if self.need_dx { rows * d_in } else { 0 };
-        let mut out = vec![0f32; dx_len + d_in * d_out + d_out];
+        let mut out = super::repeated_rows(None, 1, dx_len + d_in * d_out + d_out);
         let (dx, rest) = out.split_at_mut(dx_len);
         let (dw, db) = rest.split_at_mut(d_in * d_out);
         let dz_rows = View::rows(dz, d_out);

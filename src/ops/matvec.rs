@@ -399,7 +399,7 @@ pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: O
     if bias.as_ref().is_some_and(|b| b.len() != n) {
         bail!("quantized product: a bias of {} for {n} outputs", bias.map_or(0, |b| b.len()))
     }
-    let mut y = bias_rows(bias.as_deref(), rows, n);
+    let mut y = super::repeated_rows(bias.as_deref(), rows, n);
     let data = w.data()?;
     let p = Problem { m: rows, k, n, layout: WeightLayout::OutIn };
     // x read in place when it is contiguous f32 (an encoder batch is megabytes: no copy).
@@ -411,21 +411,6 @@ pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: O
     let mut dims = x.dims().to_vec();
     *dims.last_mut().unwrap() = n;
     Ok(Some(Tensor::from_vec(y, dims, x.device())?))
-}
-
-/// `rows` copies of `bias` (or zeros), written by the rayon pool in one pass: for encoder
-/// batches (megabytes) a serial `repeat` or zero-fill was a few percent of a forward pass, on
-/// one thread while the others waited.
-fn bias_rows(bias: Option<&[f32]>, rows: usize, n: usize) -> Vec<f32> {
-    let mut y: Vec<f32> = Vec::with_capacity(rows * n);
-    y.spare_capacity_mut().par_chunks_mut(n.max(1)).for_each(|row| {
-        for (j, v) in row.iter_mut().enumerate() {
-            v.write(bias.map_or(0.0, |b| b[j]));
-        }
-    });
-    // SAFETY: every one of the rows·n elements was written above.
-    unsafe { y.set_len(rows * n) };
-    y
 }
 
 /// The product as a candle op: x (..., k) f32, W, and optionally the bias (n) f32.
@@ -449,16 +434,13 @@ impl WeightProduct {
             bail!("weight product: input {:?} does not fit the weight {:?} ({:?})", xl.dims(), wl.dims(), self.0)
         }
         let m = xl.dims()[..xl.dims().len() - 1].iter().product();
-        let mut y = match bias {
-            Some((bs, bl)) => {
-                let b = cpu_f32(bs, bl, "weight product")?;
-                if b.len() != n {
-                    bail!("weight product: bias {:?} for {n} outputs", bl.dims())
-                }
-                b.repeat(m)
+        let b = bias.map(|(bs, bl)| cpu_f32(bs, bl, "weight product")).transpose()?;
+        if let (Some(b), Some((_, bl))) = (b, bias) {
+            if b.len() != n {
+                bail!("weight product: bias {:?} for {n} outputs", bl.dims())
             }
-            None => vec![0f32; m * n],
-        };
+        }
+        let mut y = super::repeated_rows(b, m, n);
         let p = Problem { m, k, n, layout: self.0 };
         product(crate::cpu::isa(), x, w, p, &mut y, default_tasks(&p))?;
         let mut dims = xl.dims().to_vec();

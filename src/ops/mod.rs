@@ -97,6 +97,33 @@ pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a
     }
 }
 
+/// `rows` copies of `row` (or of n zeros): the output buffer of a product, which adds into it.
+/// Written in one pass, by the rayon pool when it is large: for an encoder batch (megabytes) a
+/// serial `repeat` or zero-fill was a few percent of a forward pass, with the other threads
+/// idle (BERT-base q8_0 forward: 6.0 → 7.0–7.3 seq/s with the serial copies removed).
+pub(crate) fn repeated_rows(row: Option<&[f32]>, rows: usize, n: usize) -> Vec<f32> {
+    // A chunk starts at a row boundary (below), so its rows line up with `row`.
+    let fill = |out: &mut [std::mem::MaybeUninit<f32>]| match row {
+        Some(b) => out.chunks_mut(n).for_each(|r| r.iter_mut().zip(b).for_each(|(v, &x)| _ = v.write(x))),
+        None => out.iter_mut().for_each(|v| _ = v.write(0.0)),
+    };
+    if n == 0 {
+        return vec![];
+    }
+    let mut y: Vec<f32> = Vec::with_capacity(rows * n);
+    if rows * n < 1 << 16 {
+        fill(y.spare_capacity_mut());
+    } else {
+        use rayon::prelude::*;
+        // Whole rows per chunk (zeros: any length), ~16K elements each.
+        let chunk = if row.is_some() { n * (1usize << 14).div_ceil(n) } else { 1 << 14 };
+        y.spare_capacity_mut().par_chunks_mut(chunk).for_each(fill);
+    }
+    // SAFETY: all rows·n elements were written above.
+    unsafe { y.set_len(rows * n) };
+    y
+}
+
 /// [`cpu_f32`] for a tensor updated in place.
 pub(crate) fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -130,5 +157,19 @@ mod tests {
         assert_eq!(OpsPath::parse("").unwrap(), OpsPath::Fused);
         let err = OpsPath::parse("refrence").unwrap_err().to_string();
         assert!(err.contains("WICK_OPS") && err.contains("\"refrence\"") && err.contains("fused") && err.contains("reference"), "{err}");
+    }
+
+    /// Serial (small) and parallel (from 2¹⁶ elements) fills, rows of every width, and zeros.
+    #[test]
+    fn repeated_rows_repeats_the_row_or_zeros() {
+        for (rows, n) in [(3, 5), (1, 7), (1000, 77), (70_000, 1), (3, 30_000)] {
+            let row: Vec<f32> = (0..n).map(|j| j as f32 + 0.5).collect();
+            let y = repeated_rows(Some(&row), rows, n);
+            assert_eq!(y.len(), rows * n);
+            assert!(y.chunks_exact(n).all(|r| r == row.as_slice()), "({rows}, {n})");
+            let z = repeated_rows(None, rows, n);
+            assert!(z.len() == rows * n && z.iter().all(|&v| v == 0.0), "({rows}, {n})");
+        }
+        assert!(repeated_rows(None, 4, 0).is_empty() && repeated_rows(Some(&[]), 0, 0).is_empty());
     }
 }
