@@ -6,11 +6,12 @@
 #   2. a 3-layer student (teacher layers 0, 2, 4) distilled from it on the same rows, and the
 #      same student trained on the labels alone (--alpha 0); then the student distilled on the
 #      teacher's outputs alone (--alpha 1: no labels) over --transfer-rows rows, the teacher's
-#      rows and unlabelled ones after them (Hinton et al.'s transfer set);
+#      rows and unlabelled ones after them (Hinton et al.'s transfer set), and once more over
+#      every training row (67,349; the best of its evaluations every 500 steps is kept);
 #   3. magnitude pruning of the teacher to 0/30/50/70/90% sparsity, each recovered on
 #      --recovery-rows rows (`wick prune --sparsity 0,0.3,...`: sweep.json and sweep.svg);
 #   4. the teacher with half its FFN neurons, recovered the same way;
-#   5. distil -> prune -> quantize: the transfer-set student with half its FFN neurons
+#   5. distil -> prune -> quantize: the all-rows transfer-set student with half its FFN neurons
 #      (recovered), then quantized to q8_0.
 # Then `wick predict` on the dev set for every model (accuracy; seconds for 872 rows), and one
 # table (size on disk, dev accuracy, predict seq/s). Every step writes its JSON summary in OUT.
@@ -19,7 +20,7 @@
 #                             [--recovery-rows 2560] [--threads 2] [--only-predict]
 #
 # Accuracy does not depend on the machine's load; the seq/s column does: run --only-predict
-# again on an idle machine for the speeds. Takes about an hour on 2 cores; a step whose summary
+# again on an idle machine for the speeds. Takes about an hour and a half on 2 cores; a step whose summary
 # is in OUT already is not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,15 +61,17 @@ if [ $only_predict = 0 ]; then
     --max-train-examples "$rows" --lr 3e-4 "${common[@]}" --output "$out/student-labels"
   step student-transfer distill --teacher "$out/teacher" --student-layers 3 --cache-teacher --alpha 1 --temperature 2 \
     --max-train-examples "$transfer_rows" --lr 3e-4 "${common[@]}" --output "$out/student-transfer"
+  step student-transfer-all distill --teacher "$out/teacher" --student-layers 3 --cache-teacher --alpha 1 --temperature 2 \
+    --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-transfer-all"
   step sweep prune --model "$out/teacher" --sparsity 0,0.3,0.5,0.7,0.9 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/sweep"
   step ffn-half prune --model "$out/teacher" --ffn-keep 0.5 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/ffn-half"
-  step student-ffn-half prune --model "$out/student-transfer" --ffn-keep 0.5 \
+  step student-ffn-half prune --model "$out/student-transfer-all" --ffn-keep 0.5 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/student-ffn-half"
   step student-ffn-half-q8_0 quantize --model "$out/student-ffn-half" --type q8_0 --json --output "$out/student-ffn-half-q8_0"
 fi
-models=(teacher student student-labels student-transfer sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half student-ffn-half student-ffn-half-q8_0)
+models=(teacher student student-labels student-transfer student-transfer-all sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half student-ffn-half student-ffn-half-q8_0)
 for m in "${models[@]}"; do
   name=predict-${m//\//-}
   rm -f "$out/$name.json"
