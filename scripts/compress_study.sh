@@ -7,7 +7,8 @@
 #      same student trained on the labels alone (--alpha 0); then the student distilled on the
 #      teacher's outputs alone (--alpha 1: no labels) over --transfer-rows rows, the teacher's
 #      rows and unlabelled ones after them (Hinton et al.'s transfer set), and once more over
-#      every training row (67,349; the best of its evaluations every 500 steps is kept);
+#      every training row (67,349; the best of its evaluations every 500 steps is kept), and the
+#      labels-only student on every row;
 #   3. magnitude pruning of the teacher to 0/30/50/70/90% sparsity, each recovered on
 #      --recovery-rows rows (`wick prune --sparsity 0,0.3,...`: sweep.json and sweep.svg);
 #   4. the teacher with half its FFN neurons, recovered the same way;
@@ -20,7 +21,7 @@
 #                             [--recovery-rows 2560] [--threads 2] [--only-predict]
 #
 # Accuracy does not depend on the machine's load; the seq/s column does: run --only-predict
-# again on an idle machine for the speeds. Takes about an hour and a half on 2 cores; a step whose summary
+# again on an idle machine for the speeds. Takes about two hours on 2 cores; a step whose summary
 # is in OUT already is not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +64,8 @@ if [ $only_predict = 0 ]; then
     --max-train-examples "$transfer_rows" --lr 3e-4 "${common[@]}" --output "$out/student-transfer"
   step student-transfer-all distill --teacher "$out/teacher" --student-layers 3 --cache-teacher --alpha 1 --temperature 2 \
     --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-transfer-all"
+  step student-labels-all distill --teacher "$out/teacher" --student-layers 3 --alpha 0 \
+    --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-labels-all"
   step sweep prune --model "$out/teacher" --sparsity 0,0.3,0.5,0.7,0.9 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/sweep"
   step ffn-half prune --model "$out/teacher" --ffn-keep 0.5 \
