@@ -99,22 +99,10 @@ const WHOLE_WEIGHT_BYTES: usize = 64 << 20;
 
 /// `blocks` (whole blocks of `format`) as f32 values into `out`.
 pub(crate) fn dequantize(format: QFormat, blocks: &[u8], out: &mut [f32]) {
-    let bb = format.block_bytes();
-    for (block, out) in blocks.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+    for (block, out) in blocks.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
         let d = block_scale(block);
-        match format {
-            QFormat::Q8_0 => {
-                for (o, &q) in out.iter_mut().zip(&block[2..2 + BLOCK]) {
-                    *o = (q as i8) as f32 * d;
-                }
-            }
-            QFormat::Q4_0 => {
-                let (lo, hi) = out.split_at_mut(BLOCK / 2);
-                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&block[2..2 + BLOCK / 2]) {
-                    *l = ((q & 0x0f) as i32 - 8) as f32 * d;
-                    *h = ((q >> 4) as i32 - 8) as f32 * d;
-                }
-            }
+        for (o, v) in out.iter_mut().zip(block_values(format, block)) {
+            *o = v as f32 * d;
         }
     }
 }
