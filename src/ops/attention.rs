@@ -23,12 +23,13 @@
 //! entirely are skipped, and on the causal diagonal only the visible keys are computed. The
 //! logsumexp m + ln l of every row is saved for the backward pass.
 //!
-//! On CPUs with AVX-512 and head_dim a multiple of 16 the tile products are micro-kernels of our
-//! own with the queries along the vector lanes (`attention/avx512.rs`, which explains the layout);
-//! the forward pass without dropout has an AVX2+FMA twin for head_dim a multiple of 8
-//! (`attention/avx2.rs`). Elsewhere (dropout, other head sizes, the AVX2 backward) the same
-//! algorithm runs with the `gemm` crate (candle's CPU matrix product) and 16-lane chunked softmax
-//! loops compiled for AVX-512 or AVX2+FMA, chosen at run time.
+//! Without dropout, on CPUs with AVX-512 (head_dim a multiple of 16) or AVX2+FMA (a multiple of
+//! 8), both passes run micro-kernels of our own with the queries along the vector lanes, written
+//! once over the vector width (`attention/kernels.rs`, which explains the layout; the levels in
+//! `attention/avx512.rs` and `attention/avx2.rs`). Elsewhere (dropout, other head sizes,
+//! `WICK_CPU_ISA=portable`) the same algorithm runs with the `gemm` crate (candle's CPU matrix
+//! product) and 16-lane chunked softmax loops compiled for AVX-512 or AVX2+FMA, chosen at run
+//! time.
 //!
 //! The backward pass is fused too (flash-attention 2's): per (batch, head), for each key tile
 //! and each query block that sees it, P is recomputed from the saved logsumexp and
@@ -227,14 +228,9 @@ fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Te
 /// copy of q, k, v and of the output.)
 pub fn fused_attention_extra_bytes(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize, threads: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if avx512::usable(head_dim) {
+    if avx512::usable(head_dim) || avx2::usable(head_dim) {
         // scale·Qᵀ (BQ × head_dim) and Sᵀ (BK × BQ) per task
-        let task = (avx512::BQ * head_dim + avx512::BK * avx512::BQ) * 4;
-        return 4 * batch * heads * q_len + threads * task;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::usable(head_dim) {
-        let task = (avx2::BQ * head_dim + avx2::BK * avx2::BQ) * 4;
+        let task = (kernels::BQ * head_dim + kernels::BK * kernels::BQ) * 4;
         return 4 * batch * heads * q_len + threads * task;
     }
     let _ = head_dim;
@@ -288,10 +284,15 @@ impl Problem<'_> {
     fn keys(&self, bh: usize) -> Option<&[f32]> {
         self.mask.map(|m| &m[(bh / self.h) * self.lk..][..self.lk])
     }
+    /// Head `bh`'s queries, keys and values.
+    fn head(&self, bh: usize) -> (&[f32], &[f32], &[f32]) {
+        let (d, lq, lk) = (self.d, self.lq, self.lk);
+        (&self.q[bh * lq * d..][..lq * d], &self.k[bh * lk * d..][..lk * d], &self.v[bh * lk * d..][..lk * d])
+    }
     /// Rows `r0..r0 + rows` of head `bh`'s queries, and the head's keys and values.
     fn block(&self, bh: usize, r0: usize, rows: usize) -> (&[f32], &[f32], &[f32]) {
-        let (d, lk) = (self.d, self.lk);
-        (&self.q[(bh * self.lq + r0) * d..][..rows * d], &self.k[bh * lk * d..][..lk * d], &self.v[bh * lk * d..][..lk * d])
+        let (q, k, v) = self.head(bh);
+        (&q[r0 * self.d..][..rows * self.d], k, v)
     }
     /// qt[c·ld + i] = scale·q[i][c] for the rows of `q` (queries along the vector lanes of the
     /// micro-kernels); the lanes past them stay as they are (zero when fresh).
@@ -358,7 +359,7 @@ impl CustomOp3 for FusedAttention {
                 let _ = self.portable;
                 (false, false)
             };
-            let br = if fast512 { avx512::BQ } else if fast2 { avx2::BQ } else { BR };
+            let br = if fast512 || fast2 { kernels::BQ } else { BR };
             out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
                 o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
                     #[cfg(target_arch = "x86_64")]
@@ -483,8 +484,12 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
                 let g = &gv[bh * lq * d..][..lq * d];
                 let lse = &lse[bh * lq..][..lq];
                 #[cfg(target_arch = "x86_64")]
-                if !op.portable && op.dropout.is_none() && avx512::usable(d) {
-                    return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+                if !op.portable && op.dropout.is_none() {
+                    if avx512::usable(d) {
+                        return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+                    } else if avx2::usable(d) {
+                        return avx2::backward_head(&p, bh, o, g, lse, dq, dk, dv);
+                    }
                 }
                 simd::backward_head(&p, bh, o, g, lse, dq, dk, dv);
             });
@@ -657,9 +662,7 @@ mod simd {
     #[inline(always)]
     fn backward_head_impl(p: &Problem, bh: usize, o: &[f32], g: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
         let (d, lq, lk) = (p.d, p.lq, p.lk);
-        let q = &p.q[bh * lq * d..][..lq * d];
-        let k = &p.k[bh * lk * d..][..lk * d];
-        let v = &p.v[bh * lk * d..][..lk * d];
+        let (q, k, v) = p.head(bh);
         let keys = p.keys(bh);
         dq.fill(0.0);
         dk.fill(0.0);
@@ -801,6 +804,8 @@ mod simd {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod kernels;
 use super::dropout::DropoutMask;
 
 #[cfg(test)]
@@ -833,13 +838,14 @@ mod tests {
         Ok(())
     }
 
-    /// The AVX2 forward kernel, called directly (on any CPU with AVX2+FMA, whatever
-    /// `wick::cpu::isa` picks), against an f64 loop and the portable kernel on shapes that are no
-    /// multiple of its tiles: 1..300 rows and keys, head_dim 8/32/64, causal with more queries
-    /// than keys (rows that see nothing), and a padding mask with a hole.
+    /// The AVX2 kernels, called directly (on any CPU with AVX2+FMA, whatever `wick::cpu::isa`
+    /// picks): the forward pass against an f64 loop and the portable kernel, the backward pass
+    /// against the portable kernel's gradients, on shapes that are no multiple of the tiles:
+    /// 1..300 rows and keys, head_dim 8/32/64, causal with more queries than keys (rows that see
+    /// nothing), and a padding mask with a hole.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_forward_matches_f64_and_portable() -> Result<()> {
+    fn avx2_kernels_match_f64_and_portable() -> Result<()> {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             return Ok(());
         }
@@ -855,8 +861,8 @@ mod tests {
                 let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), h, lq, lk, d, scale: 0.3, causal, dropout: None };
                 let (mut o, mut lse) = (vec![0f32; b * h * lq * d], vec![0f32; b * h * lq]);
                 for bh in 0..b * h {
-                    for r0 in (0..lq).step_by(avx2::BQ) {
-                        let rows = avx2::BQ.min(lq - r0);
+                    for r0 in (0..lq).step_by(kernels::BQ) {
+                        let rows = kernels::BQ.min(lq - r0);
                         avx2::forward_block(&p, bh, r0, &mut o[(bh * lq + r0) * d..][..rows * d], &mut lse[bh * lq + r0..][..rows]);
                     }
                 }
@@ -880,9 +886,23 @@ mod tests {
                 assert!(worst < 3e-5, "off the f64 reference by {worst} ({lq}, {lk}, {d}, causal {causal}, masked {masked})");
                 let t = |x: &[f32], l: usize| Tensor::from_slice(x, (b, h, l, d), &dev);
                 let mt = Tensor::from_slice(&mask, (b, lk), &dev)?;
-                let portable = fused_attention_impl(&t(&q, lq)?, &t(&k, lk)?, &t(&v, lk)?, masked.then_some(&mt), 0.3, causal, None, true)?;
-                let err = (portable - t(&o, lq)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let (qv, kv, vv) = (Var::from_tensor(&t(&q, lq)?)?, Var::from_tensor(&t(&k, lk)?)?, Var::from_tensor(&t(&v, lk)?)?);
+                let portable = fused_attention_impl(&qv, &kv, &vv, masked.then_some(&mt), 0.3, causal, None, true)?;
+                let err = (&portable - t(&o, lq)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 3e-5, "off the portable kernel by {err}");
+                // the backward pass, from this forward's output and logsumexp, against the
+                // portable kernel's gradients for the same upstream gradient
+                let w = rand(lq)?;
+                let grads = (&portable * t(&w, lq)?)?.sum_all()?.backward()?;
+                let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * lq * d], vec![0f32; b * h * lk * d], vec![0f32; b * h * lk * d]);
+                for bh in 0..b * h {
+                    let (qs, ks) = (bh * lq * d..(bh + 1) * lq * d, bh * lk * d..(bh + 1) * lk * d);
+                    avx2::backward_head(&p, bh, &o[qs.clone()], &w[qs.clone()], &lse[bh * lq..][..lq], &mut dq[qs], &mut dk[ks.clone()], &mut dv[ks]);
+                }
+                for (ours, x, l, name) in [(&dq, &qv, lq, "dq"), (&dk, &kv, lk, "dk"), (&dv, &vv, lk, "dv")] {
+                    let err = (grads.get(x).unwrap() - t(ours, l)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(err < 1e-4, "{name} off the portable kernel's by {err} ({lq}, {lk}, {d}, causal {causal}, masked {masked})");
+                }
             }
         }
         Ok(())
