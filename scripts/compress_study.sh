@@ -8,10 +8,12 @@
 #      teacher's outputs alone (--alpha 1: no labels) over --transfer-rows rows, the teacher's
 #      rows and unlabelled ones after them (Hinton et al.'s transfer set), and once more over
 #      every training row (67,349; the best of its evaluations every 500 steps is kept), and the
-#      labels-only student on every row;
+#      labels-only student on every row; then a teacher fine-tuned on every row, the student
+#      distilled from it (--alpha 0.5) on every row and the same student on the labels alone;
 #   3. magnitude pruning of the teacher to 0/30/50/70/90% sparsity, each recovered on
 #      --recovery-rows rows (`wick prune --sparsity 0,0.3,...`: sweep.json and sweep.svg);
-#   4. the teacher with half its FFN neurons, recovered the same way;
+#   4. the teacher with half its FFN neurons, recovered the same way, the neurons ranked by
+#      weight norms and by Michel et al.'s gradient score;
 #   5. distil -> prune -> quantize: the all-rows transfer-set student with half its FFN neurons
 #      (recovered), then quantized to q8_0.
 # Then `wick predict` on the dev set for every model (accuracy; seconds for 872 rows), and one
@@ -21,7 +23,7 @@
 #                             [--recovery-rows 2560] [--threads 2] [--only-predict]
 #
 # Accuracy does not depend on the machine's load; the seq/s column does: run --only-predict
-# again on an idle machine for the speeds. Takes about two hours on 2 cores; a step whose summary
+# again on an idle machine for the speeds. Takes about five hours on 2 cores; a step whose summary
 # is in OUT already is not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,15 +68,25 @@ if [ $only_predict = 0 ]; then
     --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-transfer-all"
   step student-labels-all distill --teacher "$out/teacher" --student-layers 3 --alpha 0 \
     --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-labels-all"
+  # the same comparison with a teacher fine-tuned on every row: the student distilled from it
+  # (alpha 0.5) against the same student (its layers) trained on the labels alone
+  step teacher-all finetune --model "$minilm" --train "$train" --eval "$dev" --eval-every 500 \
+    --epochs 1 --max-len 64 --batch-size 32 --lr 1e-4 --json --output "$out/teacher-all"
+  step student-all distill --teacher "$out/teacher-all" --student-layers 3 --cache-teacher --alpha 0.5 --temperature 2 \
+    --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all"
+  step student-all-labels distill --teacher "$out/teacher-all" --student-layers 3 --alpha 0 \
+    --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-labels"
   step sweep prune --model "$out/teacher" --sparsity 0,0.3,0.5,0.7,0.9 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/sweep"
   step ffn-half prune --model "$out/teacher" --ffn-keep 0.5 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/ffn-half"
+  step ffn-half-gradient prune --model "$out/teacher" --ffn-keep 0.5 --importance gradient \
+    --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/ffn-half-gradient"
   step student-ffn-half prune --model "$out/student-transfer-all" --ffn-keep 0.5 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/student-ffn-half"
   step student-ffn-half-q8_0 quantize --model "$out/student-ffn-half" --type q8_0 --json --output "$out/student-ffn-half-q8_0"
 fi
-models=(teacher student student-labels student-transfer student-transfer-all sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half student-ffn-half student-ffn-half-q8_0)
+models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
 for m in "${models[@]}"; do
   name=predict-${m//\//-}
   rm -f "$out/$name.json"

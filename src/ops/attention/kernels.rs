@@ -271,15 +271,21 @@ pub(super) unsafe fn forward_block<V: Lanes>(p: &Problem, bh: usize, r0: usize, 
                 // hide, and the tile's max
                 let mut mx = V::load(m.as_ptr().add(V::N * t));
                 let m_old = mx;
-                for j in 0..n {
-                    let mut s = V::load(col(j));
-                    if tile_keys.is_some_and(|ks| ks[j] == 0.0) {
-                        s = neg_inf;
-                    } else if diagonal {
-                        s = V::select(V::sees(lim, j0 + j), s, neg_inf);
+                if tile_keys.is_none() && !diagonal {
+                    for j in 0..n {
+                        mx = mx.max(V::load(col(j)));
                     }
-                    s.store(col(j));
-                    mx = mx.max(s);
+                } else {
+                    for j in 0..n {
+                        let mut s = V::load(col(j));
+                        if tile_keys.is_some_and(|ks| ks[j] == 0.0) {
+                            s = neg_inf;
+                        } else if diagonal {
+                            s = V::select(V::sees(lim, j0 + j), s, neg_inf);
+                        }
+                        s.store(col(j));
+                        mx = mx.max(s);
+                    }
                 }
                 // lanes that have seen nothing yet keep m = −∞; subtract 0 there instead (P = 0)
                 let none = mx.is_neg_inf();
