@@ -95,9 +95,14 @@ impl QuantType {
         self.ggml().type_size() as f64 / self.block_size() as f64
     }
 
-    /// The format candle's CPU kernels quantize the activations to for a product with this type.
-    pub fn activation_format(self) -> &'static str {
+    /// The format the CPU kernels quantize the activations to, on this CPU, in a product of
+    /// `rows` rows with a weight of this type that has `outputs` outputs and `inputs` inputs:
+    /// Q8K for the k-quants (candle's kernels); for q8_0 and q4_0 (ours) Q8_0, or, for more than
+    /// 32 rows on AVX2 with `outputs` a multiple of 16, blocks of 32 in 7 bits (the integer batch
+    /// product, whose activations' rounding error is twice Q8_0's).
+    pub fn activation_format(self, rows: usize, outputs: usize, inputs: usize) -> &'static str {
         match self {
+            Self::Q8_0 | Self::Q4_0 if crate::ops::matvec::quantized::takes_seven_bit_product(crate::cpu::isa(), rows, outputs, inputs) => "7-bit blocks of 32",
             Self::Q8_0 | Self::Q4_0 => "Q8_0",
             Self::Q4K | Self::Q6K => "Q8K",
         }

@@ -91,6 +91,12 @@ pub(crate) fn quantize_rows(x: &[f32]) -> QuantizedRows {
 /// per 4 rows, win.
 pub(crate) const INTEGER_ROWS: usize = 32;
 
+/// Whether an x (m × k) · Wᵀ (W n × k) product at kernel level `isa` runs [`super::qgemm`]'s
+/// 7-bit integer tiles (the rule [`product`] follows).
+pub(crate) fn takes_seven_bit_product(isa: Isa, m: usize, n: usize, k: usize) -> bool {
+    m > INTEGER_ROWS && isa >= Isa::Avx2 && super::qgemm::fits(n, k)
+}
+
 /// From this many rows (encoder batches) a weight of at most [`WHOLE_WEIGHT_BYTES`] as f32 is
 /// converted whole for one `gemm`: BERT-base forward b8 s128 in q8_0 went from 0.85× the speed
 /// of f32 weights (blocks) to 0.94–0.97× (two alternating pairs of runs, while a build ran).
@@ -124,7 +130,7 @@ pub(crate) fn product(isa: Isa, format: QFormat, x: &[f32], m: usize, k: usize, 
         return Ok(());
     }
     if m > INTEGER_ROWS {
-        if isa >= Isa::Avx2 && super::qgemm::fits(n, k) {
+        if takes_seven_bit_product(isa, m, n, k) {
             super::qgemm::product(format, x, m, k, w, n, y);
             return Ok(());
         }
