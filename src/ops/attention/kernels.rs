@@ -161,9 +161,11 @@ unsafe fn micro_rows<V: Lanes, const NV: usize>(a: Strided, b: *const f32, ldb: 
             micro::<V, MR, NV>(a.rows_from(i), b, ldb, nt, c.add(i * ldc), ldc, start.rows_from(i));
             i += MR;
         }
+        if i == rows {
+            return; // (the pointers below would point past the buffers)
+        }
         let (a, c, start) = (a.rows_from(i), c.add(i * ldc), start.rows_from(i));
         match rows - i {
-            0 => {}
             1 => micro::<V, 1, NV>(a, b, ldb, nt, c, ldc, start),
             2 => micro::<V, 2, NV>(a, b, ldb, nt, c, ldc, start),
             3 => micro::<V, 3, NV>(a, b, ldb, nt, c, ldc, start),
