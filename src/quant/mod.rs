@@ -11,8 +11,9 @@
 //! Why this is fast: decoding is a matrix-vector product per layer, bound by the bytes of weight
 //! it reads; q8_0 reads 28% of f32's bytes and q4_0/q4_k 14%. The products quantize the
 //! activations too, so that the dot products run in integers: for q8_0 and q4_0 the activations
-//! become Q8_0 (blocks of 32 int8 with one scale), for the k-quants Q8K (blocks of 256 int8, f32
-//! scale, partial sums). q8_0 and q4_0 run our kernels (`ops::matvec::quantized`: AVX2 or
+//! become Q8_0 (blocks of 32 int8 with one scale), or, in products of more than 32 rows on AVX2,
+//! blocks of 32 in 7 bits (`ops::matvec::qgemm`); for the k-quants Q8K (blocks of 256 int8, f32
+//! scale, partial sums). [`QuantType::activation_format`] says which one a product runs. q8_0 and q4_0 run our kernels (`ops::matvec::quantized`: AVX2 or
 //! portable, picked at run time); the k-quants run candle's (AVX2, AVX-512 VNNI where present). Both
 //! round the activations once per product, which is the second source of error next to the
 //! weights' rounding; `tests/quant.rs` checks both kinds, and both code paths, against the f32
