@@ -87,7 +87,10 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
         return Ok((model, qtype.bytes_per_weight()));
     }
     let dtype = wick::device::parse_dtype(name)?;
-    Ok((random_gpt2(cfg, dtype, device)?, dtype.size_in_bytes() as f64))
+    let mut model = random_gpt2(cfg, dtype, device)?;
+    // As `wick generate` and `wick serve` run it (`WICK_PACK_WEIGHTS=0` to compare without).
+    wick::pretrained::pack_for_inference(&mut model)?;
+    Ok((model, dtype.size_in_bytes() as f64))
 }
 
 fn main() -> Result<()> {

@@ -60,6 +60,22 @@ pub trait Pretrained: Sized {
     }
 }
 
+/// Packs every f32 linear layer of `model` for inference on the CPU
+/// ([`Dense::pack_for_inference`]: the weight once in the panels of our AVX2 product, instead of
+/// once per product): what the commands that only run a model (generate, perplexity, predict,
+/// embed, serve) do after [`load`]. Returns how many layers it packed. `WICK_PACK_WEIGHTS=0`
+/// leaves the weights as stored (to compare).
+pub fn pack_for_inference<M: Pretrained>(model: &mut M) -> Result<usize> {
+    if std::env::var("WICK_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
+        return Ok(0);
+    }
+    let mut packed = 0;
+    for (name, dense) in model.linear_layers() {
+        packed += dense.pack_for_inference().with_context(|| format!("packing {name}"))? as usize;
+    }
+    Ok(packed)
+}
+
 /// Loads `M` for inference: weights in `dtype` on `device`, not trainable.
 pub fn load<M: Pretrained>(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(M, M::Config)> {
     load_with_tensors(files, dtype, device).map(|(model, config, _)| (model, config))

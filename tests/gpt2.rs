@@ -47,6 +47,12 @@ fn padded_batch_logits_match_transformers() -> Result<()> {
     let (ids, mask, pos) = (fx.get("input.input_ids")?, fx.get("input.attention_mask")?, fx.get("input.position_ids")?);
     let logits = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
     assert_close("logits", &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, 1e-4)?;
+    // The same packed for inference (`wick generate`, `wick serve`), where the CPU's level packs.
+    let mut packed = load_tiny(&fx.device)?;
+    if wick::pretrained::pack_for_inference(&mut packed)? > 0 {
+        let logits = packed.forward(&ids, Some(&pos), Some(&mask), None, false)?;
+        assert_close("packed logits", &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, 1e-4)?;
+    }
     // Padding positions too: a query with nothing to attend to gets a zero attention output,
     // as in PyTorch's SDPA (transformers' loss uses the one before each row's first token).
     assert_close("logits incl. padding", &logits, &fx.get("output.logits")?, 1e-4)?;
@@ -77,20 +83,30 @@ fn greedy(n: usize) -> GenerationConfig {
     GenerationConfig { pad_token_id: EOS, ..GenerationConfig::greedy(n) }
 }
 
+/// (Run twice: with the weights as loaded, and packed for inference as `wick generate` and
+/// `wick serve` run them, where the CPU's kernel level packs.)
 #[test]
 fn greedy_ids_match_transformers_unbatched_and_batched() -> Result<()> {
     let fx = Fixture::load("hf/gpt2-tiny.reference")?;
-    let model = load_tiny(&fx.device)?;
+    let mut model = load_tiny(&fx.device)?;
+    greedy_ids_match(&fx, &model)?;
+    if wick::pretrained::pack_for_inference(&mut model)? > 0 {
+        greedy_ids_match(&fx, &model)?;
+    }
+    Ok(())
+}
+
+fn greedy_ids_match(fx: &Fixture, model: &GPT2LMHeadModel) -> Result<()> {
     let tok = tokenizer()?;
     let prompts = generate::encode_prompts(&tok, &PROMPTS)?;
     let mut expected = vec![];
     for (i, p) in prompts.iter().enumerate() {
-        let out = generate::generate(&model, std::slice::from_ref(p), &greedy(20), None, None)?;
+        let out = generate::generate(model, std::slice::from_ref(p), &greedy(20), None, None)?;
         let want = ids_of(&fx.get(&format!("output.greedy_ids_{i}"))?)?;
         assert_eq!(out.generated_ids[0], want[p.len()..], "prompt {i}");
         expected.push(out.generated_ids[0].clone());
     }
-    let batched = generate::generate(&model, &prompts, &greedy(20), None, None)?;
+    let batched = generate::generate(model, &prompts, &greedy(20), None, None)?;
     assert_eq!(batched.generated_ids, expected, "batched left-padded generation = unbatched ones");
     // transformers' batched output: padded prompts then the new tokens.
     let hf = fx.get("output.batched_greedy_ids")?.to_vec2::<u32>()?;

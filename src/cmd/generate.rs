@@ -58,7 +58,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // On the CPU f16/bf16 weights stay in their format and are widened inside the products.
     let (device, dtype) = args.run.device_and_dtype(&[DType::F32, DType::F16, DType::BF16])?;
     let files = args.model.resolve(args.run.json).with_context(|| format!("cannot get the model {:?}", args.model.model))?;
-    let (model, cfg) = crate::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &device)?;
+    let (mut model, cfg) = crate::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &device)?;
+    crate::pretrained::pack_for_inference(&mut model)?;
     let tokenizer = files.tokenizer()?;
     let eos = cfg.eos_ids();
     let config = GenerationConfig {

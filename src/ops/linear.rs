@@ -19,7 +19,7 @@
 //! product instead, on every device: inference only, it has no backward pass.
 
 use super::cpu_f32;
-use super::gemm::{matmul, View};
+use super::gemm::{matmul, PackedWeight, View};
 use super::matvec::{matmul_weight, MATVEC_ROWS};
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -93,11 +93,65 @@ pub struct Dense {
     pub layout: WeightLayout,
     /// The weight quantized, (out, in) whatever `layout` is: when set, products use it.
     quantized: Option<Arc<QTensor>>,
+    /// The f32 weight packed for inference ([`Dense::pack_for_inference`]): when set, products
+    /// use it.
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl Dense {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
-        Self { weight, bias, layout, quantized: None }
+        Self { weight, bias, layout, quantized: None, packed: None }
+    }
+
+    /// Packs the f32 weight once into the panels of our AVX2 product ([`PackedWeight`]) and
+    /// drops it as stored (a zero-memory stand-in of its shape stays in `weight`), so that every
+    /// product reads the panels: inference only, since a packed layer has no gradient. Returns
+    /// whether it packed; nothing changes off the CPU, at other kernel levels, for other dtypes,
+    /// for quantized or packed layers, and for weights that are trained (`Var`s).
+    pub fn pack_for_inference(&mut self) -> Result<bool> {
+        let w = &self.weight;
+        if self.quantized.is_some() || self.packed.is_some() || !w.device().is_cpu() || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
+            return Ok(false);
+        }
+        let (d_out, d_in) = self.out_in()?;
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        // The product is x · B with B (in × out): the weight itself, or the transpose of (out, in).
+        let b = match self.layout {
+            WeightLayout::InOut => View::rows(&data, d_out),
+            WeightLayout::OutIn => View::transposed(&data, d_in),
+        };
+        let Some(packed) = PackedWeight::new(b, d_in, d_out)? else { return Ok(false) };
+        self.weight = stand_in(w.shape(), DType::F32, w.device())?;
+        self.packed = Some(Arc::new(packed));
+        Ok(true)
+    }
+
+    /// `x` (..., in) → (..., out) through the packed weight, in f32 (x read in place when it is
+    /// contiguous f32), with the bias and optionally ReLU.
+    fn packed_forward(&self, packed: &PackedWeight, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let (k, n) = packed.dims();
+        if x.dim(D::Minus1)? != k {
+            candle_core::bail!("linear layer: input {:?} for {k} inputs", x.dims())
+        }
+        let m = x.elem_count() / k.max(1);
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear layer: a bias of {} for {n} outputs", bias.map_or(0, |b| b.len()))
+        }
+        let mut y = super::repeated_rows(bias.as_deref(), m, n);
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        {
+            let (storage, layout) = x32.storage_and_layout();
+            let candle_core::Storage::Cpu(storage) = &*storage else { candle_core::bail!("linear layer: a packed weight needs its input on the CPU") };
+            packed.product(cpu_f32(storage, layout, "packed product")?, m, &mut y)?;
+        }
+        if relu {
+            // PyTorch's ReLU: NaN stays NaN.
+            y.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = n;
+        Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())
     }
 
     /// (out, in) of this layer.
@@ -167,6 +221,9 @@ impl Dense {
         if let Some(q) = &self.quantized {
             return self.quantized_forward(q, x, true);
         }
+        if let Some(p) = &self.packed {
+            return self.packed_forward(p, x, true);
+        }
         linear_relu(x, &self.weight, self.bias.as_ref(), self.layout)
     }
 
@@ -189,6 +246,9 @@ impl candle_core::Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {
             return self.quantized_forward(q, x, false);
+        }
+        if let Some(p) = &self.packed {
+            return self.packed_forward(p, x, false);
         }
         if self.gemm(x)? {
             linear(x, &self.weight, self.bias.as_ref(), self.layout)
@@ -348,6 +408,34 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// A layer packed for inference gives its unpacked outputs (1e-5), with and without ReLU,
+    /// for one row and many, in both layouts; a trained weight (a `Var`) is left as it is.
+    #[test]
+    fn a_packed_layer_gives_the_unpacked_outputs() -> Result<()> {
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        if !PackedWeight::available() {
+            return Ok(());
+        }
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let shape = if layout == WeightLayout::OutIn { (70, 300) } else { (300, 70) };
+            let dense = Dense::new(Tensor::randn(0f32, 1.0, shape, &dev)?, Some(Tensor::randn(0f32, 1.0, 70, &dev)?), layout);
+            let mut packed = dense.clone();
+            assert!(packed.pack_for_inference()?);
+            assert!(!packed.pack_for_inference()?, "packed twice");
+            assert_eq!(packed.weight.dims(), dense.weight.dims());
+            for rows in [1, 40] {
+                let x = Tensor::randn(0f32, 1.0, (2, rows, 300), &dev)?;
+                assert!(max_diff(&packed.forward(&x)?, &dense.forward(&x)?) < 1e-4, "{layout:?} rows {rows}");
+                assert!(max_diff(&packed.forward_relu(&x)?, &dense.forward_relu(&x)?) < 1e-4, "{layout:?} relu rows {rows}");
+            }
+            assert!(packed.forward(&Tensor::zeros((2, 299), DType::F32, &dev)?).is_err());
+        }
+        let mut trained = Dense::new(Var::randn(0f32, 1.0, (4, 8), &dev)?.as_tensor().clone(), None, WeightLayout::OutIn);
+        assert!(!trained.pack_for_inference()?);
+        Ok(())
     }
 
     #[test]

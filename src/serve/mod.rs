@@ -118,7 +118,8 @@ impl Server {
             let (completes, embeds, classifies) = kinds(&spec.files)?;
             let mut model = ServedModel { id: spec.id.clone(), completions: None, embeddings: None, classifier: None };
             if completes {
-                let (gpt2, config) = crate::pretrained::load::<GPT2LMHeadModel>(&spec.files, dtype, device)?;
+                let (mut gpt2, config) = crate::pretrained::load::<GPT2LMHeadModel>(&spec.files, dtype, device)?;
+                crate::pretrained::pack_for_inference(&mut gpt2)?;
                 let tokenizer = Arc::new(spec.files.tokenizer()?);
                 let eos = config.eos_ids();
                 let (queue, thread) = completions::CompletionQueue::start(gpt2, tokenizer.clone(), options.queue_size, options.max_batch, metrics.clone())?;

@@ -237,13 +237,132 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The right operand of a product: a strided matrix, packed by every product into the panels
+/// of [`pack_b`], or packed once ([`pack_whole_b`]) for every product with it.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs {
+    Mat(Mat),
+    /// Panels of a whole k × n matrix: depth chunk pc (KC deep) starts at `ptr + pc·padded`,
+    /// `padded` = n rounded up to NR; this view starts at column `col0` (a multiple of NR).
+    Packed { ptr: *const f32, padded: usize, col0: usize },
+}
+// SAFETY: as for Mat: only read, while the caller's buffer is borrowed.
+unsafe impl Send for Rhs {}
+unsafe impl Sync for Rhs {}
+
+/// A k × n matrix `b` packed whole for [`Rhs::Packed`]: per depth chunk of KC, every NR-column
+/// panel of [`pack_b`] (columns past n as zeros): k · n-rounded-up-to-NR floats. Chunks are
+/// packed in parallel.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `b` addresses k×n valid elements.
+pub(crate) unsafe fn pack_whole_b(b: Mat, k: usize, n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let padded = n.div_ceil(NR) * NR;
+    let mut data = vec![0f32; k * padded];
+    let b = &b; // (the closure shares the whole Mat, which is Sync, not its raw pointer)
+    data.par_chunks_mut(KC * padded).enumerate().for_each(|(chunk, out)| {
+        let pc = chunk * KC;
+        let kc = KC.min(k - pc);
+        // SAFETY: rows pc..pc + kc of b lie inside its k rows.
+        unsafe { pack_b(out, Mat { ptr: b.ptr.offset(pc as isize * b.rs), ..*b }, kc, n) };
+    });
+    data
+}
+
+/// Rows of x up to which [`few_rows_packed`] runs instead of the 6-row tiles (which would also
+/// compute the empty rows of their last tile, and copy x into panels).
+pub(crate) const FEW_ROWS: usize = 16;
+
+/// `y[r][j] += Σ_{d<kc} x[r][d]·B[d][j]` for the R rows of x (row stride ldx) and the P panels
+/// at `panels` (each a run of kc × NR floats, `stride` apart), the last of them holding
+/// `last_cols` valid columns; y's rows `ldy` apart. The accumulators (R × 2P vectors) stay in
+/// registers over the depth; per depth, P panels' two vectors are loaded and R broadcasts of x.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows_tile<const R: usize, const P: usize>(x: *const f32, ldx: usize, kc: usize, panels: *const f32, stride: usize, y: *mut f32, ldy: usize, last_cols: usize) {
+    let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
+    for d in 0..kc {
+        let b: [[__m256; 2]; P] = std::array::from_fn(|p| [_mm256_loadu_ps(panels.add(p * stride + d * NR)), _mm256_loadu_ps(panels.add(p * stride + d * NR + 8))]);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xr = _mm256_broadcast_ss(&*x.add(r * ldx + d));
+            for (a, bp) in row.iter_mut().zip(&b) {
+                a[0] = _mm256_fmadd_ps(xr, bp[0], a[0]);
+                a[1] = _mm256_fmadd_ps(xr, bp[1], a[1]);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (p, a) in row.iter().enumerate() {
+            let out = y.add(r * ldy + p * NR);
+            let cols = if p + 1 == P { last_cols } else { NR };
+            if cols == NR {
+                _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), a[0]));
+                _mm256_storeu_ps(out.add(8), _mm256_add_ps(_mm256_loadu_ps(out.add(8)), a[1]));
+            } else {
+                let mut tile = [0f32; NR];
+                _mm256_storeu_ps(tile.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(8), a[1]);
+                for (j, v) in tile.iter().enumerate().take(cols) {
+                    *out.add(j) += v;
+                }
+            }
+        }
+    }
+}
+
+/// `y (m × n, row stride ldy) += x (m × k) · B` for m ≤ [`FEW_ROWS`] rows straight from a whole
+/// packed B ([`pack_whole_b`], `padded` columns), for the panels `panels` (columns from
+/// panels.start·NR): the products of decoding, bound by reading B, which stream it in panel order
+/// with no copy of x or B. Per group of P panels and depth chunk, rows go 4 at a time (8
+/// accumulators or more), the chunk's panels staying in L1 for the next rows; one row takes 4
+/// panels at once instead.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; x addresses m×k elements, `packed` the k × `padded` floats of a
+/// whole packed B of n columns, y m rows of n; the panels lie inside n.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn few_rows_packed(m: usize, n: usize, k: usize, x: *const f32, packed: *const f32, padded: usize, panels: std::ops::Range<usize>, y: *mut f32, ldy: usize) {
+    debug_assert!(m <= FEW_ROWS && panels.end <= n.div_ceil(NR));
+    let cols_of = |q: usize| NR.min(n - q * NR);
+    // P panels from q: every depth chunk, every group of rows.
+    let group = |q: usize, p: usize| {
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let first = packed.add(pc * padded + q * NR * kc);
+            let last_cols = cols_of(q + p - 1);
+            for r0 in (0..m).step_by(4) {
+                let (x, y) = (x.add(r0 * k + pc), y.add(r0 * ldy + q * NR));
+                match ((m - r0).min(4), p) {
+                    (1, 4) => few_rows_tile::<1, 4>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (1, _) => few_rows_tile::<1, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (2, _) => few_rows_tile::<2, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (3, _) => few_rows_tile::<3, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    _ => few_rows_tile::<4, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                }
+            }
+        }
+    };
+    let mut q = panels.start;
+    if m == 1 {
+        while q + 4 <= panels.end {
+            group(q, 4);
+            q += 4;
+        }
+    }
+    while q < panels.end {
+        group(q, 1);
+        q += 1;
+    }
+}
+
 /// `c (m×n, row stride ldc) = [c +] scale · a · b` on the calling thread.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `a` addresses m×k elements, `b` k×n and `c` m rows of n (row stride
 /// `ldc`), all valid, and `c` overlaps neither.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, accumulate: bool, scale: f32) {
+pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, accumulate: bool, scale: f32) {
     BUFFERS.with_borrow_mut(|(ap, bp)| {
         let kc_max = KC.min(k);
         // Grown, never shrunk: the packing overwrites every element it later reads.
@@ -251,7 +370,7 @@ pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c
         if ap.len() < a_len {
             ap.resize(a_len, 0.0);
         }
-        if bp.len() < b_len {
+        if matches!(b, Rhs::Mat(_)) && bp.len() < b_len {
             bp.resize(b_len, 0.0);
         }
         for jc in (0..n).step_by(NC) {
@@ -259,13 +378,20 @@ pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 let load_c = accumulate || pc > 0;
-                pack_b(bp, Mat { ptr: b.ptr.offset(pc as isize * b.rs + jc as isize * b.cs), ..b }, kc, nc);
+                // This block's panels: packed now, or where they were packed once.
+                let block = match b {
+                    Rhs::Mat(b) => {
+                        pack_b(bp, Mat { ptr: b.ptr.offset(pc as isize * b.rs + jc as isize * b.cs), ..b }, kc, nc);
+                        bp.as_ptr()
+                    }
+                    Rhs::Packed { ptr, padded, col0 } => ptr.add(pc * padded + (col0 + jc) * kc),
+                };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     pack_a(ap, Mat { ptr: a.ptr.offset(ic as isize * a.rs + pc as isize * a.cs), ..a }, mc, kc);
                     for jr in (0..nc).step_by(NR) {
                         let cols = NR.min(nc - jr);
-                        let bpanel = bp.as_ptr().add(jr / NR * NR * kc);
+                        let bpanel = block.add(jr / NR * NR * kc);
                         for ir in (0..mc).step_by(MR) {
                             let rows = MR.min(mc - ir);
                             kernel(kc, ap.as_ptr().add(ir / MR * MR * kc), bpanel, c.add((ic + ir) * ldc + jc + jr), ldc, rows, cols, load_c, scale);
@@ -277,15 +403,16 @@ pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c
     })
 }
 
-/// C's pointer, shared by the tasks of [`gemm`], each writing its own rows or columns.
+/// C's pointer, shared by the tasks of [`gemm`] (and of a packed weight's product), each writing
+/// its own rows or columns.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint parts of C.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
     /// (A method, so that closures capture the whole Send wrapper, not its raw field.)
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -300,7 +427,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// # Safety
 /// As [`gemm_serial`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, accumulate: bool, scale: f32, threads: usize) {
+pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, accumulate: bool, scale: f32, threads: usize) {
     use rayon::prelude::*;
     let split_m = m >= n;
     let (len, unit) = if split_m { (m, MR) } else { (n, NR) };
@@ -319,7 +446,12 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut 
         if split_m {
             gemm_serial(size, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..a }, b, cp.get().add(start * ldc), ldc, accumulate, scale);
         } else {
-            gemm_serial(m, size, k, a, Mat { ptr: b.ptr.offset(start as isize * b.cs), ..b }, cp.get().add(start), ldc, accumulate, scale);
+            let b = match b {
+                Rhs::Mat(b) => Rhs::Mat(Mat { ptr: b.ptr.offset(start as isize * b.cs), ..b }),
+                Rhs::Packed { ptr, padded, col0 } => Rhs::Packed { ptr, padded, col0: col0 + start },
+            };
+            gemm_serial(m, size, k, a, b, cp.get().add(start), ldc, accumulate, scale);
         }
     });
 }
+

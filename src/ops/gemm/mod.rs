@@ -106,7 +106,7 @@ pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usiz
             gemm::Parallelism::None => 1,
             gemm::Parallelism::Rayon(t) => t.max(1),
         };
-        return blis_avx2::gemm(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads);
+        return blis_avx2::gemm(m, n, k, lhs, blis_avx2::Rhs::Mat(rhs), dst, dst_rs, accumulate, scale, threads);
     }
     with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism)
 }
@@ -138,6 +138,96 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
     let lhs = if lhs_transposed { View::transposed(lhs, m) } else { View::rows(lhs, k) };
     let rhs = if rhs_transposed { View::transposed(rhs, k) } else { View::rows(rhs, n) };
     matmul(dst, n, m, n, k, lhs, rhs, false)
+}
+
+/// A weight packed once into the panels our AVX2 kernel reads (16 columns by 256 depths, the
+/// packing every product otherwise repeats), for inference: products with it skip the packing,
+/// and the panels stream from memory in order. With a few rows of activations (batched
+/// decoding) this is what makes the difference: the matrix-vector kernels, which read the weight
+/// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
+/// registers over 256 depths (`notes/cpu-speed.md`). AVX2 level only: see [`PackedWeight::new`].
+pub struct PackedWeight {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight({}×{})", self.k, self.n)
+    }
+}
+
+impl PackedWeight {
+    /// Whether weights can be packed at the current level (ours runs at AVX2; at AVX-512 the
+    /// `gemm` crate's kernels are the faster and pack for themselves).
+    pub fn available() -> bool {
+        cfg!(target_arch = "x86_64") && crate::cpu::isa() == crate::cpu::Isa::Avx2
+    }
+
+    /// Packs W, the right operand of `x · W` (k × n), read through `w`; `None` where
+    /// [`PackedWeight::available`] is false.
+    pub(crate) fn new(w: View, k: usize, n: usize) -> Result<Option<Self>> {
+        if !fits(w.data.len(), k, n, w.rs, w.cs) {
+            candle_core::bail!("packing a {k}×{n} weight: it does not fit its buffer")
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Self::available() && k > 0 && n > 0 {
+            // SAFETY: AVX2 is the level (so the CPU has it and FMA); `fits` checked the view.
+            let data = unsafe { blis_avx2::pack_whole_b(w.into(), k, n) };
+            return Ok(Some(Self { data, k, n }));
+        }
+        Ok(None)
+    }
+
+    /// (k, n): the product's depth and width.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `y (m × n) += x (m × k) · W` on candle's thread count.
+    pub(crate) fn product(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        let (k, n) = (self.k, self.n);
+        if x.len() != m * k || y.len() != m * n {
+            candle_core::bail!("packed product: x has {} elements for {m}×{k}, y {} for {m}×{n}", x.len(), y.len())
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use blis_avx2::NR;
+            let padded = n.div_ceil(NR) * NR;
+            let threads = candle_core::utils::get_num_threads();
+            if m <= blis_avx2::FEW_ROWS {
+                // Contiguous ranges of panels a task, a few per thread (whole runs of each chunk).
+                let panels = n.div_ceil(NR);
+                let per = panels.div_ceil(4 * threads).max(4);
+                let out = blis_avx2::SendPtr(y.as_mut_ptr());
+                let task = |t: usize| {
+                    let range = t * per..((t + 1) * per).min(panels);
+                    // SAFETY: packed at the AVX2 level; x and y hold m×k and m×n elements (checked
+                    // above); tasks write disjoint columns of y.
+                    unsafe { blis_avx2::few_rows_packed(m, n, k, x.as_ptr(), self.data.as_ptr(), padded, range, out.get(), n) };
+                };
+                let tasks = panels.div_ceil(per);
+                if tasks == 1 || m * n * k < 1 << 18 {
+                    (0..tasks).for_each(task);
+                } else {
+                    use rayon::prelude::*;
+                    (0..tasks).into_par_iter().for_each(task);
+                }
+                return Ok(());
+            }
+            let rhs = blis_avx2::Rhs::Packed { ptr: self.data.as_ptr(), padded, col0: 0 };
+            // SAFETY: the panels were packed at the AVX2 level (the CPU has it); x and y hold m×k
+            // and m×n elements (checked above); y is borrowed mutably, so it aliases nothing.
+            unsafe { blis_avx2::gemm(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, true, 1.0, threads) };
+            Ok(())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("weights are packed on x86_64 only")
+    }
 }
 
 /// The kernel [`product`] runs at the current level, for benchmark output.

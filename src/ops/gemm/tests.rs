@@ -78,7 +78,7 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
         move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             // SAFETY: AVX2 checked above; the views come from slices of the right sizes.
-            pool.install(|| unsafe { blis_avx2::gemm(m, n, k, lhs.into(), rhs.into(), dst.as_mut_ptr(), n, acc, scale, threads) });
+            pool.install(|| unsafe { blis_avx2::gemm(m, n, k, lhs.into(), blis_avx2::Rhs::Mat(rhs.into()), dst.as_mut_ptr(), n, acc, scale, threads) });
         }
     };
     check("ours, 1 thread", ours(1));
@@ -92,6 +92,40 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
     gemm_crate(&mut y, m, n, k, lhs, rhs, false, 1.0);
     let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-4, "the kernels differ by {worst}");
+}
+
+/// A weight packed once gives what the product with the weight as stored gives, added to y: on
+/// every case's shape (depths across KC, widths that are no multiple of the panel), 1 to 4 rows
+/// (the few-rows kernel) and many (the tiles), both layouts of the weight, and a width across NC = 4080 columns (the packed offsets
+/// of a second column block) split over the threads.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
+    if !PackedWeight::available() {
+        eprintln!("skipped: weights are packed at the AVX2 level only");
+        return Ok(());
+    }
+    let shapes = CASES.iter().map(|&(m, n, k, _, rt, _, _)| (m, n, k, rt)).chain([(3, 4100, 300, false), (20, 4100, 40, true)]);
+    for (i, (m, n, k, transposed)) in shapes.enumerate() {
+        let b = values(k * n, 5 * i as u64 + 1);
+        let rhs = if transposed { View::transposed(&b, k) } else { View::rows(&b, n) };
+        let packed = PackedWeight::new(rhs, k, n)?.expect("available");
+        assert_eq!(packed.dims(), (k, n));
+        for rows in [1, 2, 3, 4, m] {
+            let a = values(rows * k, 5 * i as u64 + 2);
+            let mut y = values(rows * n, 5 * i as u64 + 3);
+            let want = reference(&y, rows, n, k, View::rows(&a, k), rhs, true, 1.0);
+            packed.product(&a, rows, &mut y)?;
+            let bound = 1e-5 * (k as f64 + 1.0);
+            for (j, (&got, &want)) in y.iter().zip(&want).enumerate() {
+                assert!((got as f64 - want).abs() <= bound, "case {i} ({rows}×{n}×{k}), element {j}: {got} vs {want}");
+            }
+        }
+    }
+    let packed = PackedWeight::new(View::rows(&[1.0; 6], 3), 2, 3)?.expect("available");
+    assert!(packed.product(&[1.0; 3], 2, &mut [0.0; 6]).is_err(), "x of the wrong length");
+    assert!(PackedWeight::new(View::rows(&[1.0; 5], 3), 2, 3).is_err(), "a weight that does not fit its buffer");
+    Ok(())
 }
 
 #[test]
