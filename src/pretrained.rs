@@ -62,9 +62,11 @@ pub trait Pretrained: Sized {
 
 /// Packs every f32 linear layer of `model` for inference on the CPU
 /// ([`Dense::pack_for_inference`]: the weight once in the panels of our AVX2 product, instead of
-/// once per product): what the commands that only run a model (generate, perplexity, predict,
-/// embed, serve) do after [`load`]. Returns how many layers it packed. `WICK_PACK_WEIGHTS=0`
-/// leaves the weights as stored (to compare).
+/// once per product). `wick generate` and `wick serve` do it for GPT-2, whose decoding steps
+/// multiply a few rows: GPT-2-small decoding at batch 16 measured 1.2–1.6× faster packed, batch 1
+/// no slower. Encoder batches (BERT's hundreds of rows) measured 5–10% slower packed, and are not
+/// packed (`notes/cpu-speed.md`). Returns how many layers it packed; `WICK_PACK_WEIGHTS=0` leaves
+/// the weights as stored (to compare).
 pub fn pack_for_inference<M: Pretrained>(model: &mut M) -> Result<usize> {
     if std::env::var("WICK_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
         return Ok(0);

@@ -76,8 +76,7 @@ pub fn perplexity(model: &GPT2LMHeadModel, windows: &TokenWindows, count: usize,
 pub fn run(args: PerplexityArgs) -> Result<()> {
     let (device, dtype) = args.run.device_and_dtype(&[DType::F32, DType::F16, DType::BF16])?;
     let files = args.model.resolve(args.run.json).with_context(|| format!("cannot get the model {:?}", args.model.model))?;
-    let (mut model, cfg) = crate::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &device)?;
-    crate::pretrained::pack_for_inference(&mut model)?;
+    let (model, cfg) = crate::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &device)?;
     let tokenizer = files.tokenizer()?;
     let context = args.context.unwrap_or(cfg.n_positions);
     if context > cfg.n_positions {

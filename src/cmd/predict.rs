@@ -93,14 +93,13 @@ impl Predictor {
         let files = resolve_bert(model, run.json)?;
         let cfg: bert::Config = files.config()?;
         let max_len = checked_max_len(max_len, cfg.max_position_embeddings, &cfg)?;
-        let (mut net, _) = pretrained::load::<BertForSequenceClassification>(&files, dtype, &device).map_err(|e| {
+        let (net, _) = pretrained::load::<BertForSequenceClassification>(&files, dtype, &device).map_err(|e| {
             if format!("{e:#}").contains("classifier.weight") {
                 anyhow::anyhow!("{} has no classifier head (classifier.weight): fine-tune it with `wick finetune` first", model.model)
             } else {
                 e
             }
         })?;
-        pretrained::pack_for_inference(&mut net)?;
         Ok(Self { model: net, labels: LabelSet { names: cfg.labels() }, tokenizer: files.tokenizer()?, pad_id: cfg.pad_token_id, max_len, device })
     }
 

@@ -31,8 +31,7 @@ impl EncoderModel {
     }
 
     pub fn classifier(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let (mut model, config) = crate::pretrained::load::<BertForSequenceClassification>(files, dtype, device)?;
-        crate::pretrained::pack_for_inference(&mut model)?;
+        let (model, config) = crate::pretrained::load::<BertForSequenceClassification>(files, dtype, device)?;
         Ok(Self::Classifier { model, config, tokenizer: files.tokenizer()?, device: device.clone() })
     }
 
