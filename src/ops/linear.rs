@@ -106,11 +106,12 @@ impl Dense {
     /// Packs the f32 weight once into the panels of our AVX2 product ([`PackedWeight`]) and
     /// drops it as stored (a zero-memory stand-in of its shape stays in `weight`), so that every
     /// product reads the panels: inference only, since a packed layer has no gradient. Returns
-    /// whether it packed; nothing changes off the CPU, at other kernel levels, for other dtypes,
-    /// for quantized or packed layers, and for weights that are trained (`Var`s).
+    /// whether it packed; nothing changes off the CPU (or with `WICK_OPS=reference`), at other
+    /// kernel levels, for other dtypes, for quantized or packed layers, and for weights that are
+    /// trained (`Var`s).
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         let w = &self.weight;
-        if self.quantized.is_some() || self.packed.is_some() || !w.device().is_cpu() || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
+        if self.quantized.is_some() || self.packed.is_some() || !super::fused_path(w.device()) || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
             return Ok(false);
         }
         let (d_out, d_in) = self.out_in()?;
