@@ -454,4 +454,3 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut 
         }
     });
 }
-

@@ -96,8 +96,9 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
 
 /// A weight packed once gives what the product with the weight as stored gives, added to y: on
 /// every case's shape (depths across KC, widths that are no multiple of the panel), 1 to 4 rows
-/// (the few-rows kernel) and many (the tiles), both layouts of the weight, and a width across NC = 4080 columns (the packed offsets
-/// of a second column block) split over the threads.
+/// and up to 16 (the few-rows kernel) and more (the tiles), both layouts of the weight, and a
+/// width across NC = 4080 columns (the packed offsets of a second column block) split over the
+/// threads.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
