@@ -13,11 +13,11 @@
 //! activations too, so that the dot products run in integers: for q8_0 and q4_0 the activations
 //! become Q8_0 (blocks of 32 int8 with one scale), or, in products of more than 32 rows on AVX2,
 //! blocks of 32 in 7 bits (`ops::matvec::qgemm`); for the k-quants Q8K (blocks of 256 int8, f32
-//! scale, partial sums). [`QuantType::activation_format`] says which one a product runs. q8_0 and q4_0 run our kernels (`ops::matvec::quantized`: AVX2 or
-//! portable, picked at run time); the k-quants run candle's (AVX2, AVX-512 VNNI where present). Both
-//! round the activations once per product, which is the second source of error next to the
-//! weights' rounding; `tests/quant.rs` checks both kinds, and both code paths, against the f32
-//! model.
+//! scale, partial sums). [`QuantType::activation_format`] says which one a product runs. q8_0 and
+//! q4_0 run our kernels (`ops::matvec::quantized`: AVX2 or portable, picked at run time); the
+//! k-quants run candle's (AVX2, AVX-512 VNNI where present). Both round the activations once per
+//! product, which is the second source of error next to the weights' rounding; `tests/quant.rs`
+//! checks both kinds, and both code paths, against the f32 model.
 //!
 //! What stays unquantized: embeddings (stored in f16 in the file, read back in the model's
 //! dtype), biases and LayerNorms (f32). GPT-2's LM head, tied to `wte` in the f32 model, is
