@@ -1,12 +1,13 @@
 //! Weight-bandwidth of the products decoding runs (`ops::matvec`): one or a few rows times each
 //! of GPT-2-small's weight shapes, with the weight stored as f32, f16, bf16 or a quantized type,
+//! or as f32 packed once into the product's panels (`f32-packed`, what decoding on AVX2 uses),
 //! in both layouts the models use ((in, out) for GPT-2's Conv1D, (out, in) for Linear and the LM
 //! head). Each product reads its whole weight once, so its speed is the GB/s of weight it
 //! reads; the bench prints that beside the machine's read bandwidth (the limit), measured the
 //! same way the decoding bench does. Enough copies of each weight are cycled that none stays in
 //! cache between calls.
 //!
-//! cargo bench --bench matvec -- [--dtype f32,f16,bf16,q8_0,q4_0] [--rows 1,8] [--layers lm_head,mlp.c_fc] [--reps N]
+//! cargo bench --bench matvec -- [--dtype f32,f32-packed,f16,bf16,q8_0,q4_0] [--rows 1,8] [--layers lm_head,mlp.c_fc] [--reps N]
 //! Threads: RAYON_NUM_THREADS. One JSON object a line.
 
 use anyhow::Result;
@@ -42,6 +43,10 @@ fn layer(d_in: usize, d_out: usize, layout: WeightLayout, dtype: &str, dev: &Dev
             let bytes = qw.storage_size_in_bytes();
             dense.set_quantized(std::sync::Arc::new(qw))?;
             bytes
+        }
+        None if dtype == "f32-packed" => {
+            anyhow::ensure!(dense.pack_for_inference()?, "this CPU has no packed f32 product");
+            d_in * d_out * 4
         }
         None => {
             let dt = wick::device::parse_dtype(dtype)?;

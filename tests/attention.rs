@@ -130,6 +130,38 @@ fn dispatcher_follows_wick_ops() -> Result<()> {
     Ok(())
 }
 
+/// Keys and values read in place from views of longer buffers (a KV cache narrowed to the
+/// positions it holds, also a view that starts past the buffer's first position), and from
+/// views the op must copy (keys transposed), give the outputs of the same data made contiguous:
+/// the decoding step's layout, checked for every case's shape.
+#[test]
+fn keys_and_values_inside_longer_buffers() -> Result<()> {
+    let dev = wick::device::test_device()?;
+    let mut rng = StdRng::seed_from_u64(6);
+    for (i, (b, h, lq, lk, d, causal, pad)) in cases().into_iter().enumerate() {
+        let what = format!("case {i} (b {b} h {h} q {lq} kv {lk} d {d})");
+        let q = randn(&mut rng, &[b, h, lq, d], 1.5, &dev)?;
+        let (cache_k, cache_v) = (randn(&mut rng, &[b, h, lk + 7, d], 1.5, &dev)?, randn(&mut rng, &[b, h, lk + 7, d], 1.0, &dev)?);
+        let mask = mask_for(&pad, lk, &dev)?;
+        for start in [0, 3] {
+            let (k, v) = (cache_k.narrow(2, start, lk)?, cache_v.narrow(2, start, lk)?);
+            assert!(b * h == 1 || !(k.is_contiguous() || v.is_contiguous()));
+            let viewed = fused_attention(&q, &k, &v, mask.as_ref(), 0.3, causal)?;
+            let copied = fused_attention(&q, &k.contiguous()?, &v.contiguous()?, mask.as_ref(), 0.3, causal)?;
+            assert_close(&format!("{what} from position {start}"), &viewed, &copied, 0.0)?;
+            // keys and values laid out differently: the op copies what it must
+            let v_other = v.contiguous()?;
+            let mixed = fused_attention(&q, &k, &v_other, mask.as_ref(), 0.3, causal)?;
+            assert_close(&format!("{what} mixed layouts"), &mixed, &copied, 0.0)?;
+        }
+        let k_transposed = cache_k.narrow(2, 0, lk)?.contiguous()?.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        let copied = fused_attention(&q, &cache_k.narrow(2, 0, lk)?.contiguous()?, &cache_v.narrow(2, 0, lk)?.contiguous()?, mask.as_ref(), 0.3, causal)?;
+        let got = fused_attention(&q, &k_transposed, &cache_v.narrow(2, 0, lk)?, mask.as_ref(), 0.3, causal)?;
+        assert_close(&format!("{what} keys transposed in memory"), &got, &copied, 0.0)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn shapes_are_checked() -> Result<()> {
     let dev = Device::Cpu;
