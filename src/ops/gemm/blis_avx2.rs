@@ -234,7 +234,48 @@ unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: us
 }
 
 thread_local! {
-    static BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static BUFFERS: std::cell::RefCell<(LineAligned, LineAligned)> = const { std::cell::RefCell::new((LineAligned::new(), LineAligned::new())) };
+}
+
+/// Floats whose first one starts a cache line (64 bytes), whatever the allocator gives: the
+/// kernels load each panel row of NR = 16 floats as two 32-byte vectors, which then never
+/// straddle two lines. (The system allocator puts large blocks 16 bytes past a page, where
+/// every second load would be split; mimalloc, which the `wick` binary uses, happens to align
+/// them, library users' allocators need not.)
+pub(crate) struct LineAligned {
+    data: Vec<f32>,
+    offset: usize,
+    len: usize,
+}
+
+impl LineAligned {
+    const LINE: usize = 64 / std::mem::size_of::<f32>();
+
+    pub(crate) const fn new() -> Self {
+        Self { data: Vec::new(), offset: 0, len: 0 }
+    }
+
+    /// `len` zeros.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let data = vec![0f32; len + Self::LINE - 1];
+        let offset = data.as_ptr().align_offset(64).min(Self::LINE - 1);
+        Self { data, offset, len }
+    }
+
+    /// At least `len` floats (grown, never shrunk; what it held is not kept when it grows).
+    fn grow(&mut self, len: usize) {
+        if self.len < len {
+            *self = Self::zeroed(len);
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        &self.data[self.offset..self.offset + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.data[self.offset..self.offset + self.len]
+    }
 }
 
 /// The right operand of a product: a strided matrix, packed by every product into the panels
@@ -256,12 +297,12 @@ unsafe impl Sync for Rhs {}
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `b` addresses k×n valid elements.
-pub(crate) unsafe fn pack_whole_b(b: Mat, k: usize, n: usize) -> Vec<f32> {
+pub(crate) unsafe fn pack_whole_b(b: Mat, k: usize, n: usize) -> LineAligned {
     use rayon::prelude::*;
     let padded = n.div_ceil(NR) * NR;
-    let mut data = vec![0f32; k * padded];
+    let mut data = LineAligned::zeroed(k * padded);
     let b = &b; // (the closure shares the whole Mat, which is Sync, not its raw pointer)
-    data.par_chunks_mut(KC * padded).enumerate().for_each(|(chunk, out)| {
+    data.as_mut_slice().par_chunks_mut(KC * padded).enumerate().for_each(|(chunk, out)| {
         let pc = chunk * KC;
         let kc = KC.min(k - pc);
         // SAFETY: rows pc..pc + kc of b lie inside its k rows.
@@ -367,12 +408,11 @@ pub(crate) unsafe fn gemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c
         let kc_max = KC.min(k);
         // Grown, never shrunk: the packing overwrites every element it later reads.
         let (a_len, b_len) = (MC.min(m).div_ceil(MR) * MR * kc_max, NC.min(n).div_ceil(NR) * NR * kc_max);
-        if ap.len() < a_len {
-            ap.resize(a_len, 0.0);
+        ap.grow(a_len);
+        if matches!(b, Rhs::Mat(_)) {
+            bp.grow(b_len);
         }
-        if matches!(b, Rhs::Mat(_)) && bp.len() < b_len {
-            bp.resize(b_len, 0.0);
-        }
+        let (ap, bp) = (ap.as_mut_slice(), bp.as_mut_slice());
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {

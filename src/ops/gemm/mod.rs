@@ -147,7 +147,8 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 /// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
 /// registers over 256 depths (`notes/cpu-speed.md`). AVX2 level only: see [`PackedWeight::new`].
 pub struct PackedWeight {
-    data: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    data: blis_avx2::LineAligned,
     k: usize,
     n: usize,
 }
@@ -208,7 +209,7 @@ impl PackedWeight {
                     let range = t * per..((t + 1) * per).min(panels);
                     // SAFETY: packed at the AVX2 level; x and y hold m×k and m×n elements (checked
                     // above); tasks write disjoint columns of y.
-                    unsafe { blis_avx2::few_rows_packed(m, n, k, x.as_ptr(), self.data.as_ptr(), padded, range, out.get(), n) };
+                    unsafe { blis_avx2::few_rows_packed(m, n, k, x.as_ptr(), self.data.as_slice().as_ptr(), padded, range, out.get(), n) };
                 };
                 let tasks = panels.div_ceil(per);
                 if tasks == 1 || m * n * k < 1 << 18 {
@@ -219,7 +220,7 @@ impl PackedWeight {
                 }
                 return Ok(());
             }
-            let rhs = blis_avx2::Rhs::Packed { ptr: self.data.as_ptr(), padded, col0: 0 };
+            let rhs = blis_avx2::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
             // SAFETY: the panels were packed at the AVX2 level (the CPU has it); x and y hold m×k
             // and m×n elements (checked above); y is borrowed mutably, so it aliases nothing.
             unsafe { blis_avx2::gemm(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, true, 1.0, threads) };
