@@ -145,7 +145,8 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 /// and the panels stream from memory in order. With a few rows of activations (batched
 /// decoding) this is what makes the difference: the matrix-vector kernels, which read the weight
 /// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
-/// registers over 256 depths (`notes/cpu-speed.md`). AVX2 level only: see [`PackedWeight::new`].
+/// registers over 256 depths (`notes/cpu-speed.md`): up to 8 rows in a kernel that reads the
+/// panels straight, more in the 6×16 tiles. AVX2 level only: see [`PackedWeight::new`].
 pub struct PackedWeight {
     #[cfg(target_arch = "x86_64")]
     data: blis_avx2::LineAligned,

@@ -95,8 +95,8 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
 }
 
 /// A weight packed once gives what the product with the weight as stored gives, added to y: on
-/// every case's shape (depths across KC, widths that are no multiple of the panel), 1 to 4 rows
-/// and up to 16 (the few-rows kernel) and more (the tiles), both layouts of the weight, and a
+/// every case's shape (depths across KC, widths that are no multiple of the panel), 1 to 4 and
+/// 8 rows (the few-rows kernel) and 9, 16 and more (the tiles), both layouts of the weight, and a
 /// width across NC = 4080 columns (the packed offsets of a second column block) split over the
 /// threads.
 #[cfg(target_arch = "x86_64")]
@@ -114,7 +114,7 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
         assert_eq!(packed.dims(), (k, n));
         assert_eq!(packed.data.as_slice().as_ptr() as usize % 64, 0, "panels start a cache line");
         assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(16) * 16);
-        for rows in [1, 2, 3, 4, m] {
+        for rows in [1, 2, 3, 4, 8, 9, 16, m] {
             let a = values(rows * k, 5 * i as u64 + 2);
             let mut y = values(rows * n, 5 * i as u64 + 3);
             let want = reference(&y, rows, n, k, View::rows(&a, k), rhs, true, 1.0);
