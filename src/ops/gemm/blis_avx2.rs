@@ -314,7 +314,7 @@ pub(crate) unsafe fn pack_whole_b(b: Mat, k: usize, n: usize) -> LineAligned {
 /// Rows of x up to which [`few_rows_packed`] runs instead of the 6-row tiles (which would also
 /// compute the empty rows of their last tile, and copy x into panels). Past 8 rows the tiles'
 /// 12 accumulators win: GPT-2 decoding at batch 16 ran 249 tok/s on average with 16 here, 287
-/// with 8 (four and five alternating runs); batch 8 the same with 4 (201 against 198).
+/// with 8 (four and five alternating runs); batch 8 about the same with 4 (201 against 197).
 pub(crate) const FEW_ROWS: usize = 8;
 
 /// `y[r][j] += Σ_{d<kc} x[r][d]·B[d][j]` for the R rows of x (row stride ldx) and the P panels
