@@ -401,14 +401,17 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     }
     let best = argmax(&logits).context("all logits are NaN")? as usize;
     let (max, inv_t) = (logits[best], (1.0 / config.temperature) as f32);
-    if max == f32::INFINITY {
-        return Ok(best as u32); // every bit of the mass is there
+    // An infinite best logit holds all the mass (+∞) or shares none (every logit −∞), and a
+    // temperature below f32's range (1/T = ∞) is greedy.
+    if max.is_infinite() || inv_t.is_infinite() {
+        return Ok(best as u32);
     }
-    // Unnormalised probabilities e^((l − max)/T) (NaN logits: 0), vectorised.
+    // Unnormalised probabilities e^((l − max)/T), vectorised; NaN and −∞ logits weigh 0 (also
+    // when 1/T rounds to 0 for a huge T, which makes the rest uniform).
     let mut weights = vec![0f32; vocab];
     crate::ops::math::run_vectorised(|| {
         for (w, &l) in weights.iter_mut().zip(&logits) {
-            *w = if l.is_nan() { 0.0 } else { crate::ops::math::exp((l - max) * inv_t) };
+            *w = if l.is_nan() || l == f32::NEG_INFINITY { 0.0 } else { crate::ops::math::exp((l - max) * inv_t) };
         }
     });
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
@@ -478,6 +481,7 @@ fn draw(candidates: impl Iterator<Item = (usize, f64)>, total: f64, u: f64) -> u
     last as u32
 }
 
+/// A u32 that orders non-NaN floats from the largest to the smallest (-0 and +0 equal).
 fn descending_rank(x: f32) -> u32 {
     let bits = (x + 0.0).to_bits();
     let ascending = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
@@ -677,6 +681,30 @@ mod tests {
             }
         }
         assert!(skipped * 50 < compared, "{skipped} draws too close to a boundary, {compared} compared");
+    }
+
+    /// Logits the sampler must survive: NaN and infinite ones, and temperatures at the ends of
+    /// f32's range.
+    #[test]
+    fn sampling_edge_cases() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let t = |temperature: f64| GenerationConfig { temperature, ..Default::default() };
+        let inf = f32::INFINITY;
+        for _ in 0..20 {
+            // the one +∞ logit, whatever the temperature
+            assert_eq!(choose(vec![0.5, inf, f32::NAN, 2.0], &[], &t(1.0), &mut rng).unwrap(), 1);
+            // every logit −∞ but a NaN: the first −∞ one (never the NaN)
+            assert_eq!(choose(vec![f32::NAN, -inf, -inf], &[], &t(1.0), &mut rng).unwrap(), 1);
+            // a temperature so small that 1/T overflows f32: greedy
+            assert_eq!(choose(vec![0.1, 3.0, 0.2], &[], &t(1e-40), &mut rng).unwrap(), 1);
+            // a temperature so large that 1/T rounds to 0: never a −∞ or NaN logit
+            let pick = choose(vec![-inf, 0.1, f32::NAN, 3.0, -inf], &[], &t(1e50), &mut rng).unwrap();
+            assert!(pick == 1 || pick == 3, "{pick}");
+            // −∞ logits are never drawn at an ordinary temperature either
+            let pick = choose(vec![-inf, 0.0, -inf, 0.0], &[], &t(1.0), &mut rng).unwrap();
+            assert!(pick == 1 || pick == 3, "{pick}");
+        }
+        assert!(choose(vec![f32::NAN; 3], &[], &t(1.0), &mut rng).is_err());
     }
 
     /// Not a test: time of one sampling over GPT-2's vocabulary (`cargo test --release --lib

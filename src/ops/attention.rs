@@ -862,6 +862,22 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    /// Which layouts the CPU op reads in place, and with which distance between heads.
+    #[test]
+    fn head_strides_of_cache_views_and_other_layouts() -> Result<()> {
+        let cache = Tensor::zeros((2, 3, 10, 8), DType::F32, &Device::Cpu)?;
+        assert_eq!(head_stride(cache.layout()), Some(80));
+        assert_eq!(head_stride(cache.narrow(2, 0, 4)?.layout()), Some(80), "the positions a cache holds");
+        assert_eq!(head_stride(cache.narrow(2, 3, 4)?.layout()), Some(80), "a view past the first position");
+        assert_eq!(head_stride(cache.narrow(1, 0, 1)?.narrow(2, 0, 4)?.layout()), Some(240), "one head of each batch entry");
+        assert_eq!(head_stride(cache.narrow(0, 1, 1)?.narrow(2, 0, 4)?.layout()), Some(80), "one batch entry");
+        assert_eq!(head_stride(cache.narrow(3, 0, 4)?.layout()), None, "part of each row");
+        assert_eq!(head_stride(cache.transpose(2, 3)?.layout()), None, "rows transposed");
+        assert_eq!(head_stride(cache.narrow(1, 0, 2)?.layout()), None, "heads 0–1 of 3: no single stride between them");
+        assert_eq!(head_stride(Tensor::zeros((1, 3, 4, 8), DType::F32, &Device::Cpu)?.broadcast_as((2, 3, 4, 8))?.layout()), None, "a broadcast batch");
+        Ok(())
+    }
+
     /// The candle-ops backward (what CUDA runs), in query chunks, against the reference's
     /// autograd gradients.
     #[test]
