@@ -9,7 +9,8 @@
 #      rows and unlabelled ones after them (Hinton et al.'s transfer set), and once more over
 #      every training row (67,349; the best of its evaluations every 500 steps is kept), and the
 #      labels-only student on every row; then a teacher fine-tuned on every row, the student
-#      distilled from it (--alpha 0.5) on every row and the same student on the labels alone;
+#      distilled from it (--alpha 0.5) on every row and the same student on the labels alone,
+#      then both again over two epochs;
 #   3. magnitude pruning of the teacher to 0/30/50/70/90% sparsity, each recovered on
 #      --recovery-rows rows (`wick prune --sparsity 0,0.3,...`: sweep.json and sweep.svg);
 #   4. the teacher with half its FFN neurons, recovered the same way, the neurons ranked by
@@ -23,7 +24,7 @@
 #                             [--recovery-rows 2560] [--threads 2] [--only-predict]
 #
 # Accuracy does not depend on the machine's load; the seq/s column does: run --only-predict
-# again on an idle machine for the speeds. Takes about five hours on 2 cores; a step whose summary
+# again on an idle machine for the speeds. Takes about nine hours on 2 cores; a step whose summary
 # is in OUT already is not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,12 @@ if [ $only_predict = 0 ]; then
     --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all"
   step student-all-labels distill --teacher "$out/teacher-all" --student-layers 3 --alpha 0 \
     --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-labels"
+  # the same two students over two epochs: the soft targets' gain is expected to show as the
+  # labels-only student starts to overfit
+  step student-all-e2 distill --teacher "$out/teacher-all" --student-layers 3 --cache-teacher --alpha 0.5 --temperature 2 \
+    --epochs 2 --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-e2"
+  step student-all-labels-e2 distill --teacher "$out/teacher-all" --student-layers 3 --alpha 0 \
+    --epochs 2 --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-labels-e2"
   step sweep prune --model "$out/teacher" --sparsity 0,0.3,0.5,0.7,0.9 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/sweep"
   step ffn-half prune --model "$out/teacher" --ffn-keep 0.5 \
@@ -86,7 +93,7 @@ if [ $only_predict = 0 ]; then
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/student-ffn-half"
   step student-ffn-half-q8_0 quantize --model "$out/student-ffn-half" --type q8_0 --json --output "$out/student-ffn-half-q8_0"
 fi
-models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
+models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels student-all-e2 student-all-labels-e2 sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
 for m in "${models[@]}"; do
   name=predict-${m//\//-}
   rm -f "$out/$name.json"
