@@ -214,9 +214,7 @@ fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Te
                 let t = t.to_dtype(DType::F32)?;
                 if head_stride(t.layout()).is_some() { Ok(t) } else { t.contiguous() }
             };
-            let (k, v) = (f32_heads(k)?, f32_heads(v)?);
-            let (k, v) = if head_stride(k.layout()) == head_stride(v.layout()) { (k, v) } else { (k.contiguous()?, v.contiguous()?) };
-            let out = f32(q)?.apply_op3(&k, &v, op)?;
+            let out = f32(q)?.apply_op3(&f32_heads(k)?, &f32_heads(v)?, op)?;
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
@@ -306,9 +304,10 @@ struct Problem<'a> {
     k: &'a [f32],
     v: &'a [f32],
     mask: Option<&'a [f32]>,
-    /// Elements from one head's keys (and values) to the next: lk·d, or more when k and v are
-    /// views of a longer buffer (a KV cache narrowed to the positions it holds).
-    kv_stride: usize,
+    /// Elements from one head's keys to the next, and values: lk·d, or more when k or v is a
+    /// view of a longer buffer (a KV cache narrowed to the positions it holds).
+    k_stride: usize,
+    v_stride: usize,
     h: usize,
     lq: usize,
     lk: usize,
@@ -333,8 +332,8 @@ impl Problem<'_> {
     }
     /// Head `bh`'s queries, keys and values.
     fn head(&self, bh: usize) -> (&[f32], &[f32], &[f32]) {
-        let (d, lq, lk, kvs) = (self.d, self.lq, self.lk, self.kv_stride);
-        (&self.q[bh * lq * d..][..lq * d], &self.k[bh * kvs..][..lk * d], &self.v[bh * kvs..][..lk * d])
+        let (d, lq, lk) = (self.d, self.lq, self.lk);
+        (&self.q[bh * lq * d..][..lq * d], &self.k[bh * self.k_stride..][..lk * d], &self.v[bh * self.v_stride..][..lk * d])
     }
     /// Rows `r0..r0 + rows` of head `bh`'s queries, and the head's keys and values.
     fn block(&self, bh: usize, r0: usize, rows: usize) -> (&[f32], &[f32], &[f32]) {
@@ -389,13 +388,10 @@ impl CustomOp3 for FusedAttention {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = "fused attention";
         let q = super::cpu_f32(s1, l1, name)?;
-        let ((k, kv_stride), (v, v_stride)) = (cpu_f32_heads(s2, l2, name)?, cpu_f32_heads(s3, l3, name)?);
-        if kv_stride != v_stride {
-            candle_core::bail!("{name}: keys and values laid out differently ({l2:?}, {l3:?})")
-        }
+        let ((k, k_stride), (v, v_stride)) = (cpu_f32_heads(s2, l2, name)?, cpu_f32_heads(s3, l3, name)?);
         let (b, h, lq, d) = l1.shape().dims4()?;
         let lk = l2.shape().dims4()?.2;
-        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), kv_stride, h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout };
+        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), k_stride, v_stride, h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout };
         let mut out = vec![0f32; b * h * lq * d];
         let mut lse = vec![0f32; b * h * lq];
         if lq > 0 && d > 0 {
@@ -521,7 +517,7 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
         }
     }
     let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
-    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), kv_stride: lk * d, h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout };
+    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout };
     let mut dq = vec![0f32; b * h * lq * d];
     let mut dk = vec![0f32; b * h * lk * d];
     let mut dv = vec![0f32; b * h * lk * d];
@@ -923,7 +919,7 @@ mod tests {
                 let (q, k, v) = (rand(lq)?, rand(lk)?, rand(lk)?);
                 // batch 1: keys past lk/2 padded, and key 2 as a hole
                 let mask: Vec<f32> = (0..b * lk).map(|i| (i < lk || (i % lk <= lk / 2 && i % lk != 2)) as u8 as f32).collect();
-                let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), kv_stride: lk * d, h, lq, lk, d, scale: 0.3, causal, dropout: None };
+                let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: 0.3, causal, dropout: None };
                 let (mut o, mut lse) = (vec![0f32; b * h * lq * d], vec![0f32; b * h * lq]);
                 for bh in 0..b * h {
                     for r0 in (0..lq).step_by(kernels::BQ) {

@@ -113,7 +113,7 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
         let packed = PackedWeight::new(rhs, k, n)?.expect("available");
         assert_eq!(packed.dims(), (k, n));
         assert_eq!(packed.data.as_slice().as_ptr() as usize % 64, 0, "panels start a cache line");
-        assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(16) * 16);
+        assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(blis_avx2::NR) * blis_avx2::NR);
         for rows in [1, 2, 3, 4, 8, 9, 16, m] {
             let a = values(rows * k, 5 * i as u64 + 2);
             let mut y = values(rows * n, 5 * i as u64 + 3);
