@@ -83,6 +83,12 @@ if [ $only_predict = 0 ]; then
     --epochs 2 --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-e2"
   step student-all-labels-e2 distill --teacher "$out/teacher-all" --student-layers 3 --alpha 0 \
     --epochs 2 --lr 3e-4 --eval-every 500 "${common[@]}" --output "$out/student-all-labels-e2"
+  # both again with another seed (initialisation of the classifier, shuffling, dropout): one
+  # run each cannot tell a 1.5-point lead from noise
+  step student-all-e2-seed43 distill --teacher "$out/teacher-all" --student-layers 3 --cache-teacher --alpha 0.5 --temperature 2 \
+    --epochs 2 --lr 3e-4 --eval-every 500 --seed 43 "${common[@]}" --output "$out/student-all-e2-seed43"
+  step student-all-labels-e2-seed43 distill --teacher "$out/teacher-all" --student-layers 3 --alpha 0 \
+    --epochs 2 --lr 3e-4 --eval-every 500 --seed 43 "${common[@]}" --output "$out/student-all-labels-e2-seed43"
   step sweep prune --model "$out/teacher" --sparsity 0,0.3,0.5,0.7,0.9 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/sweep"
   step ffn-half prune --model "$out/teacher" --ffn-keep 0.5 \
@@ -93,7 +99,7 @@ if [ $only_predict = 0 ]; then
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/student-ffn-half"
   step student-ffn-half-q8_0 quantize --model "$out/student-ffn-half" --type q8_0 --json --output "$out/student-ffn-half-q8_0"
 fi
-models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels student-all-e2 student-all-labels-e2 sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
+models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels student-all-e2 student-all-labels-e2 student-all-e2-seed43 student-all-labels-e2-seed43 sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
 for m in "${models[@]}"; do
   name=predict-${m//\//-}
   rm -f "$out/$name.json"
