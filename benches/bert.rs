@@ -9,7 +9,7 @@
 //!   minilm_train_b32_s64       the same step, MiniLM-L6 shape, batch 32 × 64
 //!
 //! Random weights, random ids, no padding. `cargo bench --bench bert -- [--iters N] [--warmup W]
-//! [--only NAME] [--device D]`. Threads: RAYON_NUM_THREADS. One JSON object a line on stdout.
+//! [--only NAME[,NAME...]] [--device D]`. Threads: RAYON_NUM_THREADS. One JSON object a line on stdout.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -68,7 +68,7 @@ fn time_ms(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq: usize, train: bool, quant: Option<QuantType>) -> Result<()> {
-    if args.only.as_deref().is_some_and(|o| o != name) {
+    if args.only.as_deref().is_some_and(|o| !o.split(',').any(|o| o == name)) {
         return Ok(());
     }
     let varmap = VarMap::new();

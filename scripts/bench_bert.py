@@ -26,6 +26,7 @@ OMP_WAIT_POLICY=PASSIVE in the environment, and measure on an idle machine).
 
     python3 -m venv venv && venv/bin/pip install torch transformers safetensors sentence-transformers
     venv/bin/python scripts/bench_bert.py [--threads 2] [--which all|base_forward|base_train|minilm_train]
+                                          [--only BENCH_NAME[,BENCH_NAME...]]
 """
 
 import argparse
@@ -115,11 +116,14 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--only", help="bench names, comma-separated (as wick's bench takes them)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, to test the script")
     args = ap.parse_args()
 
     torch_setup.setup(args.threads)
     which = list(BENCHES) if args.which == "all" else [args.which]
+    if args.only:
+        which = [w for w in which if BENCHES[w][0] in args.only.split(",")]
     if args.device != "cpu":
         which = [w for w in which if not BENCHES[w][0].endswith("_q8_0")]
     for w in which:

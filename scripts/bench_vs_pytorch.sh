@@ -3,7 +3,7 @@
 # prints the rate of each workload side by side with the ratio wick / PyTorch.
 #
 #   scripts/bench_vs_pytorch.sh BENCH PYTHON_SCRIPT [--threads N] [--device cpu|cuda] [--rounds R]
-#                               [-- ARGS...]
+#                               [--save FILE] [-- ARGS...]
 #
 # BENCH is a `[[bench]]` of Cargo.toml; PYTHON_SCRIPT prints the same workloads as JSON lines.
 # ARGS after `--` go to both (e.g. `-- --iters 20`). Both print one JSON object a line, keyed by
@@ -14,19 +14,21 @@
 # PASSIVE=1 adds a second PyTorch run with OMP_WAIT_POLICY=PASSIVE as an extra column.
 # --rounds R runs the two sides R times, alternating (wick, PyTorch, wick, ...), and prints the
 # medians and each round's ratio: on a machine whose speed drifts over minutes (shared VMs), one
-# side's run can fall in a slow spell, and alternating rounds show it.
+# side's run can fall in a slow spell, and alternating rounds show it. --save FILE keeps every
+# run's JSON line, with "side" (wick or pytorch) and "round" added, for ratios the table omits.
 # The CPU model, its instruction sets, the kernels each side used and the load average are printed
 # with the figures. Run it on an otherwise idle machine: both thread pools degrade under load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n 2,12p "$0" >&2; exit 2; }
 bench=$1 script=$2; shift 2
-threads=2 device=cpu rounds=1 extra=()
+threads=2 device=cpu rounds=1 save="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
+    --save) save=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -41,8 +43,15 @@ load_before=$(cut -d' ' -f1 /proc/loadavg)
 wick_out="" torch_out=""
 for ((round = 1; round <= rounds; round++)); do
   [ "$rounds" -gt 1 ] && echo "round $round of $rounds (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-  wick_out+=$(RAYON_NUM_THREADS=$threads "$bench_bin" --device "$device" "${extra[@]}")$'\n'
-  torch_out+=$(env -u OMP_WAIT_POLICY OMP_NUM_THREADS=$threads "$python" "$script" --threads "$threads" --device "$device" "${extra[@]}")$'\n'
+  wick_round=$(RAYON_NUM_THREADS=$threads "$bench_bin" --device "$device" "${extra[@]}")
+  torch_round=$(env -u OMP_WAIT_POLICY OMP_NUM_THREADS=$threads "$python" "$script" --threads "$threads" --device "$device" "${extra[@]}")
+  wick_out+=$wick_round$'\n' torch_out+=$torch_round$'\n'
+  if [ -n "$save" ]; then
+    "$python" -c 'import json, sys
+for side, text in (("wick", sys.argv[2]), ("pytorch", sys.argv[3])):
+    for line in filter(str.strip, text.splitlines()):
+        print(json.dumps({**json.loads(line), "side": side, "round": int(sys.argv[1])}))' "$round" "$wick_round" "$torch_round" >> "$save"
+  fi
 done
 passive_out=""
 if [ "${PASSIVE:-0}" = 1 ]; then

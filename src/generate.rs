@@ -409,7 +409,7 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     // Unnormalised probabilities e^((l − max)/T), vectorised; NaN and −∞ logits weigh 0 (also
     // when 1/T rounds to 0 for a huge T, which makes the rest uniform).
     let mut weights = vec![0f32; vocab];
-    crate::ops::math::run_vectorised(|| {
+    crate::ops::math::run_vectorised(#[inline(always)] || {
         for (w, &l) in weights.iter_mut().zip(&logits) {
             *w = if l.is_nan() || l == f32::NEG_INFINITY { 0.0 } else { crate::ops::math::exp((l - max) * inv_t) };
         }
