@@ -406,22 +406,26 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     if max.is_infinite() || inv_t.is_infinite() {
         return Ok(best as u32);
     }
-    // Unnormalised probabilities e^((l − max)/T), vectorised; NaN and −∞ logits weigh 0 (also
-    // when 1/T rounds to 0 for a huge T, which makes the rest uniform).
+    // Unnormalised probabilities e^((l − max)/T), vectorised (one select, no branch); NaN and
+    // −∞ logits weigh 0 (also when 1/T rounds to 0 for a huge T, which makes the rest uniform).
     let mut weights = vec![0f32; vocab];
     crate::ops::math::run_vectorised(#[inline(always)] || {
         for (w, &l) in weights.iter_mut().zip(&logits) {
-            *w = if l.is_nan() || l == f32::NEG_INFINITY { 0.0 } else { crate::ops::math::exp((l - max) * inv_t) };
+            let e = crate::ops::math::exp((l - max) * inv_t);
+            *w = if l > f32::NEG_INFINITY { e } else { 0.0 };
         }
     });
-    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    // Sums per block of ids, in f64 lanes: the whole row's mass, and where a draw lands.
+    let block_sums: Vec<f64> = weights.chunks(DRAW_BLOCK).map(lane_sum).collect();
+    let total: f64 = block_sums.iter().sum();
     let top_k = config.top_k.filter(|&k| k > 0 && k < vocab);
     let top_p = config.top_p.filter(|&p| p < 1.0);
     if top_k.is_none() && top_p.is_none() {
         // The whole distribution: drawn in id order, without sorting (a server samples every
         // running request's row each step; sorting 50,257 candidates per row took 2.8 ms, and
-        // with the f64 exp ~15% of `wick serve`'s CPU samples at 16 requests).
-        return Ok(draw(weights.iter().enumerate().map(|(i, &w)| (i, w as f64)), total, rng.random()));
+        // with the f64 exp ~15% of `wick serve`'s CPU samples at 16 requests). The draw skips
+        // whole blocks by their sums, then walks the one it lands in.
+        return Ok(draw_in_blocks(&weights, &block_sums, total, rng.random()));
     }
     // Candidates by weight, most likely first (ties: lower id first), as one u64 key each (rank
     // of the logit, then id); only as many as top-k or top-p can keep are sorted.
@@ -465,11 +469,58 @@ pub fn choose(mut logits: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng
     Ok(draw(keys.iter().map(|&key| (id(key), weight(key))), kept_total, rng.random()))
 }
 
+/// Ids per block of [`draw_in_blocks`]'s sums.
+const DRAW_BLOCK: usize = 512;
+
+/// Σ `w` in f64, over 8 lanes (vectorised; a single running sum is a chain of dependent adds).
+fn lane_sum(w: &[f32]) -> f64 {
+    crate::ops::math::run_vectorised(#[inline(always)] || {
+        let mut lanes = [0f64; 8];
+        let chunks = w.chunks_exact(8);
+        let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+        for c in chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += v as f64;
+            }
+        }
+        lanes.iter().sum::<f64>() + rest
+    })
+}
+
+/// [`draw`] over `weights` in id order, `block_sums` the [`lane_sum`]s of its blocks of
+/// [`DRAW_BLOCK`] and `total` theirs: whole blocks are skipped by their sums, then the block the
+/// draw lands in is walked one id at a time (from the sum of the blocks before it).
+fn draw_in_blocks(weights: &[f32], block_sums: &[f64], total: f64, u: f64) -> u32 {
+    let target = u * total;
+    let (mut cum, mut last_block) = (0.0, None);
+    for (b, &s) in block_sums.iter().enumerate() {
+        if s > 0.0 {
+            last_block = Some(b);
+            if target < cum + s {
+                break;
+            }
+        }
+        cum += s;
+    }
+    // The block it lands in, or, when rounding left u uncovered, the last block with any weight;
+    // within it the walk's own rounding can fall short of the block's sum: then its last id.
+    let Some(b) = last_block else { return 0 };
+    let cum_before: f64 = block_sums[..b].iter().sum();
+    let ids = b * DRAW_BLOCK..((b + 1) * DRAW_BLOCK).min(weights.len());
+    let block = ids.clone().map(|i| (i, weights[i] as f64));
+    draw_from(block, cum_before, target)
+}
+
 /// The candidate whose share of the cumulative weight (in the order given) covers `u` ∈ [0, 1)
 /// of `total`; the last one with any weight when rounding leaves `u` uncovered.
 fn draw(candidates: impl Iterator<Item = (usize, f64)>, total: f64, u: f64) -> u32 {
-    let target = u * total;
-    let (mut cum, mut last) = (0.0, 0);
+    draw_from(candidates, 0.0, u * total)
+}
+
+/// The first candidate at which `start` plus the cumulative weight passes `target`, else the
+/// last with any weight (0 if none has).
+fn draw_from(candidates: impl Iterator<Item = (usize, f64)>, start: f64, target: f64) -> u32 {
+    let (mut cum, mut last) = (start, 0);
     for (i, w) in candidates {
         if w > 0.0 {
             cum += w;
@@ -490,16 +541,19 @@ fn descending_rank(x: f32) -> u32 {
 }
 
 fn argmax(v: &[f32]) -> Option<u32> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &x) in v.iter().enumerate() {
-        if x.is_nan() {
-            continue;
+    // The largest value over 8 lanes (vectorised; `max` skips NaN), then its first position.
+    let max = crate::ops::math::run_vectorised(#[inline(always)] || {
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for c in chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l = l.max(x);
+            }
         }
-        if best.is_none_or(|(_, b)| x > b) {
-            best = Some((i, x));
-        }
-    }
-    best.map(|(i, _)| i as u32)
+        lanes.iter().fold(rest, |a, &b| a.max(b))
+    });
+    v.iter().position(|&x| x == max).map(|i| i as u32)
 }
 
 #[cfg(test)]
@@ -722,6 +776,31 @@ mod tests {
             }
             eprintln!("{cfg:?}: {:.3} ms a row", start.elapsed().as_secs_f64() * 1e3 / 200.0);
         }
+    }
+
+    /// The vectorised argmax against the plain loop (first of the largest, NaN skipped, None
+    /// when every value is NaN): ties, ±0, ±∞, NaN anywhere, lengths around the lane count.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let plain = |v: &[f32]| {
+            let mut best: Option<(usize, f32)> = None;
+            for (i, &x) in v.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|(_, b)| x > b) {
+                    best = Some((i, x));
+                }
+            }
+            best.map(|(i, _)| i as u32)
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0];
+        for len in [0, 1, 7, 8, 9, 17, 100] {
+            for _ in 0..200 {
+                let v: Vec<f32> = (0..len).map(|_| if rng.random::<f32>() < 0.3 { specials[rng.random_range(0..specials.len())] } else { rng.random_range(-3i32..3) as f32 }).collect();
+                assert_eq!(argmax(&v), plain(&v), "{v:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN; 9]), None);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]), Some(0));
     }
 
     #[test]
