@@ -376,7 +376,8 @@ mod tests {
             return;
         }
         let mut blocks: Vec<Vec<f32>> = (0..64).map(|i| values(BLOCK, 100 + i).iter().map(|v| v * (i as f32 + 0.5)).collect()).collect();
-        // max 31.5: the step is 0.5, and every other value lies halfway between two steps
+        // max 31.5: the step is 0.5, and every value but the maximum lies halfway between two
+        // steps
         blocks.push((0..BLOCK).map(|i| if i == 0 { 31.5 } else { (i as f32 - 16.0) / 2.0 + 0.25 }).collect());
         blocks.push(vec![0.0; BLOCK]);
         blocks.push((0..BLOCK).map(|i| if i == 7 { -3.0 } else { 1e-3 * i as f32 }).collect());
