@@ -14,13 +14,13 @@
 # PASSIVE=1 adds a second PyTorch run with OMP_WAIT_POLICY=PASSIVE as an extra column.
 # --rounds R runs the two sides R times, alternating (wick, PyTorch, wick, ...), and prints the
 # medians and each round's ratio: on a machine whose speed drifts over minutes (shared VMs), one
-# side's run can fall in a slow spell, and alternating rounds show it. --save FILE keeps every
-# run's JSON line, with "side" (wick or pytorch) and "round" added, for ratios the table omits.
+# side's run can fall in a slow spell, and alternating rounds show it (a PASSIVE run comes once,
+# after the rounds). --save FILE writes every run's JSON line, with "side" (wick or pytorch) and
+# "round" added, for ratios the table omits (FILE is replaced).
 # The CPU model, its instruction sets, the kernels each side used and the load average are printed
 # with the figures. Run it on an otherwise idle machine: both thread pools degrade under load.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,21p "$0" >&2; exit 2; }
 bench=$1 script=$2; shift 2
 threads=2 device=cpu rounds=1 save="" extra=()
 while [ $# -gt 0 ]; do
@@ -28,18 +28,20 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    --save) save=$2; shift 2 ;;
+    --save) save=$(realpath -m "$2"); shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "--rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 features=""
 [ "$device" != cpu ] && features="--features cuda"
 cargo build --release --bench "$bench" $features >&2
 bench_bin=$(ls -t target/release/deps/"$bench"-* | grep -v '\.d$' | head -1)
 load_before=$(cut -d' ' -f1 /proc/loadavg)
-[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "--rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
+[ -n "$save" ] && : > "$save"
 wick_out="" torch_out=""
 for ((round = 1; round <= rounds; round++)); do
   [ "$rounds" -gt 1 ] && echo "round $round of $rounds (load $(cut -d' ' -f1 /proc/loadavg))" >&2
@@ -78,6 +80,8 @@ def rate(r):
 def median_rate(runs):
     return statistics.median(rate(r)[1] for r in runs)
 wick, torch = rows(sys.argv[1]), rows(sys.argv[2])
+if not wick:
+    raise SystemExit("wick's bench printed no results (a mistyped --only?)")
 passive = rows(sys.argv[4]) if sys.argv[4].strip() else {}
 rounds = max(len(v) for v in wick.values())
 unit = rate(next(iter(wick.values()))[0])[0]

@@ -492,20 +492,20 @@ fn lane_sum(w: &[f32]) -> f64 {
 /// draw lands in is walked one id at a time (from the sum of the blocks before it).
 fn draw_in_blocks(weights: &[f32], block_sums: &[f64], total: f64, u: f64) -> u32 {
     let target = u * total;
-    let (mut cum, mut last_block) = (0.0, None);
+    // The block it lands in, with the sum of the blocks before it, or, when rounding left u
+    // uncovered, the last block with any weight; within it the walk's own rounding can fall short
+    // of the block's sum: then its last id with any weight.
+    let (mut cum, mut landing) = (0.0, None);
     for (b, &s) in block_sums.iter().enumerate() {
         if s > 0.0 {
-            last_block = Some(b);
+            landing = Some((b, cum));
             if target < cum + s {
                 break;
             }
         }
         cum += s;
     }
-    // The block it lands in, or, when rounding left u uncovered, the last block with any weight;
-    // within it the walk's own rounding can fall short of the block's sum: then its last id.
-    let Some(b) = last_block else { return 0 };
-    let cum_before: f64 = block_sums[..b].iter().sum();
+    let Some((b, cum_before)) = landing else { return 0 };
     let ids = b * DRAW_BLOCK..((b + 1) * DRAW_BLOCK).min(weights.len());
     let block = ids.clone().map(|i| (i, weights[i] as f64));
     draw_from(block, cum_before, target)
@@ -736,6 +736,29 @@ mod tests {
             }
         }
         assert!(skipped * 50 < compared, "{skipped} draws too close to a boundary, {compared} compared");
+    }
+
+    /// The draw over blocks of ids: candidates in the first, a later and the last (partial)
+    /// block, whole blocks without any weight between them, and draws at both ends of [0, 1).
+    #[test]
+    fn draws_across_blocks() {
+        let mut logits = vec![f32::NEG_INFINITY; 2 * DRAW_BLOCK + 300];
+        for id in [3, DRAW_BLOCK + 200, 2 * DRAW_BLOCK + 299] {
+            logits[id] = 0.0;
+        }
+        logits[7] = f32::NAN;
+        let cfg = GenerationConfig { temperature: 1.0, ..Default::default() };
+        let draw = |u: f64| choose(logits.clone(), &[], &cfg, &mut drawing(u)).unwrap() as usize;
+        assert_eq!(draw(0.0), 3);
+        assert_eq!(draw(0.3), 3);
+        assert_eq!(draw(0.5), DRAW_BLOCK + 200);
+        assert_eq!(draw(0.9), 2 * DRAW_BLOCK + 299);
+        assert_eq!(draw(1.0 - f64::EPSILON / 2.0), 2 * DRAW_BLOCK + 299);
+        // the middle block empty too: two candidates, a block without weight between them
+        logits[DRAW_BLOCK + 200] = f32::NEG_INFINITY;
+        let draw = |u: f64| choose(logits.clone(), &[], &cfg, &mut drawing(u)).unwrap() as usize;
+        assert_eq!(draw(0.49), 3);
+        assert_eq!(draw(0.51), 2 * DRAW_BLOCK + 299);
     }
 
     /// Logits the sampler must survive: NaN and infinite ones, and temperatures at the ends of
