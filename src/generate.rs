@@ -507,7 +507,7 @@ fn draw_in_blocks(weights: &[f32], block_sums: &[f64], total: f64, u: f64) -> u3
     }
     let Some((b, cum_before)) = landing else { return 0 };
     let ids = b * DRAW_BLOCK..((b + 1) * DRAW_BLOCK).min(weights.len());
-    let block = ids.clone().map(|i| (i, weights[i] as f64));
+    let block = ids.map(|i| (i, weights[i] as f64));
     draw_from(block, cum_before, target)
 }
 

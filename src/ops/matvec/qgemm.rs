@@ -71,11 +71,13 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> PackedRows {
     let groups = m.div_ceil(MR);
     let mut qs = vec![OFFSET as u8; groups * nb * BLOCK * MR];
     let mut scales = vec![0f32; groups * nb * MR];
+    // Decided once per call, not per block of 32 values.
+    let vector = crate::cpu::isa() >= crate::cpu::Isa::Avx2;
     qs.par_chunks_mut(nb * BLOCK * MR).zip(scales.par_chunks_mut(nb * MR)).enumerate().for_each(|(g, (qs, scales))| {
         for r in 0..MR.min(m - g * MR) {
             let row = &x[(g * MR + r) * k..(g * MR + r + 1) * k];
             for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                let (d, bytes) = offset_block(block);
+                let (d, bytes) = offset_block(block, vector);
                 scales[b * MR + r] = d;
                 // Step s's 4 bytes of this row sit at [s][r].
                 let out = &mut qs[b * BLOCK * MR..(b + 1) * BLOCK * MR];
@@ -88,16 +90,19 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> PackedRows {
     PackedRows { qs, scales }
 }
 
-/// One block of activations as the kernel's bytes `q + 64` and its scale: in AVX2 where the CPU
-/// has it (the plain loop, compiled for the baseline target, was 7% of a BERT-base q8_0 forward
-/// pass, its maximum a chain of scalar `maxss`), else [`quantize_block`]'s.
+/// One block of activations as the kernel's bytes `q + 64` and its scale: in AVX2 when `vector`
+/// (the CPU's level is AVX2 or above; the plain loop, compiled for the baseline target, was 7% of
+/// a BERT-base q8_0 forward pass, its maximum a chain of scalar `maxss`), else
+/// [`quantize_block`]'s.
 #[inline(always)]
-fn offset_block(block: &[f32]) -> (f32, [u8; BLOCK]) {
+fn offset_block(block: &[f32], vector: bool) -> (f32, [u8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::isa() >= crate::cpu::Isa::Avx2 {
-        // SAFETY: the CPU has AVX2 and FMA; the block holds BLOCK values.
+    if vector {
+        // SAFETY: the caller saw AVX2 (and so FMA) in `cpu::isa()`; the block holds BLOCK values.
         return unsafe { avx2::offset_block(block.try_into().expect("a block of 32")) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vector;
     let (d, q) = quantize_block(block);
     (d, q.map(|v| (v + OFFSET as i8) as u8))
 }
