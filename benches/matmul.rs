@@ -1,5 +1,6 @@
 //! f32 matrix-product throughput on the shapes of a BERT-base (b8 s128) and MiniLM (b32 s64)
-//! training step: forward (x·W), and the weight gradient with a transposed left operand (dYᵀ·X);
+//! training step: x·W, the weight gradient with a transposed left operand (dYᵀ·X) and a linear
+//! layer's x·Wᵀ with W stored (out, in);
 //! once through candle's matmul (the `gemm` crate) and once through `wick::ops::gemm` (what wick's
 //! fused ops run: our AVX2 kernel on AVX2 CPUs).
 //!
@@ -42,19 +43,27 @@ fn main() -> Result<()> {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let at = Tensor::randn(0f32, 1.0, (k, m), &dev)?.t()?;
         let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+        let bt = Tensor::randn(0f32, 1.0, (n, k), &dev)?.t()?;
         let flops = 2.0 * (m * k * n) as f64;
         let threads = candle_core::utils::get_num_threads();
-        for (name, lhs, transposed) in [(format!("{m}x{k}x{n}"), &a, false), (format!("{m}x{k}x{n} lhsT"), &at, true)] {
+        // x·W, the weight gradient dYᵀ·X (lhsT) and a linear layer's x·Wᵀ with W stored (out, in)
+        // (rhsT).
+        let variants = [("", &a, false, &b, false), (" lhsT", &at, true, &b, false), (" rhsT", &a, false, &bt, true)];
+        for (suffix, lhs, lhs_transposed, rhs, rhs_transposed) in variants {
+            let name = format!("{m}x{k}x{n}{suffix}");
             let s = best_seconds(reps, || {
-                lhs.matmul(&b)?;
+                lhs.matmul(rhs)?;
                 Ok(())
             })?;
             println!("{}", serde_json::json!({"name": name, "impl": "candle matmul (gemm crate)", "threads": threads, "gflops": flops / s / 1e9}));
             // The same product on the same values, through wick's ops.
-            let stored = if transposed { lhs.t()?.contiguous()? } else { lhs.contiguous()? };
-            let (lhs_values, rhs_values) = (stored.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+            let stored = |t: &Tensor, transposed: bool| -> Result<Vec<f32>> {
+                let t = if transposed { t.t()?.contiguous()? } else { t.contiguous()? };
+                Ok(t.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let (lhs_values, rhs_values) = (stored(lhs, lhs_transposed)?, stored(rhs, rhs_transposed)?);
             let mut dst = vec![0f32; m * n];
-            let s = best_seconds(reps, || Ok(wick::ops::gemm::matmul_f32(&mut dst, m, n, k, &lhs_values, transposed, &rhs_values, false)?))?;
+            let s = best_seconds(reps, || Ok(wick::ops::gemm::matmul_f32(&mut dst, m, n, k, &lhs_values, lhs_transposed, &rhs_values, rhs_transposed)?))?;
             println!("{}", serde_json::json!({"name": name, "impl": wick::ops::gemm::kernel_name(), "threads": threads, "gflops": flops / s / 1e9}));
         }
     }

@@ -67,20 +67,26 @@ fn gelu_tanh_slope(x: f32) -> f32 {
 }
 
 /// `out[i] = f(a[i], b[i])` in parallel chunks, compiled for the CPU's instruction set (`f` is
-/// inlined into the vectorised loop, so it must be `#[inline(always)]` itself).
+/// inlined into the vectorised loop, so it must be `#[inline(always)]` itself). The output is
+/// written once, into uninitialised capacity: zero-filling it first (`vec![0.0; n]`, a serial
+/// `memset` of megabytes for an FFN's activations) was 1.4% of a BERT-base forward pass.
 #[inline(always)]
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send + Copy) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(os, (xs, ys))| {
+    assert_eq!(a.len(), b.len(), "map2: inputs of different lengths");
+    let mut out: Vec<f32> = Vec::with_capacity(a.len());
+    out.spare_capacity_mut()[..a.len()].par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(os, (xs, ys))| {
         run_vectorised(
             #[inline(always)]
             || {
                 for ((o, &x), &y) in os.iter_mut().zip(xs).zip(ys) {
-                    *o = f(x, y);
+                    o.write(f(x, y));
                 }
             },
         )
     });
+    // SAFETY: the chunks cover all a.len() elements (equal-length inputs, zipped chunk by chunk),
+    // and each was written above.
+    unsafe { out.set_len(a.len()) };
     out
 }
 

@@ -73,7 +73,7 @@ const CHUNK: usize = 16 * 1024;
 
 /// `x ∘ mask` (+ `residual`) over contiguous f32 slices, in parallel chunks.
 fn masked(mask: &DropoutMask, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = crate::ops::repeated_rows(None, 1, x.len());
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (ys, xs))| {
         let first = (c * CHUNK) as u64;
         let rs = residual.map(|r| &r[c * CHUNK..c * CHUNK + xs.len()]);

@@ -56,7 +56,7 @@ impl CustomOp1 for Reshuffle {
             let (_, _, t, d) = l.shape().dims4()?;
             (t, d, Shape::from((b, t, h * d)))
         };
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::ops::repeated_rows(None, 1, x.len());
         // One task per (batch, time) row of the token layout: it reads or writes h·d contiguous
         // floats there and h runs of d floats in the head layout.
         if self.to_heads {

@@ -55,7 +55,7 @@ impl CustomOp3 for LayerNorm {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = check(xl, wl, bl)?;
         let (x, w, b) = (cpu_f32(xs, xl, "layer_norm")?, cpu_f32(ws, wl, "layer_norm")?, cpu_f32(bs, bl, "layer_norm")?);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::ops::repeated_rows(None, 1, x.len());
         y.par_chunks_mut(d * 16).zip(x.par_chunks(d * 16)).for_each(|(ys, xs)| {
             for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
                 let (mean, rstd) = row_stats(xr, self.eps);
@@ -92,7 +92,7 @@ impl CustomOp3 for LayerNormBackward {
         let d = check(xl, wl, wl)?;
         let (x, w, dy) = (cpu_f32(xs, xl, "layer_norm backward")?, cpu_f32(ws, wl, "layer_norm backward")?, cpu_f32(gs, gl, "layer_norm backward")?);
         let rows = x.len() / d;
-        let mut out = vec![0f32; rows * d + 2 * d];
+        let mut out = crate::ops::repeated_rows(None, 1, rows * d + 2 * d);
         let (dx, _) = out.split_at_mut(rows * d);
         const ROWS_PER_TASK: usize = 16;
         // Each task writes its rows of dx and returns its partial sums of dw and db.

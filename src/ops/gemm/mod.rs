@@ -2,13 +2,17 @@
 //! bounds-checked front that picks the kernel at run time.
 //!
 //! [`product`] checks that each strided view stays inside its slice (so a shape mistake is an
-//! error, not memory corruption), then runs our AVX2 kernel ([`blis_avx2`]) at the AVX2 level and
-//! the `gemm` crate (candle's own product) at the AVX-512 level, where its x86-v4 kernels are the
-//! faster, and at the portable one. Products of fewer than 64 rows or 32 columns go to `gemm`
-//! too (`uses_blis_avx2` says why).
+//! error, not memory corruption), then runs our BLIS-style product ([`blis`]) with the AVX-512
+//! micro-kernel ([`blis_avx512`]) or the AVX2 one ([`blis_avx2`]) by the CPU's level, and the
+//! `gemm` crate (candle's own product) at the portable level. Products of fewer than 64 rows or
+//! two tiles' width go to `gemm` too (`blis_kernel` says why).
 
 #[cfg(target_arch = "x86_64")]
+mod blis;
+#[cfg(target_arch = "x86_64")]
 mod blis_avx2;
+#[cfg(target_arch = "x86_64")]
+mod blis_avx512;
 
 use candle_core::Result;
 
@@ -101,12 +105,16 @@ impl From<View<'_>> for Mat {
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
     #[cfg(target_arch = "x86_64")]
-    if uses_blis_avx2(m, n) {
+    if let Some(level) = blis_kernel(m, n) {
         let threads = match parallelism {
             gemm::Parallelism::None => 1,
             gemm::Parallelism::Rayon(t) => t.max(1),
         };
-        return blis_avx2::gemm(m, n, k, lhs, blis_avx2::Rhs::Mat(rhs), dst, dst_rs, accumulate, scale, threads);
+        let rhs = blis::Rhs::Mat(rhs);
+        return match level {
+            crate::cpu::Isa::Avx512 => blis::gemm::<blis_avx512::Avx512>(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads),
+            _ => blis::gemm::<blis_avx2::Avx2>(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads),
+        };
     }
     with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism)
 }
@@ -120,15 +128,22 @@ unsafe fn with_gemm_crate(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: u
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, scale, false, false, false, parallelism)
 }
 
-/// Whether [`product`] runs our AVX2 kernel: at the AVX2 level (detected, or AVX-512 capped by
-/// `WICK_CPU_ISA=avx2`), for products of at least 64 rows and two tiles' width. With fewer rows
-/// each element of the right operand serves few multiply-adds and packing it (a copy of the
-/// whole weight, as `gemm` does not make for short products) costs more than it saves: batch-16
-/// q8_0 decoding measured 199 tok/s through ours against 219 through `gemm`; and below two
-/// tiles' width the zero padding of a 6×16 tile wastes more than `gemm`'s smaller tiles do.
+/// Which of our micro-kernels [`product`] runs, if any: the one of the level (AVX-512 or AVX2,
+/// detected or capped by `WICK_CPU_ISA`), for products of at least 64 rows and two tiles' width.
+/// With fewer rows each element of the right operand serves few multiply-adds and packing it (a
+/// copy of the whole weight, as `gemm` does not make for short products) costs more than it
+/// saves: batch-16 q8_0 decoding measured 199 tok/s through ours against 219 through `gemm`; and
+/// below two tiles' width the zero padding of a tile wastes more than `gemm`'s smaller tiles do.
 #[cfg(target_arch = "x86_64")]
-fn uses_blis_avx2(m: usize, n: usize) -> bool {
-    crate::cpu::isa() == crate::cpu::Isa::Avx2 && m >= 64 && n >= 2 * blis_avx2::NR
+fn blis_kernel(m: usize, n: usize) -> Option<crate::cpu::Isa> {
+    use crate::cpu::Isa;
+    let level = crate::cpu::isa();
+    let width = match level {
+        Isa::Avx512 => <blis_avx512::Avx512 as blis::MicroKernel>::NR,
+        Isa::Avx2 => blis_avx2::NR,
+        Isa::Portable => return None,
+    };
+    (m >= 64 && n >= 2 * width).then_some(level)
 }
 
 /// `dst (m×n) = lhs (m×k, or its transpose stored k×m) · rhs (k×n, or its transpose stored n×k)`,
@@ -149,7 +164,7 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 /// panels straight, more in the 6×16 tiles. AVX2 level only: see [`PackedWeight::new`].
 pub struct PackedWeight {
     #[cfg(target_arch = "x86_64")]
-    data: blis_avx2::LineAligned,
+    data: blis::LineAligned,
     k: usize,
     n: usize,
 }
@@ -176,7 +191,7 @@ impl PackedWeight {
         #[cfg(target_arch = "x86_64")]
         if Self::available() && k > 0 && n > 0 {
             // SAFETY: AVX2 is the level (so the CPU has it and FMA); `fits` checked the view.
-            let data = unsafe { blis_avx2::pack_whole_b(w.into(), k, n) };
+            let data = unsafe { blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n) };
             return Ok(Some(Self { data, k, n }));
         }
         Ok(None)
@@ -205,7 +220,7 @@ impl PackedWeight {
                 // Contiguous ranges of panels a task, a few per thread (whole runs of each chunk).
                 let panels = n.div_ceil(NR);
                 let per = panels.div_ceil(4 * threads).max(4);
-                let out = blis_avx2::SendPtr(y.as_mut_ptr());
+                let out = blis::SendPtr(y.as_mut_ptr());
                 let task = |t: usize| {
                     let range = t * per..((t + 1) * per).min(panels);
                     // SAFETY: packed at the AVX2 level; x and y hold m×k and m×n elements (checked
@@ -221,10 +236,10 @@ impl PackedWeight {
                 }
                 return Ok(());
             }
-            let rhs = blis_avx2::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
+            let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
             // SAFETY: the panels were packed at the AVX2 level (the CPU has it); x and y hold m×k
             // and m×n elements (checked above); y is borrowed mutably, so it aliases nothing.
-            unsafe { blis_avx2::gemm(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, true, 1.0, threads) };
+            unsafe { blis::gemm::<blis_avx2::Avx2>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, true, 1.0, threads) };
             Ok(())
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -236,7 +251,7 @@ impl PackedWeight {
 pub fn kernel_name() -> &'static str {
     match crate::cpu::isa() {
         crate::cpu::Isa::Avx2 => "wick avx2 6x16 (gemm crate below 64x32)",
-        crate::cpu::Isa::Avx512 => "gemm crate avx512 (x86-v4)",
+        crate::cpu::Isa::Avx512 => "wick avx512 12x32 (gemm crate below 64x64)",
         crate::cpu::Isa::Portable => "gemm crate",
     }
 }

@@ -1,8 +1,9 @@
-//! Both kernels [`product`] can run (ours at the AVX2 level, the `gemm` crate otherwise) against
-//! an f64 reference and against each other, on shapes that cross every block edge of ours (the
-//! 6×16 tile, MC = 144 rows, KC = 256 depths, NC = 4080 columns), with transposed operands, with
-//! and without accumulation, on one thread and split over two. Our kernel is called directly, so
-//! it is checked on the short and narrow shapes `product` gives the gemm crate as well.
+//! Every kernel [`product`] can run (ours with the AVX2 or the AVX-512 micro-kernel, the `gemm`
+//! crate) against an f64 reference and against each other, on shapes that cross every block edge
+//! of ours (the 6×16 and 12×32 tiles, MC = 144 and 240 rows, KC = 256 depths, NC = 4080 and 4096
+//! columns), with transposed operands, with and without accumulation, on one thread and split
+//! over two. Our kernels are called directly, so they are checked on the short and narrow shapes
+//! `product` gives the gemm crate as well.
 
 use super::*;
 
@@ -22,7 +23,7 @@ fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, ac
 }
 
 /// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
-const CASES: [(usize, usize, usize, bool, bool, bool, f32); 12] = [
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 15] = [
     (12, 32, 1, false, false, false, 1.0),
     (13, 35, 7, false, true, true, 1.0),
     (37, 45, 29, true, false, false, 0.5),
@@ -36,6 +37,10 @@ const CASES: [(usize, usize, usize, bool, bool, bool, f32); 12] = [
     (16, 45, 300, false, false, true, 1.0),
     (24, 130, 270, false, false, false, 1.0),
     (25, 40, 260, false, true, true, 1.0),
+    // Across the AVX-512 blocks: MC = 240 rows with a partial 12-row tile, NC = 4096 columns.
+    (253, 70, 40, true, false, true, 1.0),
+    (30, 4130, 20, false, true, false, 1.0),
+    (12, 64, 17, false, false, false, 1.0),
 ];
 
 /// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the
@@ -67,6 +72,32 @@ fn the_gemm_crate_matches_the_reference() {
     check("gemm crate", gemm_crate);
 }
 
+/// Our product with micro-kernel K on `threads` threads, as a [`check`] runner.
+#[cfg(target_arch = "x86_64")]
+fn ours<K: blis::MicroKernel>(threads: usize) -> impl Fn(&mut [f32], usize, usize, usize, View, View, bool, f32) {
+    move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        // SAFETY: the callers checked the CPU's level; the views come from slices of the right sizes.
+        pool.install(|| unsafe { blis::gemm::<K>(m, n, k, lhs.into(), blis::Rhs::Mat(rhs.into()), dst.as_mut_ptr(), n, acc, scale, threads) });
+    }
+}
+
+/// Kernel K against the reference on every case, on one and two threads, and against the gemm
+/// crate: the two agree with each other as closely as each agrees with the reference.
+#[cfg(target_arch = "x86_64")]
+fn check_kernel<K: blis::MicroKernel>(name: &str) {
+    check(&format!("{name}, 1 thread"), ours::<K>(1));
+    check(&format!("{name}, 2 threads"), ours::<K>(2));
+    let (m, n, k) = (150, 200, 300);
+    let (a, b) = (values(m * k, 7), values(k * n, 8));
+    let (lhs, rhs) = (View::rows(&a, k), View::transposed(&b, k));
+    let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
+    ours::<K>(2)(&mut x, m, n, k, lhs, rhs, false, 1.0);
+    gemm_crate(&mut y, m, n, k, lhs, rhs, false, 1.0);
+    let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{name}: the kernels differ by {worst}");
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threads() {
@@ -74,24 +105,17 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
         eprintln!("skipped: this CPU has no AVX2 + FMA");
         return;
     }
-    let ours = |threads: usize| {
-        move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            // SAFETY: AVX2 checked above; the views come from slices of the right sizes.
-            pool.install(|| unsafe { blis_avx2::gemm(m, n, k, lhs.into(), blis_avx2::Rhs::Mat(rhs.into()), dst.as_mut_ptr(), n, acc, scale, threads) });
-        }
-    };
-    check("ours, 1 thread", ours(1));
-    check("ours, 2 threads", ours(2));
-    // The two kernels agree with each other as closely as each agrees with the reference.
-    let (m, n, k) = (150, 200, 300);
-    let (a, b) = (values(m * k, 7), values(k * n, 8));
-    let (lhs, rhs) = (View::rows(&a, k), View::transposed(&b, k));
-    let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
-    ours(2)(&mut x, m, n, k, lhs, rhs, false, 1.0);
-    gemm_crate(&mut y, m, n, k, lhs, rhs, false, 1.0);
-    let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-    assert!(worst < 1e-4, "the kernels differ by {worst}");
+    check_kernel::<blis_avx2::Avx2>("avx2 6x16");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn our_avx512_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threads() {
+    if crate::cpu::detected_isa() < crate::cpu::Isa::Avx512 {
+        eprintln!("skipped: this CPU has no AVX-512");
+        return;
+    }
+    check_kernel::<blis_avx512::Avx512>("avx512 12x32");
 }
 
 /// A weight packed once gives what the product with the weight as stored gives, added to y: on
