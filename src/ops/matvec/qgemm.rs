@@ -183,10 +183,17 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
     (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let my_panels = t * per..((t + 1) * per).min(panels);
         for chunk in (0..groups).step_by(ROW_CHUNK / MR) {
-            for p in my_panels.clone() {
-                let wq = &wp.qs[p * NR * k..(p + 1) * NR * k];
-                let wd = &wp.scales[p * NR * nb..(p + 1) * NR * nb];
-                let wc = &wp.corrections[p * NR * nb..(p + 1) * NR * nb];
+            // Panels a tile covers: two on VNNI (each broadcast of x then serves two
+            // multiply-adds), one otherwise and for a task's odd last panel.
+            let mut p = my_panels.start;
+            while p < my_panels.end {
+                #[cfg(target_arch = "x86_64")]
+                let span = if vnni && p + 1 < my_panels.end { 2 } else { 1 };
+                #[cfg(not(target_arch = "x86_64"))]
+                let span = 1;
+                let wq = &wp.qs[p * NR * k..(p + span) * NR * k];
+                let wd = &wp.scales[p * NR * nb..(p + span) * NR * nb];
+                let wc = &wp.corrections[p * NR * nb..(p + span) * NR * nb];
                 for kb in (0..nb).step_by(DEPTH_BLOCKS) {
                     let blocks = DEPTH_BLOCKS.min(nb - kb);
                     let (wq, wd, wc) = (&wq[kb * BLOCK * NR..], &wd[kb * NR..], &wc[kb * NR..]);
@@ -194,22 +201,24 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
                         let xq = &xp.qs[(g * nb + kb) * BLOCK * MR..(g * nb + kb + blocks) * BLOCK * MR];
                         let xd = &xp.scales[(g * nb + kb) * MR..(g * nb + kb + blocks) * MR];
                         let rows = MR.min(m - g * MR);
-                        // SAFETY: rows g·MR.. + rows ≤ m and columns p·NR.. + NR ≤ n lie inside
-                        // y (m × n); tasks write disjoint columns. The caller checked the CPU's
-                        // features; the slices hold `blocks` blocks.
+                        // SAFETY: rows g·MR.. + rows ≤ m and columns p·NR.. + span·NR ≤ n lie
+                        // inside y (m × n); tasks write disjoint columns. The caller checked the
+                        // CPU's features; the slices hold `blocks` blocks of `span` panels (the
+                        // second a panel's k bytes and nb scales after the first).
                         unsafe {
                             let y = out.get().add(g * MR * n + p * NR);
                             #[cfg(target_arch = "x86_64")]
-                            if vnni {
-                                avx512_vnni::tile(xq, xd, wq, wd, wc, blocks, y, n, rows);
-                            } else {
-                                avx2::tile(xq, xd, wq, wd, wc, blocks, y, n, rows);
+                            match (vnni, span) {
+                                (true, 2) => avx512_vnni::tile::<2>(xq, xd, wq, wd, wc, blocks, y, n, rows, NR * k, NR * nb),
+                                (true, _) => avx512_vnni::tile::<1>(xq, xd, wq, wd, wc, blocks, y, n, rows, NR * k, NR * nb),
+                                _ => avx2::tile(xq, xd, wq, wd, wc, blocks, y, n, rows),
                             }
                             #[cfg(not(target_arch = "x86_64"))]
                             add_tile(&reference_tile(xq, xd, wq, wd, wc, blocks), y, n, rows);
                         }
                     }
                 }
+                p += span;
             }
         }
     });
@@ -328,10 +337,11 @@ mod avx2 {
 /// The tile on AVX-512 VNNI (Ice Lake server, Sapphire Rapids, Zen 4 and later): `vpdpbusd`
 /// multiplies 64 byte pairs (u8 × i8) and adds them four at a time into 16 i32 lanes in one
 /// instruction, where AVX2 needs `vpmaddubsw` + `vpmaddwd` + `vpaddd` for half as many. A panel's
-/// step (16 columns × 4 bytes) is one zmm vector. All MR rows go at once: 8 integer chains (4
-/// rows × even and odd steps, so that `vpdpbusd`'s latency is hidden) and 4 f32 accumulators of
-/// the 32 zmm registers. The integer sums are the AVX2 tile's (both exact), so the two give the
-/// same bits.
+/// step (16 columns × 4 bytes) is one zmm vector. All MR rows go at once over two panels: per
+/// step 2 loads of W, 4 broadcasts of x and 8 `vpdpbusd` into 8 independent integer chains, with
+/// 8 f32 accumulators, of the 32 zmm registers. Loads were the limit with one panel (5 per 4
+/// multiply-adds). The integer sums are the AVX2 tile's (both exact) and are scaled in the same
+/// order, so the two give the same bits.
 #[cfg(target_arch = "x86_64")]
 mod avx512_vnni {
     use super::*;
@@ -342,45 +352,72 @@ mod avx512_vnni {
         crate::cpu::isa() >= crate::cpu::Isa::Avx512 && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// As [`super::avx2::tile`].
+    /// As [`super::avx2::tile`], for P panels side by side (P·16 columns of y): panel i's
+    /// values, scales and corrections `i·panel_bytes` and `i·panel_scales` past the first's.
     #[allow(clippy::too_many_arguments)]
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub(super) unsafe fn tile(xq: &[u8], xd: &[f32], wq: &[i8], wd: &[f32], wc: &[i32], nb: usize, y: *mut f32, ldy: usize, rows: usize) {
+    pub(super) unsafe fn tile<const P: usize>(
+        xq: &[u8],
+        xd: &[f32],
+        wq: &[i8],
+        wd: &[f32],
+        wc: &[i32],
+        nb: usize,
+        y: *mut f32,
+        ldy: usize,
+        rows: usize,
+        panel_bytes: usize,
+        panel_scales: usize,
+    ) {
         unsafe {
+            debug_assert!(P == 1 || (wq.len() > panel_bytes && wd.len() > panel_scales && wc.len() > panel_scales));
             let (xq, wq) = (xq.as_ptr(), wq.as_ptr());
+            // y's rows are a line or two each, `ldy` apart, and cold: the next group's (the
+            // caller's next tile) start on their way now, or this tile's loads below were a fifth
+            // of the kernel's time.
+            for r in 0..2 * MR {
+                for i in 0..P {
+                    _mm_prefetch::<_MM_HINT_T0>(y.wrapping_add((MR + r) * ldy + i * NR) as *const i8);
+                }
+            }
             // Rows past `rows` (the last group's padding: bytes 64, scale 0) are computed and
             // dropped.
-            // y's rows are a line each, `ldy` apart, and cold: the next group's (the caller's
-            // next tile) start on their way now, or this tile's loads below were a fifth of the
-            // kernel's time.
-            for r in 0..2 * MR {
-                _mm_prefetch::<_MM_HINT_T0>(y.wrapping_add((MR + r) * ldy) as *const i8);
-            }
-            let mut acc_f = [_mm512_setzero_ps(); MR];
+            let mut acc_f = [[_mm512_setzero_ps(); P]; MR];
             for r in 0..rows {
-                acc_f[r] = _mm512_loadu_ps(y.add(r * ldy));
+                for i in 0..P {
+                    acc_f[r][i] = _mm512_loadu_ps(y.add(r * ldy + i * NR));
+                }
             }
             for b in 0..nb {
-                let (xb, wb) = (xq.add(b * BLOCK * MR), wq.add(b * BLOCK * NR));
-                let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+                let xb = xq.add(b * BLOCK * MR);
+                // Each chain starts at −64·Σw (the offset's correction) instead of zero.
+                let start: [__m512i; P] = std::array::from_fn(|i| {
+                    let c = _mm512_loadu_si512(wc.as_ptr().add(i * panel_scales + b * NR) as *const __m512i);
+                    _mm512_sub_epi32(_mm512_setzero_si512(), c)
+                });
+                let mut acc = [start; MR];
                 for s in 0..STEPS {
-                    let w = _mm512_loadu_si512(wb.add(s * NR * 4) as *const __m512i);
+                    let w: [__m512i; P] = std::array::from_fn(|i| _mm512_loadu_si512(wq.add(i * panel_bytes + b * BLOCK * NR + s * NR * 4) as *const __m512i));
                     for r in 0..MR {
                         let x = _mm512_set1_epi32(std::ptr::read_unaligned(xb.add((s * MR + r) * 4) as *const i32));
-                        acc[r][s % 2] = _mm512_dpbusd_epi32(acc[r][s % 2], x, w);
+                        for i in 0..P {
+                            acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], x, w[i]);
+                        }
                     }
                 }
-                let c = _mm512_loadu_si512(wc.as_ptr().add(b * NR) as *const __m512i);
-                let dw = _mm512_loadu_ps(wd.as_ptr().add(b * NR));
-                for r in 0..MR {
-                    let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), c));
-                    let dx = _mm512_set1_ps(*xd.get_unchecked(b * MR + r));
-                    acc_f[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dx, dw), acc_f[r]);
+                for i in 0..P {
+                    let dw = _mm512_loadu_ps(wd.as_ptr().add(i * panel_scales + b * NR));
+                    for r in 0..MR {
+                        let dx = _mm512_set1_ps(*xd.get_unchecked(b * MR + r));
+                        acc_f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][i]), _mm512_mul_ps(dx, dw), acc_f[r][i]);
+                    }
                 }
             }
             for r in 0..rows {
-                _mm512_storeu_ps(y.add(r * ldy), acc_f[r]);
+                for i in 0..P {
+                    _mm512_storeu_ps(y.add(r * ldy + i * NR), acc_f[r][i]);
+                }
             }
         }
     }
@@ -440,7 +477,8 @@ mod tests {
     }
 
     /// The VNNI tile gives the AVX2 tile's bits (both sum the same integers exactly and scale
-    /// them in the same order), on full and partial groups of rows and a depth past one slice.
+    /// them in the same order), over one panel and two side by side, on full and partial groups
+    /// of rows and a depth past one slice.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_vnni_tile_gives_the_avx2_tiles_bits() -> Result<()> {
@@ -448,7 +486,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 VNNI here");
             return Ok(());
         }
-        for &(m, k, n) in &[(4, 32, 16), (7, 1056, 32), (3, 96, 48)] {
+        for &(m, k, n) in &[(4, 32, 32), (7, 1056, 32), (3, 96, 48)] {
             let wv = values(n * k, (k + n) as u64);
             let q = QTensor::quantize(&Tensor::from_slice(&wv, (n, k), &Device::Cpu)?, GgmlDType::Q8_0)?;
             let bytes = q.data()?.into_owned();
@@ -456,18 +494,27 @@ mod tests {
             let (xp, wp) = (pack_rows(&x, m, k), pack_weight(QFormat::Q8_0, &bytes, n, k));
             let nb = k / BLOCK;
             for g in 0..m.div_ceil(MR) {
+                let (xq, xd) = (&xp.qs[g * nb * BLOCK * MR..], &xp.scales[g * nb * MR..]);
+                let rows = MR.min(m - g * MR);
                 for p in 0..n / NR {
-                    let (xq, xd) = (&xp.qs[g * nb * BLOCK * MR..], &xp.scales[g * nb * MR..]);
+                    let span = if p + 1 < n / NR { 2 } else { 1 };
                     let (wq, wd, wc) = (&wp.qs[p * NR * k..], &wp.scales[p * NR * nb..], &wp.corrections[p * NR * nb..]);
-                    let rows = MR.min(m - g * MR);
-                    let (mut a, mut b) = (values(MR * NR, 9), values(MR * NR, 9));
+                    let ld = span * NR;
+                    let (mut a, mut b) = (values(MR * ld, 9), values(MR * ld, 9));
                     // SAFETY: the CPU has AVX-512 VNNI (checked above) and so AVX2; the slices
-                    // hold nb blocks; the outputs hold MR rows of NR.
+                    // hold nb blocks of `span` panels; the outputs hold MR rows of `ld`.
                     unsafe {
-                        avx2::tile(xq, xd, wq, wd, wc, nb, a.as_mut_ptr(), NR, rows);
-                        avx512_vnni::tile(xq, xd, wq, wd, wc, nb, b.as_mut_ptr(), NR, rows);
+                        for i in 0..span {
+                            let (wq, wd, wc) = (&wq[i * NR * k..], &wd[i * NR * nb..], &wc[i * NR * nb..]);
+                            avx2::tile(xq, xd, wq, wd, wc, nb, a.as_mut_ptr().add(i * NR), ld, rows);
+                        }
+                        if span == 2 {
+                            avx512_vnni::tile::<2>(xq, xd, wq, wd, wc, nb, b.as_mut_ptr(), ld, rows, NR * k, NR * nb);
+                        } else {
+                            avx512_vnni::tile::<1>(xq, xd, wq, wd, wc, nb, b.as_mut_ptr(), ld, rows, NR * k, NR * nb);
+                        }
                     }
-                    assert_eq!(a, b, "({m},{k},{n}) group {g} panel {p}");
+                    assert_eq!(a, b, "({m},{k},{n}) group {g} panels {p}+{span}");
                 }
             }
         }
