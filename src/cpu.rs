@@ -5,9 +5,9 @@
 //! on AVX2-only machines and uses AVX-512 where it exists. `WICK_CPU_ISA=avx2|portable` caps the
 //! choice (read once), so the AVX2 path can be run and tested on an AVX-512 machine;
 //! [`set_isa_cap`] does the same from code (tests). The f32 matrix product of wick's ops is ours
-//! at the AVX2 level and the `gemm` crate's otherwise (`ops::gemm`); gemm, which candle's own
-//! matmul also runs, picks its kernels by CPU detection (AVX-512 ones through its `x86-v4`
-//! feature) and ignores the cap.
+//! at the AVX-512 and AVX2 levels and the `gemm` crate's at the portable one (`ops::gemm`); gemm,
+//! which candle's own matmul also runs, picks its kernels by CPU detection (AVX-512 ones through
+//! its `x86-v4` feature) and ignores the cap.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
