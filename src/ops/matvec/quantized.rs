@@ -18,8 +18,10 @@
 //! n is a multiple of 16); otherwise blocks of W are converted to f32 and multiplied by `gemm`
 //! (exact in x: no activation rounding), as `super`'s many-rows path does for f16.
 //!
-//! Tiles: R rows of x × J rows of W (4×1, 2×2, 1×4): each weight block loaded and its sign taken
-//! once serves R rows, and J independent accumulator chains hide the latency for a single row.
+//! Tiles: R rows of x × J rows of W (4×1, 2×2, 1×4; and 8×1 on AVX-512 VNNI, where
+//! `vpdpbusd` does a pair of blocks at once: `avx512_vnni`): each weight block loaded and its
+//! sign taken once serves R rows, and J independent accumulator chains hide the latency for a
+//! single row.
 //! Tasks split the rows of W over the rayon pool. Memory traffic: the weight once (34 or 18 bytes
 //! per 32 weights), x's quantized rows (m·k bytes, L1-resident) R-way reused, y once.
 
@@ -178,9 +180,14 @@ unsafe fn columns(isa: Isa, format: QFormat, x: &QuantizedRows, m: usize, k: usi
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if avx512_vnni::usable() => match format {
+                QFormat::Q8_0 => avx2::columns::<avx512_vnni::VnniTiles, false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+                QFormat::Q4_0 => avx2::columns::<avx512_vnni::VnniTiles, true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+            },
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => match format {
-                QFormat::Q8_0 => avx2::columns::<false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
-                QFormat::Q4_0 => avx2::columns::<true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+                QFormat::Q8_0 => avx2::columns::<avx2::Avx2Tiles, false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
+                QFormat::Q4_0 => avx2::columns::<avx2::Avx2Tiles, true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
             },
             _ => portable::columns(format, x, m, nb, w, row_bytes, n, j0, j1, y),
         }
@@ -247,7 +254,7 @@ mod avx2 {
     /// A block's 32 values as int8 (q4_0: nibbles widened, minus 8).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_values<const Q4: bool>(block: *const u8) -> __m256i {
+    pub(super) unsafe fn load_values<const Q4: bool>(block: *const u8) -> __m256i {
         unsafe {
             if Q4 {
                 let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
@@ -262,7 +269,7 @@ mod avx2 {
     /// A block's f16 scale through F16C.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_scale(block: *const u8) -> f32 {
+    pub(super) unsafe fn load_scale(block: *const u8) -> f32 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(block as *const u16) as i32))) }
     }
 
@@ -273,7 +280,8 @@ mod avx2 {
     /// are contiguous, so tiles sweep the weight front to back).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); J]; R];
@@ -301,43 +309,150 @@ mod avx2 {
         }
     }
 
-    /// Rows [j0, j1) of W against all m rows of x: tiles of 4 rows of x (4×1), 2 (2×2) and 1
-    /// (1×4), and single rows of W at the end of the range.
+    /// The AVX2 tiles, for [`columns`].
+    pub(super) struct Avx2Tiles;
+
+    impl Tiles for Avx2Tiles {
+        const EIGHT_ROWS: bool = false;
+        #[inline(always)]
+        unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
+            unsafe { tile::<Q4, R, J>(xq, xd8, nb, w, row_bytes, bb, y, ldy) }
+        }
+    }
+
+    /// Rows [j0, j1) of W against all m rows of x with T's tiles: 8 rows of x (8×1, where T
+    /// takes them), 4 (4×1), 2 (2×2) and 1 (1×4), and single rows of W at the end of the range.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns<const Q4: bool>(x: &QuantizedRows, m: usize, nb: usize, w: *const u8, row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
+    pub(super) unsafe fn columns<T: Tiles, const Q4: bool>(x: &QuantizedRows, m: usize, nb: usize, w: *const u8, row_bytes: usize, n: usize, j0: usize, j1: usize, y: *mut f32) {
         let bb = if Q4 { 18 } else { 34 };
         let (qs, ds) = (x.qs.as_ptr(), x.scales8.as_ptr());
         unsafe {
             let mut r = 0;
             while r < m {
-                let rows = if m - r >= 4 { 4 } else if m - r >= 2 { 2 } else { 1 };
+                let rows = if T::EIGHT_ROWS && m - r >= 8 { 8 } else if m - r >= 4 { 4 } else if m - r >= 2 { 2 } else { 1 };
                 let (xq, xd, yr) = (qs.add(r * nb * BLOCK), ds.add(r * nb * 8), y.add(r * n));
                 let mut j = j0;
                 let jt = match rows {
-                    4 => 1,
+                    8 | 4 => 1,
                     2 => 2,
                     _ => 4,
                 };
                 while j + jt <= j1 {
                     let wj = w.add(j * row_bytes);
                     match rows {
-                        4 => tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
-                        2 => tile::<Q4, 2, 2>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
-                        _ => tile::<Q4, 1, 4>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        8 => T::tile::<Q4, 8, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        4 => T::tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        2 => T::tile::<Q4, 2, 2>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        _ => T::tile::<Q4, 1, 4>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
                     }
                     j += jt;
                 }
                 while j < j1 {
                     let wj = w.add(j * row_bytes);
                     match rows {
-                        4 => tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
-                        2 => tile::<Q4, 2, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
-                        _ => tile::<Q4, 1, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        8 => T::tile::<Q4, 8, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        4 => T::tile::<Q4, 4, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        2 => T::tile::<Q4, 2, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
+                        _ => T::tile::<Q4, 1, 1>(xq, xd, nb, wj, row_bytes, bb, yr.add(j), n),
                     }
                     j += 1;
                 }
                 r += rows;
+            }
+        }
+    }
+}
+
+/// A family of R×J tiles (R rows of x, J rows of W) that [`avx2::columns`] sweeps over a range of
+/// W's rows; `xd8` holds x's block scales broadcast to 8 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Tiles {
+    /// Whether the 8×1 tile is worth it (W's blocks decoded once for 8 rows of x): with 32 vector
+    /// registers, not with AVX2's 16.
+    const EIGHT_ROWS: bool;
+    /// y[r][j] += Σ_blocks dw·dx·Σ qw·qx for r < R, j < J.
+    ///
+    /// # Safety
+    /// The CPU has the tile's instructions; xq/xd8 hold R rows of nb blocks, w J rows of
+    /// `row_bytes`, y R rows (`ldy` apart) of J.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize);
+}
+
+/// The tiles on AVX-512 VNNI: two blocks at a time in one zmm vector (W's two blocks loaded
+/// apart, x's two contiguous), `vpdpbusd` for AVX2's `vpmaddubsw` + `vpmaddwd`, and x's two
+/// scales one load of `xd8`. Per pair of blocks and row of x: 6 instructions where AVX2 takes 14.
+/// The signs move to x as in AVX2 (|w| unsigned, x negated where w < 0, by a mask); an odd last
+/// block goes through 256-bit `vpdpbusd`. The same integer sums, so the same result as the AVX2
+/// tiles up to the order of the f32 additions. With 32 registers 8 rows of x share each decoded
+/// pair of W's blocks: `benches/matvec --dtype q8_0 --rows 8` went from 5.7 GB/s of weight (AVX2
+/// tiles) to 6.5 (these, 4 rows) and 8.0 (8 rows), means of three alternating runs.
+#[cfg(target_arch = "x86_64")]
+mod avx512_vnni {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Whether the CPU has AVX-512 VNNI (the level, AVX-512, is the caller's to check).
+    pub(super) fn usable() -> bool {
+        is_x86_feature_detected!("avx512vnni")
+    }
+
+    pub(super) struct VnniTiles;
+
+    impl Tiles for VnniTiles {
+        const EIGHT_ROWS: bool = true;
+        #[inline(always)]
+        unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
+            unsafe { tile::<Q4, R, J>(xq, xd8, nb, w, row_bytes, bb, y, ldy) }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); J]; R];
+            let mut b = 0;
+            while b + 2 <= nb {
+                for j in 0..J {
+                    let first = w.add(j * row_bytes + b * bb);
+                    _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(J * row_bytes) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(J * row_bytes + 2 * bb - 1) as *const i8);
+                    let wq = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(avx2::load_values::<Q4>(first)), avx2::load_values::<Q4>(first.add(bb)));
+                    let dw = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(avx2::load_scale(first)), _mm512_set1_ps(avx2::load_scale(first.add(bb))));
+                    let (wabs, negative) = (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq));
+                    for r in 0..R {
+                        let xv = _mm512_loadu_si512(xq.add((r * nb + b) * BLOCK) as *const __m512i);
+                        let signed = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+                        let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, signed));
+                        let dot = _mm512_mul_ps(dot, _mm512_loadu_ps(xd8.add((r * nb + b) * 8)));
+                        acc[r][j] = _mm512_fmadd_ps(dot, dw, acc[r][j]);
+                    }
+                }
+                b += 2;
+            }
+            if b < nb {
+                for j in 0..J {
+                    let block = w.add(j * row_bytes + b * bb);
+                    let wq = avx2::load_values::<Q4>(block);
+                    let dw = _mm256_set1_ps(avx2::load_scale(block));
+                    let (wabs, negative) = (_mm256_abs_epi8(wq), _mm256_movepi8_mask(wq));
+                    for r in 0..R {
+                        let xv = _mm256_loadu_si256(xq.add((r * nb + b) * BLOCK) as *const __m256i);
+                        let signed = _mm256_mask_sub_epi8(xv, negative, _mm256_setzero_si256(), xv);
+                        let dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, signed));
+                        let dot = _mm256_mul_ps(_mm256_mul_ps(dot, _mm256_loadu_ps(xd8.add((r * nb + b) * 8))), dw);
+                        acc[r][j] = _mm512_add_ps(acc[r][j], _mm512_zextps256_ps512(dot));
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *y.add(r * ldy + j) += _mm512_reduce_add_ps(*v);
+                }
             }
         }
     }
