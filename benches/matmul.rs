@@ -2,7 +2,7 @@
 //! training step: x·W, the weight gradient with a transposed left operand (dYᵀ·X) and a linear
 //! layer's x·Wᵀ with W stored (out, in);
 //! once through candle's matmul (the `gemm` crate) and once through `wick::ops::gemm` (what wick's
-//! fused ops run: our AVX2 kernel on AVX2 CPUs).
+//! fused ops run: our AVX-512 or AVX2 kernel by the CPU's level).
 //!
 //! cargo bench --bench matmul -- [--reps N]
 //! Threads: RAYON_NUM_THREADS. One JSON object a line: {"name": "1024x768x768", "gflops": ..}

@@ -344,7 +344,7 @@ pub(crate) fn gemm_by_blocks(x: &[f32], p: Problem, y: &mut [f32], convert_block
 }
 
 /// y (m×n, rows `ldy` apart) += x (m×k, rows `ldx` apart) · W (element (i, j) at w[i·rs + j·cs]),
-/// through `ops::gemm` (our AVX2 kernel or the gemm crate, by level).
+/// through `ops::gemm` (our AVX-512 or AVX2 kernel or the gemm crate, by level and shape).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_acc(m: usize, n: usize, k: usize, y: *mut f32, ldy: usize, x: *const f32, ldx: usize, w: *const f32, cs: isize, rs: isize, par: gemm::Parallelism) {
     let (x, w) = (super::gemm::Mat { ptr: x, rs: ldx as isize, cs: 1 }, super::gemm::Mat { ptr: w, rs, cs });

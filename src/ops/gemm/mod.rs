@@ -176,8 +176,9 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Whether weights can be packed at the current level (ours runs at AVX2; at AVX-512 the
-    /// `gemm` crate's kernels are the faster and pack for themselves).
+    /// Whether weights can be packed at the current level: AVX2 only, for its 6×16 kernel and the
+    /// few-rows kernel of decoding (at AVX-512 decoding runs `ops::matvec`'s kernels up to 16
+    /// rows and our 12×32 product, which packs for itself, beyond).
     pub fn available() -> bool {
         cfg!(target_arch = "x86_64") && crate::cpu::isa() == crate::cpu::Isa::Avx2
     }

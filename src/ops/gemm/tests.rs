@@ -23,7 +23,7 @@ fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, ac
 }
 
 /// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
-const CASES: [(usize, usize, usize, bool, bool, bool, f32); 15] = [
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 16] = [
     (12, 32, 1, false, false, false, 1.0),
     (13, 35, 7, false, true, true, 1.0),
     (37, 45, 29, true, false, false, 0.5),
@@ -41,6 +41,8 @@ const CASES: [(usize, usize, usize, bool, bool, bool, f32); 15] = [
     (253, 70, 40, true, false, true, 1.0),
     (30, 4130, 20, false, true, false, 1.0),
     (12, 64, 17, false, false, false, 1.0),
+    // A last 12×32 tile whose second half holds 9 of its 16 columns.
+    (30, 57, 20, false, true, true, 1.0),
 ];
 
 /// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the

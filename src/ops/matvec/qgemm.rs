@@ -1,5 +1,5 @@
 //! `y += x · Wᵀ` for many rows of x (encoder batches, prompts) and a `q8_0` / `q4_0` weight W
-//! (n, k), in 8-bit integers on AVX2.
+//! (n, k), in 8-bit integers on AVX2, and on AVX-512 VNNI where the CPU has it (`avx512_vnni`).
 //!
 //! Why: with hundreds of rows the product is bound by arithmetic, not by reading W. AVX2's
 //! `vpmaddubsw` multiplies 32 byte pairs per instruction (u8 × i8, adjacent pairs summed to i16)
@@ -176,10 +176,15 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
     let groups = m.div_ceil(MR);
     let panels = n / NR;
     let out = SharedMut(y.as_mut_ptr());
+    // Four ranges of panels a thread, to balance; each sweeps the rows a chunk at a time. On VNNI
+    // the ranges hold whole pairs of panels (the two-panel tile).
     #[cfg(target_arch = "x86_64")]
     let vnni = avx512_vnni::usable();
-    // Four ranges of panels a thread, to balance; each sweeps the rows a chunk at a time.
-    let per = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
+    #[cfg(target_arch = "x86_64")]
+    let unit = if vnni { 2 } else { 1 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let unit = 1;
+    let per = panels.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(unit).max(unit);
     (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let my_panels = t * per..((t + 1) * per).min(panels);
         for chunk in (0..groups).step_by(ROW_CHUNK / MR) {
@@ -373,9 +378,9 @@ mod avx512_vnni {
         unsafe {
             debug_assert!(P == 1 || (wq.len() > panel_bytes && wd.len() > panel_scales && wc.len() > panel_scales));
             let (xq, wq) = (xq.as_ptr(), wq.as_ptr());
-            // y's rows are a line or two each, `ldy` apart, and cold: the next group's (the
-            // caller's next tile) start on their way now, or this tile's loads below were a fifth
-            // of the kernel's time.
+            // y's rows are a line or two each, `ldy` apart, and cold: the next two groups' (the
+            // caller's next tiles) start on their way now, or this tile's loads below were a
+            // fifth of the kernel's time.
             for r in 0..2 * MR {
                 for i in 0..P {
                     _mm_prefetch::<_MM_HINT_T0>(y.wrapping_add((MR + r) * ldy + i * NR) as *const i8);
@@ -433,14 +438,15 @@ mod tests {
     /// The kernel against the plain tile on the same packed data (the same integers: 1e-5
     /// relative), and both within the activations' 7-bit rounding of the f32 product with the
     /// dequantized weight: each activation is off by at most dx/2 = max|x_block|/126, so an
-    /// output by at most Σ|w|·max|x|/126.
+    /// output by at most Σ|w|·max|x|/126. The last shape has 9 panels (ranges of two panels
+    /// and a last one alone on VNNI), two chunks of rows and two depth slices.
     #[test]
     fn matches_the_reference_tile_and_the_f32_product() -> Result<()> {
         if !crate::cpu::available_levels().contains(&crate::cpu::Isa::Avx2) {
             return Ok(());
         }
         for (format, dtype) in [(QFormat::Q8_0, GgmlDType::Q8_0), (QFormat::Q4_0, GgmlDType::Q4_0)] {
-            for &(m, k, n) in &[(1, 32, 16), (5, 64, 32), (33, 96, 48), (130, 256, 64), (37, 1056, 32)] {
+            for &(m, k, n) in &[(1, 32, 16), (5, 64, 32), (33, 96, 48), (130, 256, 64), (37, 1056, 32), (130, 1056, 144)] {
                 let wv = values(n * k, (k + n) as u64);
                 let q = QTensor::quantize(&Tensor::from_slice(&wv, (n, k), &Device::Cpu)?, dtype)?;
                 let bytes = q.data()?.into_owned();

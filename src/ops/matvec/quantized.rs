@@ -61,8 +61,9 @@ impl QFormat {
 }
 
 /// x's rows quantized: `qs` (m·k int8) and one scale per block (m·k/32); `scales8` holds each
-/// scale broadcast to 8 lanes, so that the AVX2 tiles scale with one memory operand. Built once
-/// per product, before the tasks that share it.
+/// scale broadcast to 8 lanes, so that the AVX2 tiles scale with one memory operand (and the
+/// VNNI tiles take two neighbouring blocks' scales as one load of 16). Built once per product,
+/// before the tasks that share it.
 pub(crate) struct QuantizedRows {
     pub qs: Vec<i8>,
     pub scales: Vec<f32>,
@@ -90,7 +91,7 @@ pub(crate) fn quantize_rows(x: &[f32]) -> QuantizedRows {
 /// Products with more rows than this (prompts, encoder batches) run [`super::qgemm`]'s tiles
 /// (the weight repacked once per product, x in 7 bits) or convert blocks of W to f32 for `gemm`;
 /// with fewer rows the repacking is not paid back, and these tiles, which read W as stored once
-/// per 4 rows, win.
+/// per 4 rows (8 on VNNI), win.
 pub(crate) const INTEGER_ROWS: usize = 32;
 
 /// Whether an x (m × k) · Wᵀ (W n × k) product at kernel level `isa` runs [`super::qgemm`]'s
@@ -180,7 +181,7 @@ unsafe fn columns(isa: Isa, format: QFormat, x: &QuantizedRows, m: usize, k: usi
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if avx512_vnni::usable() => match format {
+            Isa::Avx512 if avx512_vnni::has_vnni() => match format {
                 QFormat::Q8_0 => avx2::columns::<avx512_vnni::VnniTiles, false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
                 QFormat::Q4_0 => avx2::columns::<avx512_vnni::VnniTiles, true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
             },
@@ -384,8 +385,9 @@ trait Tiles {
 /// apart, x's two contiguous), `vpdpbusd` for AVX2's `vpmaddubsw` + `vpmaddwd`, and x's two
 /// scales one load of `xd8`. Per pair of blocks and row of x: 6 instructions where AVX2 takes 14.
 /// The signs move to x as in AVX2 (|w| unsigned, x negated where w < 0, by a mask); an odd last
-/// block goes through 256-bit `vpdpbusd`. The same integer sums, so the same result as the AVX2
-/// tiles up to the order of the f32 additions. With 32 registers 8 rows of x share each decoded
+/// block goes through 256-bit `vpdpbusd`. The same integer sums as the AVX2 tiles; the f32
+/// scaling and additions run in another order (and the odd block's unfused), so the results
+/// agree to rounding. With 32 registers 8 rows of x share each decoded
 /// pair of W's blocks: `benches/matvec --dtype q8_0 --rows 8` went from 5.7 GB/s of weight (AVX2
 /// tiles) to 6.5 (these, 4 rows) and 8.0 (8 rows), means of three alternating runs.
 #[cfg(target_arch = "x86_64")]
@@ -394,7 +396,7 @@ mod avx512_vnni {
     use std::arch::x86_64::*;
 
     /// Whether the CPU has AVX-512 VNNI (the level, AVX-512, is the caller's to check).
-    pub(super) fn usable() -> bool {
+    pub(super) fn has_vnni() -> bool {
         is_x86_feature_detected!("avx512vnni")
     }
 
@@ -477,7 +479,7 @@ mod tests {
                 let q = QTensor::quantize(&wt, dtype)?;
                 let bytes = q.data()?.into_owned();
                 let deq = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-                for m in [1, 2, 3, 4, 5, 8, 33, 256] {
+                for m in [1, 2, 3, 4, 5, 8, 13, 33, 256] {
                     let x = values(m * k, 7 + m as u64);
                     let bias = values(n, 3);
                     let mut want = bias.repeat(m);
