@@ -101,6 +101,15 @@ pub fn isa() -> Isa {
     detected_isa().min(cap)
 }
 
+/// Whether the CPU has AVX-512 VNNI (`vpdpbusd`), whatever the level: the integer kernels that use
+/// it also check that the level they run at is AVX-512.
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The CPU's model name (from /proc/cpuinfo), or "unknown CPU".
 pub fn model_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

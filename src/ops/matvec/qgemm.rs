@@ -354,7 +354,7 @@ mod avx512_vnni {
 
     /// Whether the CPU has AVX-512 VNNI and the level allows AVX-512 (`WICK_CPU_ISA`).
     pub(super) fn usable() -> bool {
-        crate::cpu::isa() >= crate::cpu::Isa::Avx512 && is_x86_feature_detected!("avx512vnni")
+        crate::cpu::isa() >= crate::cpu::Isa::Avx512 && crate::cpu::has_avx512_vnni()
     }
 
     /// As [`super::avx2::tile`], for P panels side by side (P·16 columns of y): panel i's

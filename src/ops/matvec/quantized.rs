@@ -181,7 +181,7 @@ unsafe fn columns(isa: Isa, format: QFormat, x: &QuantizedRows, m: usize, k: usi
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if avx512_vnni::has_vnni() => match format {
+            Isa::Avx512 if crate::cpu::has_avx512_vnni() => match format {
                 QFormat::Q8_0 => avx2::columns::<avx512_vnni::VnniTiles, false>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
                 QFormat::Q4_0 => avx2::columns::<avx512_vnni::VnniTiles, true>(x, m, nb, w.as_ptr(), row_bytes, n, j0, j1, y),
             },
@@ -394,11 +394,6 @@ trait Tiles {
 mod avx512_vnni {
     use super::*;
     use std::arch::x86_64::*;
-
-    /// Whether the CPU has AVX-512 VNNI (the level, AVX-512, is the caller's to check).
-    pub(super) fn has_vnni() -> bool {
-        is_x86_feature_detected!("avx512vnni")
-    }
 
     pub(super) struct VnniTiles;
 
