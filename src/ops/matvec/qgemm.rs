@@ -180,10 +180,9 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
     // the ranges hold whole pairs of panels (the two-panel tile).
     #[cfg(target_arch = "x86_64")]
     let vnni = avx512_vnni::usable();
-    #[cfg(target_arch = "x86_64")]
-    let unit = if vnni { 2 } else { 1 };
     #[cfg(not(target_arch = "x86_64"))]
-    let unit = 1;
+    let vnni = false;
+    let unit = if vnni { 2 } else { 1 };
     let per = panels.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(unit).max(unit);
     (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let my_panels = t * per..((t + 1) * per).min(panels);
@@ -192,10 +191,7 @@ pub(crate) fn product(format: QFormat, x: &[f32], m: usize, k: usize, w: &[u8], 
             // multiply-adds), one otherwise and for a task's odd last panel.
             let mut p = my_panels.start;
             while p < my_panels.end {
-                #[cfg(target_arch = "x86_64")]
                 let span = if vnni && p + 1 < my_panels.end { 2 } else { 1 };
-                #[cfg(not(target_arch = "x86_64"))]
-                let span = 1;
                 let wq = &wp.qs[p * NR * k..(p + span) * NR * k];
                 let wd = &wp.scales[p * NR * nb..(p + span) * NR * nb];
                 let wc = &wp.corrections[p * NR * nb..(p + span) * NR * nb];
