@@ -103,7 +103,7 @@ impl Dense {
         Self { weight, bias, layout, quantized: None, packed: None }
     }
 
-    /// Packs the f32 weight once into the panels of our AVX2 product ([`PackedWeight`]) and
+    /// Packs the f32 weight once into the 16-wide panels of our product ([`PackedWeight`]) and
     /// drops it as stored (a zero-memory stand-in of its shape stays in `weight`), so that every
     /// product reads the panels: inference only, since a packed layer has no gradient. Returns
     /// whether it packed; nothing changes off the CPU (or with `WICK_OPS=reference`), at other

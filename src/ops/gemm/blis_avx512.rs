@@ -1,5 +1,6 @@
-//! Our f32 micro-kernel for AVX-512 CPUs (12×32 in zmm registers) for the BLIS-style product of
-//! `blis.rs`: what `ops::gemm` runs at the AVX-512 level.
+//! Our f32 micro-kernels for AVX-512 CPUs for the BLIS-style product of `blis.rs`: 12×32 in zmm
+//! registers, what `ops::gemm` runs at the AVX-512 level, and MR×16 on weights packed once in
+//! the AVX2 level's 16-wide panels ([`Avx512Narrow`], 8 or 16 rows).
 //!
 //! Per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into 24 accumulators
 //! (of the 32 zmm registers): BLIS's Skylake-X shape, transposed for row-major C. Two 512-bit FMA
@@ -12,76 +13,101 @@
 use super::blis::MicroKernel;
 use std::arch::x86_64::*;
 
-const MR: usize = 12;
-const NR: usize = 32;
-
 /// The 12×32 kernel of the AVX-512 level.
 pub(crate) struct Avx512;
 
 impl MicroKernel for Avx512 {
-    const MR: usize = MR;
-    const NR: usize = NR;
+    const MR: usize = 12;
+    const NR: usize = 32;
     const KC: usize = 256;
     const MC: usize = 240;
     const NC: usize = 4096;
     #[inline(always)]
     unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
-        kernel(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
+        kernel::<12, 2, false>(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
     }
 }
 
+/// MR×16 kernels on the panels of the AVX2 level (16 columns, 256 depths), for weights packed
+/// once in that layout ([`super::PackedWeight`]): batched decoding's rows (MR = 8 for up to 8
+/// rows, 16 beyond). One B load and MR broadcasts per depth for MR FMAs (the 12×32 tile takes 12
+/// for 24), so they run below the wide kernel's rate, but they read the packed weight where the
+/// wide kernel would pack it again every product; the panels stream from memory, fetched ahead.
+pub(crate) struct Avx512Narrow<const MR: usize>;
+
+impl<const MR: usize> MicroKernel for Avx512Narrow<MR> {
+    const MR: usize = MR;
+    const NR: usize = super::blis_avx2::NR;
+    const KC: usize = super::blis_avx2::KC;
+    const MC: usize = 256;
+    const NC: usize = 4096;
+    #[inline(always)]
+    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
+        kernel::<MR, 1, true>(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
+    }
+}
+
+/// An MR × 16·H tile: MR rows of H zmm accumulators. With `STREAM_B` the B panel is fetched
+/// ahead: a weight packed once streams from memory, where a panel packed by the product is
+/// already in L1.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
+unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
+    let nr = 16 * H;
     for i in 0..rows {
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 16) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + NR - 1) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + nr - 1) as *const i8);
     }
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); H]; MR];
     let (mut a, mut b) = (ap, bp);
     #[inline(always)]
-    unsafe fn step(acc: &mut [[__m512; 2]; MR], a: *const f32, b: *const f32) {
-        let b0 = _mm512_loadu_ps(b);
-        let b1 = _mm512_loadu_ps(b.add(16));
+    unsafe fn step<const MR: usize, const H: usize>(acc: &mut [[__m512; H]; MR], a: *const f32, b: *const f32) {
+        let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(b.add(16 * h)));
         for (i, row) in acc.iter_mut().enumerate() {
             let ai = _mm512_set1_ps(*a.add(i));
-            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            for h in 0..H {
+                row[h] = _mm512_fmadd_ps(ai, bv[h], row[h]);
+            }
         }
     }
     for _ in 0..kc / 4 {
-        // 4 depths of A are 48 floats: 3 lines, fetched 8 depths ahead.
-        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(8 * MR) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(8 * MR + 16) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(8 * MR + 32) as *const i8);
+        // 4 depths of A, fetched 8 depths ahead (MR floats a depth: 3 or 4 lines for 4 depths).
+        for line in (0..4 * MR).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(8 * MR + line) as *const i8);
+        }
+        if STREAM_B {
+            // 4 depths of B, 64 depths ahead.
+            for line in (0..4 * nr).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(64 * nr + line) as *const i8);
+            }
+        }
         for u in 0..4 {
-            step(&mut acc, a.add(u * MR), b.add(u * NR));
+            step(&mut acc, a.add(u * MR), b.add(u * nr));
         }
         a = a.add(4 * MR);
-        b = b.add(4 * NR);
+        b = b.add(4 * nr);
     }
     for _ in 0..kc % 4 {
         step(&mut acc, a, b);
         a = a.add(MR);
-        b = b.add(NR);
+        b = b.add(nr);
     }
     let s = _mm512_set1_ps(scale);
-    // Lanes of each half that lie inside the tile's columns.
-    let mask = |h: usize| -> __mmask16 {
+    // Lanes of each 16-column part that lie inside the tile's columns.
+    let masks: [__mmask16; H] = std::array::from_fn(|h| {
         let valid = cols.saturating_sub(16 * h).min(16);
         ((1u32 << valid) - 1) as __mmask16
-    };
-    let masks = [mask(0), mask(1)];
+    });
     // (A constant bound with a test inside, so that the accumulators stay in registers.)
     for i in 0..MR {
         if i >= rows {
             break;
         }
         let row = c.add(i * ldc);
-        for h in 0..2 {
-            // (A tile of at most 16 columns stops here: `row + 16` may lie past C's end.)
+        for h in 0..H {
+            // (A tile narrower than this part stops here: `row + 16·h` may lie past C's end.)
             if masks[h] == 0 {
                 break;
             }

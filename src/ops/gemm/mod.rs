@@ -161,7 +161,8 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 /// decoding) this is what makes the difference: the matrix-vector kernels, which read the weight
 /// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
 /// registers over 256 depths (`notes/cpu-speed.md`): up to 8 rows in a kernel that reads the
-/// panels straight, more in the 6×16 tiles. AVX2 level only: see [`PackedWeight::new`].
+/// panels straight, more in the 6×16 tiles; at the AVX-512 level one row runs the few-rows
+/// kernel and more run 4-, 8- or 16-row AVX-512 tiles on the same panels (`Avx512Narrow`).
 pub struct PackedWeight {
     #[cfg(target_arch = "x86_64")]
     data: blis::LineAligned,
@@ -176,11 +177,11 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Whether weights can be packed at the current level: AVX2 only, for its 6×16 kernel and the
-    /// few-rows kernel of decoding (at AVX-512 decoding runs `ops::matvec`'s kernels up to 16
-    /// rows and our 12×32 product, which packs for itself, beyond).
+    /// Whether weights can be packed at the current level: AVX2 and AVX-512, in the AVX2 level's
+    /// panels (16 columns by 256 depths), which its few-rows kernel reads for up to 8 rows and
+    /// its 6×16 kernel (the AVX-512 level's 16×16, `blis_avx512::Avx512Narrow`) beyond.
     pub fn available() -> bool {
-        cfg!(target_arch = "x86_64") && crate::cpu::isa() == crate::cpu::Isa::Avx2
+        cfg!(target_arch = "x86_64") && crate::cpu::isa() >= crate::cpu::Isa::Avx2
     }
 
     /// Packs W, the right operand of `x · W` (k × n), read through `w`; `None` where
@@ -191,7 +192,7 @@ impl PackedWeight {
         }
         #[cfg(target_arch = "x86_64")]
         if Self::available() && k > 0 && n > 0 {
-            // SAFETY: AVX2 is the level (so the CPU has it and FMA); `fits` checked the view.
+            // SAFETY: the level is at least AVX2 (so the CPU has it and FMA); `fits` checked the view.
             let data = unsafe { blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n) };
             return Ok(Some(Self { data, k, n }));
         }
@@ -217,14 +218,15 @@ impl PackedWeight {
             use blis_avx2::NR;
             let padded = n.div_ceil(NR) * NR;
             let threads = candle_core::utils::get_num_threads();
-            if m <= blis_avx2::FEW_ROWS {
+            let avx512 = crate::cpu::isa() == crate::cpu::Isa::Avx512;
+            if m <= blis_avx2::FEW_ROWS && !(avx512 && m > FEW_ROWS_AVX512) {
                 // Contiguous ranges of panels a task, a few per thread (whole runs of each chunk).
                 let panels = n.div_ceil(NR);
                 let per = panels.div_ceil(4 * threads).max(4);
                 let out = blis::SendPtr(y.as_mut_ptr());
                 let task = |t: usize| {
                     let range = t * per..((t + 1) * per).min(panels);
-                    // SAFETY: packed at the AVX2 level; x and y hold m×k and m×n elements (checked
+                    // SAFETY: packed in the AVX2 level's layout (the CPU has AVX2); x and y hold m×k and m×n elements (checked
                     // above); tasks write disjoint columns of y.
                     unsafe { blis_avx2::few_rows_packed(m, n, k, x.as_ptr(), self.data.as_slice().as_ptr(), padded, range, out.get(), n) };
                 };
@@ -238,15 +240,32 @@ impl PackedWeight {
                 return Ok(());
             }
             let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
-            // SAFETY: the panels were packed at the AVX2 level (the CPU has it); x and y hold m×k
-            // and m×n elements (checked above); y is borrowed mutably, so it aliases nothing.
-            unsafe { blis::gemm::<blis_avx2::Avx2>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, true, 1.0, threads) };
+            let (x, y) = (View::rows(x, k).into(), y.as_mut_ptr());
+            // SAFETY: the panels were packed in the AVX2 level's layout (the CPU has AVX2, and
+            // AVX-512 where that is the level); x and y hold m×k and m×n elements (checked
+            // above); y is borrowed mutably, so it aliases nothing.
+            unsafe {
+                if avx512 && m <= 4 {
+                    blis::gemm::<blis_avx512::Avx512Narrow<4>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                } else if avx512 && m <= blis_avx2::FEW_ROWS {
+                    blis::gemm::<blis_avx512::Avx512Narrow<8>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                } else if avx512 {
+                    blis::gemm::<blis_avx512::Avx512Narrow<16>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                } else {
+                    blis::gemm::<blis_avx2::Avx2>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                }
+            };
             Ok(())
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("weights are packed on x86_64 only")
     }
 }
+
+/// Rows up to which a packed weight's product runs the AVX2 few-rows kernel at the AVX-512
+/// level too (more, up to 8, take the 8×16 AVX-512 tiles).
+#[cfg(target_arch = "x86_64")]
+const FEW_ROWS_AVX512: usize = 1;
 
 /// The kernel [`product`] runs at the current level, for benchmark output.
 pub fn kernel_name() -> &'static str {

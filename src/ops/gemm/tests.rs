@@ -112,12 +112,15 @@ fn our_avx2_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threa
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn our_avx512_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_threads() {
+fn our_avx512_kernels_match_the_reference_and_the_gemm_crate_on_one_and_two_threads() {
     if crate::cpu::detected_isa() < crate::cpu::Isa::Avx512 {
         eprintln!("skipped: this CPU has no AVX-512");
         return;
     }
     check_kernel::<blis_avx512::Avx512>("avx512 12x32");
+    check_kernel::<blis_avx512::Avx512Narrow<16>>("avx512 16x16");
+    check_kernel::<blis_avx512::Avx512Narrow<8>>("avx512 8x16");
+    check_kernel::<blis_avx512::Avx512Narrow<4>>("avx512 4x16");
 }
 
 /// A weight packed once gives what the product with the weight as stored gives, added to y: on
@@ -129,7 +132,7 @@ fn our_avx512_kernel_matches_the_reference_and_the_gemm_crate_on_one_and_two_thr
 #[test]
 fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
     if !PackedWeight::available() {
-        eprintln!("skipped: weights are packed at the AVX2 level only");
+        eprintln!("skipped: weights are packed at the AVX2 and AVX-512 levels only");
         return Ok(());
     }
     let shapes = CASES.iter().map(|&(m, n, k, _, rt, _, _)| (m, n, k, rt)).chain([(3, 4100, 300, false), (20, 4100, 40, true)]);
