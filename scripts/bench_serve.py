@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--level-seconds", type=float, default=90, help="stop starting requests after this long per level")
+    ap.add_argument("--waves", type=int, default=2, help="requests per level: waves x concurrency (at least 2 x waves)")
     ap.add_argument("--soak-seconds", type=float, default=120)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: completions,embeddings,soak")
     args = ap.parse_args()
@@ -155,7 +156,7 @@ def main():
                     r = client.completions.create(model=gpt2_id, prompt=prompts[i % len(prompts)], max_tokens=args.max_tokens, temperature=1.0, seed=i)
                     return r.usage.completion_tokens
                 la = loadavg()
-                wall, lat, res = run_level(c, max(2 * c, 4), args.level_seconds, one)
+                wall, lat, res = run_level(c, max(args.waves * c, 2 * args.waves), args.level_seconds, one)
                 row = {"part": "completions", "concurrency": c, "requests": len(res), "tokens": sum(res), "seconds": wall,
                        "tokens_per_s": sum(res) / wall, "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "loadavg": la}
                 print(json.dumps(row), flush=True)

@@ -178,8 +178,9 @@ impl std::fmt::Debug for PackedWeight {
 
 impl PackedWeight {
     /// Whether weights can be packed at the current level: AVX2 and AVX-512, in the AVX2 level's
-    /// panels (16 columns by 256 depths), which its few-rows kernel reads for up to 8 rows and
-    /// its 6×16 kernel (the AVX-512 level's 16×16, `blis_avx512::Avx512Narrow`) beyond.
+    /// panels (16 columns by 256 depths). At AVX2 the few-rows kernel reads them for up to 8 rows
+    /// and the 6×16 tiles beyond; at AVX-512 the few-rows kernel takes one row and the 4×16,
+    /// 8×16 and 16×16 tiles of `blis_avx512::Avx512Narrow` 2–4, 5–8 and more.
     pub fn available() -> bool {
         cfg!(target_arch = "x86_64") && crate::cpu::isa() >= crate::cpu::Isa::Avx2
     }
@@ -226,8 +227,8 @@ impl PackedWeight {
                 let out = blis::SendPtr(y.as_mut_ptr());
                 let task = |t: usize| {
                     let range = t * per..((t + 1) * per).min(panels);
-                    // SAFETY: packed in the AVX2 level's layout (the CPU has AVX2); x and y hold m×k and m×n elements (checked
-                    // above); tasks write disjoint columns of y.
+                    // SAFETY: packed in the AVX2 level's layout (the CPU has AVX2); x and y hold
+                    // m×k and m×n elements (checked above); tasks write disjoint columns of y.
                     unsafe { blis_avx2::few_rows_packed(m, n, k, x.as_ptr(), self.data.as_slice().as_ptr(), padded, range, out.get(), n) };
                 };
                 let tasks = panels.div_ceil(per);
@@ -263,7 +264,9 @@ impl PackedWeight {
 }
 
 /// Rows up to which a packed weight's product runs the AVX2 few-rows kernel at the AVX-512
-/// level too (more, up to 8, take the 8×16 AVX-512 tiles).
+/// level too (2–4 rows take the 4×16 AVX-512 tiles, 5–8 the 8×16 ones): measured against the
+/// matvec kernels on the weights as stored, it held batch 1 and the tiles batches 2–4
+/// (`notes/cpu-speed.md`, session 11).
 #[cfg(target_arch = "x86_64")]
 const FEW_ROWS_AVX512: usize = 1;
 
