@@ -65,7 +65,7 @@ pub trait Pretrained: Sized {
 /// and AVX-512 levels, instead of once per product). `wick generate` and `wick serve` do it for
 /// GPT-2, whose decoding steps multiply a few rows: on AVX2, GPT-2-small decoding measured
 /// 1.1–1.6× faster packed at batch 1 and 1.2–1.3× at batch 16, 0.8–1.0× at batch 8; on an
-/// AVX-512 Xeon 1.0× at batches 1–4, 1.1× at 8, 1.4× at 16, 1.7–2.0× at 32 (alternating runs,
+/// AVX-512 Xeon 0.95–1.0× at batches 1–4, 1.1× at 8, 1.4× at 16, 1.7–2.1× at 32 (alternating runs,
 /// `notes/cpu-speed.md`). Encoder
 /// batches (BERT's hundreds of rows) measured 5–10% slower packed and are not packed. A tied LM
 /// head keeps a packed copy of its own (GPT-2 small: 154 MB more). Returns how many layers it

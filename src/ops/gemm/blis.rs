@@ -1,7 +1,9 @@
 //! Goto's algorithm as BLIS does it, for any micro-kernel ([`MicroKernel`]): the blocking, the
 //! packing and the thread split of our f32 matrix product. The kernels are `blis_avx2` (6×16 in
 //! ymm registers) and `blis_avx512` (12×32 in zmm registers); `ops::gemm::product` picks one by
-//! the CPU's level.
+//! the CPU's level. A weight packed once (`ops::gemm::PackedWeight`, [`Rhs::Packed`]) is read in
+//! the 6×16 kernel's panels, at AVX-512 by `blis_avx512::Avx512Narrow`'s MR×16 tiles; its
+//! panels then stream from memory instead of sitting in L1.
 //!
 //! Algorithm: C (m×n) = [C +] scale · A (m×k) · B (k×n), any strides for A and B, C row-major.
 //!   for each block of NC columns:
@@ -19,7 +21,7 @@ use std::arch::x86_64::*;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
 pub(crate) trait MicroKernel {
-    /// Rows and columns of the C tile the kernel keeps in registers (MR ≤ 16, NR ≤ 32, NR a
+    /// Rows and columns of the C tile the kernel keeps in registers (MR ≤ 32, NR ≤ 32, NR a
     /// multiple of 8).
     const MR: usize;
     const NR: usize;
@@ -93,7 +95,7 @@ unsafe fn pack_a<K: MicroKernel>(ap: &mut [f32], a: Mat, mc: usize, kc: usize) {
         }
         if a.cs == 1 {
             // Rows of A are contiguous (x in x·W).
-            let mut src = [std::ptr::null::<f32>(); 16];
+            let mut src = [std::ptr::null::<f32>(); 32];
             for (i, s) in src.iter_mut().enumerate().take(mr) {
                 *s = a.ptr.offset((q * mr + i.min(rows - 1)) as isize * a.rs);
             }

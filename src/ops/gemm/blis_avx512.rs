@@ -1,8 +1,8 @@
 //! Our f32 micro-kernels for AVX-512 CPUs for the BLIS-style product of `blis.rs`: 12×32 in zmm
 //! registers, what `ops::gemm` runs at the AVX-512 level, and MR×16 on weights packed once in
-//! the AVX2 level's 16-wide panels ([`Avx512Narrow`], 8 or 16 rows).
+//! the AVX2 level's 16-wide panels ([`Avx512Narrow`], 4 to 28 rows).
 //!
-//! Per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into 24 accumulators
+//! The 12×32 kernel, per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into 24 accumulators
 //! (of the 32 zmm registers): BLIS's Skylake-X shape, transposed for row-major C. Two 512-bit FMA
 //! ports busy every cycle is the CPU's peak. Blocks: the B panel (KC·NR·4 = 32 KB) stays in a
 //! 48 KB L1 (Ice Lake and later; on the 32 KB L1s of Skylake-X and Zen 4 it fills the cache)
@@ -29,17 +29,18 @@ impl MicroKernel for Avx512 {
 }
 
 /// MR×16 kernels on the panels of the AVX2 level (16 columns, 256 depths), for weights packed
-/// once in that layout ([`super::PackedWeight`]): batched decoding's rows (MR = 8 for up to 8
-/// rows, 16 beyond). One B load and MR broadcasts per depth for MR FMAs (the 12×32 tile takes 12
-/// for 24), so they run below the wide kernel's rate, but they read the packed weight where the
-/// wide kernel would pack it again every product; the panels stream from memory, fetched ahead.
+/// once in that layout ([`super::PackedWeight`]): MR = 4, 8, 16 for batched decoding's 2–4, 5–8
+/// and 9–32 rows, 28 for a prompt's hundreds. One B load and MR broadcasts (embedded in the FMAs)
+/// per depth for MR FMAs, where the 12×32 tile takes 14 loads for 24 FMAs; but they read the
+/// packed weight where the wide kernel would pack it again every product. The panels stream
+/// from memory, fetched 64 depths ahead; MC (224) is a multiple of every MR.
 pub(crate) struct Avx512Narrow<const MR: usize>;
 
 impl<const MR: usize> MicroKernel for Avx512Narrow<MR> {
     const MR: usize = MR;
     const NR: usize = super::blis_avx2::NR;
     const KC: usize = super::blis_avx2::KC;
-    const MC: usize = 256;
+    const MC: usize = 8 * 28;
     const NC: usize = 4096;
     #[inline(always)]
     unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {

@@ -162,7 +162,7 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 /// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
 /// registers over 256 depths (`notes/cpu-speed.md`): up to 8 rows in a kernel that reads the
 /// panels straight, more in the 6×16 tiles; at the AVX-512 level one row runs the few-rows
-/// kernel and more run 4-, 8- or 16-row AVX-512 tiles on the same panels (`Avx512Narrow`).
+/// kernel and more run 4-, 8-, 16- or 28-row AVX-512 tiles on the same panels (`Avx512Narrow`).
 pub struct PackedWeight {
     #[cfg(target_arch = "x86_64")]
     data: blis::LineAligned,
@@ -180,7 +180,9 @@ impl PackedWeight {
     /// Whether weights can be packed at the current level: AVX2 and AVX-512, in the AVX2 level's
     /// panels (16 columns by 256 depths). At AVX2 the few-rows kernel reads them for up to 8 rows
     /// and the 6×16 tiles beyond; at AVX-512 the few-rows kernel takes one row and the 4×16,
-    /// 8×16 and 16×16 tiles of `blis_avx512::Avx512Narrow` 2–4, 5–8 and more.
+    /// 8×16, 16×16 and 28×16 tiles of `blis_avx512::Avx512Narrow` 2–4, 5–8, 9–32 and more (a
+    /// prompt's hundreds of rows: as fast as the 12×32 kernel on the weight as stored, measured
+    /// with `benches/matvec --dtype f32-packed,f32 --rows 256,1024`).
     pub fn available() -> bool {
         cfg!(target_arch = "x86_64") && crate::cpu::isa() >= crate::cpu::Isa::Avx2
     }
@@ -250,8 +252,10 @@ impl PackedWeight {
                     blis::gemm::<blis_avx512::Avx512Narrow<4>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
                 } else if avx512 && m <= blis_avx2::FEW_ROWS {
                     blis::gemm::<blis_avx512::Avx512Narrow<8>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
-                } else if avx512 {
+                } else if avx512 && m <= 32 {
                     blis::gemm::<blis_avx512::Avx512Narrow<16>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                } else if avx512 {
+                    blis::gemm::<blis_avx512::Avx512Narrow<28>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
                 } else {
                     blis::gemm::<blis_avx2::Avx2>(m, n, k, x, rhs, y, n, true, 1.0, threads)
                 }

@@ -121,11 +121,14 @@ fn our_avx512_kernels_match_the_reference_and_the_gemm_crate_on_one_and_two_thre
     check_kernel::<blis_avx512::Avx512Narrow<16>>("avx512 16x16");
     check_kernel::<blis_avx512::Avx512Narrow<8>>("avx512 8x16");
     check_kernel::<blis_avx512::Avx512Narrow<4>>("avx512 4x16");
+    check_kernel::<blis_avx512::Avx512Narrow<28>>("avx512 28x16");
 }
 
 /// A weight packed once gives what the product with the weight as stored gives, added to y: on
 /// every case's shape (depths across KC, widths that are no multiple of the panel), 1 to 4 and
-/// 8 rows (the few-rows kernel) and 9, 16 and more (the tiles), both layouts of the weight, and a
+/// 8 rows (at AVX2 the few-rows kernel; at AVX-512 one row, then the 4×16 and 8×16 tiles) and
+/// 9, 16 and the case's rows (AVX2's 6×16 tiles; AVX-512's 16×16 up to 32 rows and 28×16
+/// beyond), both layouts of the weight, and a
 /// width across NC = 4080 columns (the packed offsets of a second column block) split over the
 /// threads.
 #[cfg(target_arch = "x86_64")]

@@ -386,7 +386,8 @@ trait Tiles {
     ///
     /// # Safety
     /// The CPU has the tile's instructions; xq/xd8 hold R rows of nb blocks, w J rows of
-    /// `row_bytes`, y R rows (`ldy` apart) of J.
+    /// `row_bytes`, y R rows (`ldy` apart) of J; where a tile reads them (q4_0 on VNNI, R ≤ 2),
+    /// `xo` holds x's `nibble_offsets` for R rows of nb blocks (8 a block).
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const Q4: bool, const R: usize, const J: usize>(xq: *const i8, xd8: *const f32, xo: *const i32, nb: usize, w: *const u8, row_bytes: usize, bb: usize, y: *mut f32, ldy: usize);
 }
@@ -399,10 +400,10 @@ trait Tiles {
 /// skips the signs: the nibbles (0–15) are the unsigned side as they are, and each lane starts
 /// from x's `nibble_offsets` (−8·Σ qx) instead of zero, which subtracts the 8; a pair of blocks
 /// is split into nibbles in one ymm (`nibble_pair`). `benches/matvec --dtype q4_0 --rows 1`
-/// went from 13.4 to 14.4 GB/s of weight (means of three alternating runs, 2 threads). The same integer sums as the AVX2 tiles; the f32
-/// scaling and additions run in another order (and the odd block's unfused), so the results
-/// agree to rounding. With 32 registers 8 rows of x share each decoded
-/// pair of W's blocks: `benches/matvec --dtype q8_0 --rows 8` went from 5.7 GB/s of weight (AVX2
+/// went from 13.4 to 14.4 GB/s of weight (means of three alternating runs, 2 threads). The same
+/// integer sums as the AVX2 tiles; the f32 scaling and additions run in another order (and the
+/// odd block's unfused), so the results agree to rounding. With 32 registers 8 rows of x share
+/// each decoded pair of W's blocks: `benches/matvec --dtype q8_0 --rows 8` went from 5.7 GB/s of weight (AVX2
 /// tiles) to 6.5 (these, 4 rows) and 8.0 (8 rows), means of three alternating runs.
 #[cfg(target_arch = "x86_64")]
 mod avx512_vnni {
