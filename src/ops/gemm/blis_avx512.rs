@@ -2,12 +2,12 @@
 //! registers, what `ops::gemm` runs at the AVX-512 level, and MR×16 on weights packed once in
 //! the AVX2 level's 16-wide panels ([`Avx512Narrow`], 4 to 28 rows).
 //!
-//! The 12×32 kernel, per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into 24 accumulators
-//! (of the 32 zmm registers): BLIS's Skylake-X shape, transposed for row-major C. Two 512-bit FMA
-//! ports busy every cycle is the CPU's peak. Blocks: the B panel (KC·NR·4 = 32 KB) stays in a
-//! 48 KB L1 (Ice Lake and later; on the 32 KB L1s of Skylake-X and Zen 4 it fills the cache)
-//! while 12-row A panels (12 KB each) stream past it from A's block in L2 (MC·KC·4 = 240 KB);
-//! the C tile's lines are prefetched before the depth loop.
+//! The 12×32 kernel, per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into
+//! 24 accumulators (of the 32 zmm registers): BLIS's Skylake-X shape, transposed for row-major C.
+//! Two 512-bit FMA ports busy every cycle is the CPU's peak. Blocks: the B panel (KC·NR·4 = 32
+//! KB) stays in a 48 KB L1 (Ice Lake and later; on the 32 KB L1s of Skylake-X and Zen 4 it fills
+//! the cache) while 12-row A panels (12 KB each) stream past it from A's block in L2 (MC·KC·4 =
+//! 240 KB); the C tile's lines are prefetched before the depth loop.
 //! Edges (rows < 12, cols < 32) load and store C through masks: no scratch tile.
 
 use super::blis::MicroKernel;
