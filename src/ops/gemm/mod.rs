@@ -222,7 +222,8 @@ impl PackedWeight {
             let padded = n.div_ceil(NR) * NR;
             let threads = candle_core::utils::get_num_threads();
             let avx512 = crate::cpu::isa() == crate::cpu::Isa::Avx512;
-            if m <= blis_avx2::FEW_ROWS && !(avx512 && m > FEW_ROWS_AVX512) {
+            let few_rows = if avx512 { FEW_ROWS_AVX512 } else { blis_avx2::FEW_ROWS };
+            if m <= few_rows {
                 // Contiguous ranges of panels a task, a few per thread (whole runs of each chunk).
                 let panels = n.div_ceil(NR);
                 let per = panels.div_ceil(4 * threads).max(4);

@@ -261,15 +261,22 @@ mod avx2 {
     use crate::ops::matvec::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
+    /// One q4_0 block's 16 bytes of nibbles as its 32 unsigned values in order (low nibbles are
+    /// elements 0–15, high ones 16–31).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn nibbles(packed: __m128i) -> __m256i {
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+
     /// A block's 32 values as int8 (q4_0: nibbles widened, minus 8).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn load_values<const Q4: bool>(block: *const u8) -> __m256i {
         unsafe {
             if Q4 {
-                let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
-                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-                _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_set1_epi8(8))
+                _mm256_sub_epi8(nibbles(_mm_loadu_si128(block.add(2) as *const __m128i)), _mm256_set1_epi8(8))
             } else {
                 _mm256_loadu_si256(block.add(2) as *const __m256i)
             }
@@ -425,15 +432,6 @@ mod avx512_vnni {
     /// 4- and 8-row tiles keep the signed values of `avx2::load_values`.
     const UNSIGNED_NIBBLE_ROWS: usize = 2;
 
-    /// One q4_0 block's 16 bytes of nibbles as its 32 unsigned values in order (low nibbles are
-    /// elements 0–15, high ones 16–31).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn nibbles(packed: __m128i) -> __m256i {
-        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
-    }
-
     /// Two neighbouring q4_0 blocks (`bb` bytes apart) as 64 unsigned values: both blocks' bytes
     /// in one ymm, split into nibbles once, the 128-bit quarters put in element order.
     #[inline]
@@ -492,7 +490,7 @@ mod avx512_vnni {
                     let block = w.add(j * row_bytes + b * bb);
                     let dw = _mm256_set1_ps(avx2::load_scale(block));
                     if Q4 && R <= UNSIGNED_NIBBLE_ROWS {
-                        let wq = nibbles(_mm_loadu_si128(block.add(2) as *const __m128i));
+                        let wq = avx2::nibbles(_mm_loadu_si128(block.add(2) as *const __m128i));
                         for r in 0..R {
                             let at = r * nb + b;
                             let xv = _mm256_loadu_si256(xq.add(at * BLOCK) as *const __m256i);
