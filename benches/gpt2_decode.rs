@@ -84,6 +84,8 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
     if let Some(qtype) = QuantType::parse(name) {
         let mut model = random_gpt2(cfg, DType::F32, device)?;
         quantize_model(&mut model, qtype)?;
+        // q4_0 layers gain their decoding layout, as in `wick generate`.
+        wick::pretrained::pack_for_inference(&mut model)?;
         return Ok((model, qtype.bytes_per_weight()));
     }
     let dtype = wick::device::parse_dtype(name)?;

@@ -1,13 +1,14 @@
 //! Weight-bandwidth of the products decoding runs (`ops::matvec`): one or a few rows times each
 //! of GPT-2-small's weight shapes, with the weight stored as f32, f16, bf16 or a quantized type,
-//! or as f32 packed once into the product's panels (`f32-packed`, what decoding on AVX2 uses),
+//! or packed for inference as `wick generate` holds them (`f32-packed`: f32 in the product's
+//! panels; `q4_0-packed`: q4_0 in the decoding layout on AVX-512 VNNI),
 //! in both layouts the models use ((in, out) for GPT-2's Conv1D, (out, in) for Linear and the LM
 //! head). Each product reads its whole weight once, so its speed is the GB/s of weight it
 //! reads; the bench prints that beside the machine's read bandwidth (the limit), measured the
 //! same way the decoding bench does. Enough copies of each weight are cycled that none stays in
 //! cache between calls.
 //!
-//! cargo bench --bench matvec -- [--dtype f32,f32-packed,f16,bf16,q8_0,q4_0] [--rows 1,8] [--layers lm_head,mlp.c_fc] [--reps N]
+//! cargo bench --bench matvec -- [--dtype f32,f32-packed,f16,bf16,q8_0,q4_0,q4_0-packed] [--rows 1,8] [--layers lm_head,mlp.c_fc] [--reps N]
 //! Threads: RAYON_NUM_THREADS. One JSON object a line.
 
 use anyhow::Result;
@@ -37,6 +38,11 @@ fn layer(d_in: usize, d_out: usize, layout: WeightLayout, dtype: &str, dev: &Dev
     };
     let w = Tensor::randn(0f32, 0.02, shape, dev)?;
     let mut dense = Dense::new(w, None, layout);
+    // "-packed": the weight as `wick generate` holds it, packed for inference once.
+    let (dtype, packed) = match dtype.strip_suffix("-packed") {
+        Some(base) => (base, true),
+        None => (dtype, false),
+    };
     let bytes = match wick::quant::QuantType::parse(dtype) {
         Some(q) => {
             let qw = wick::quant::quantize_weight(&dense, q)?;
@@ -44,16 +50,16 @@ fn layer(d_in: usize, d_out: usize, layout: WeightLayout, dtype: &str, dev: &Dev
             dense.set_quantized(std::sync::Arc::new(qw))?;
             bytes
         }
-        None if dtype == "f32-packed" => {
-            anyhow::ensure!(dense.pack_for_inference()?, "this CPU has no packed f32 product");
-            d_in * d_out * 4
-        }
+        None if dtype == "f32" => d_in * d_out * 4,
         None => {
             let dt = wick::device::parse_dtype(dtype)?;
             dense = Dense::new(dense.weight.to_dtype(dt)?, None, layout);
             d_in * d_out * dt.size_in_bytes()
         }
     };
+    if packed {
+        anyhow::ensure!(dense.pack_for_inference()?, "this CPU has no packed product for {dtype} weights of shape {shape:?}");
+    }
     Ok((dense, bytes))
 }
 

@@ -68,8 +68,11 @@ pub trait Pretrained: Sized {
 /// AVX-512 Xeon 0.95–1.0× at batches 1–4, 1.1× at 8, 1.4× at 16, 1.7–2.1× at 32 (alternating runs,
 /// `notes/cpu-speed.md`). Encoder
 /// batches (BERT's hundreds of rows) measured 5–10% slower packed and are not packed. A tied LM
-/// head keeps a packed copy of its own (GPT-2 small: 154 MB more). Returns how many layers it
-/// packed; `WICK_PACK_WEIGHTS=0` leaves the weights as stored (to compare).
+/// head keeps a packed copy of its own (GPT-2 small: 154 MB more). q4_0 layers keep their blocks
+/// and gain a copy in the decoding layout of `ops::matvec::q4_decode` on AVX-512 VNNI
+/// (GPT-2 small: 70 MB more), which its one- and two-row products read: q4_0 decoding at batch 1
+/// measured 1.8–2.2× faster. Returns how many layers it packed; `WICK_PACK_WEIGHTS=0` leaves
+/// the weights as stored (to compare).
 pub fn pack_for_inference<M: Pretrained>(model: &mut M) -> Result<usize> {
     if std::env::var("WICK_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
         return Ok(0);

@@ -188,6 +188,48 @@ fn quantized_gpt2_and_bert_stay_close_to_f32() -> Result<()> {
     Ok(())
 }
 
+/// A q4_0 GPT-2 packed for inference, as `wick generate` and `wick serve` hold it (its q4_0
+/// layers gain the decoding layout of one- and two-row products on AVX-512 VNNI). Each layer
+/// gives the unpacked layer's outputs for one and two rows within f32 rounding (the same integer
+/// sums, scaled in another order: 1e-5). Through the model those differences can flip the
+/// rounding of an activation to int8 in the next layer (a step of max|x|/127 in one element), so
+/// the logits are compared at 1e-2 (measured 2e-3), and the greedy tokens must be the same.
+/// Width 256, so that the layout applies (inputs a multiple of 128).
+#[test]
+fn a_packed_q4_0_gpt2_decodes_as_the_unpacked_one() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let source = tmp.path().join("gpt2-256");
+    random_folder::<GPT2LMHeadModel>(&source, &gpt2::Config::new(350, 64, 256, 2, 4), &fixture_path("hf/gpt2-tiny"))?;
+    let out = tmp.path().join("q4_0");
+    quantize_folder(&ModelFiles::from_dir(&source)?, QuantType::Q4_0, &out)?;
+    let mut unpacked = load::<GPT2LMHeadModel>(&out)?;
+    let mut packed = load::<GPT2LMHeadModel>(&out)?;
+    let layers = pretrained::pack_for_inference(&mut packed)?;
+    if layers == 0 {
+        eprintln!("skipped: this CPU keeps q4_0 weights as stored");
+        return Ok(());
+    }
+    assert_eq!(layers, 2 * 4 + 1, "every block's four products and the LM head");
+    for ((name, p), (_, u)) in packed.linear_layers().into_iter().zip(unpacked.linear_layers()) {
+        for rows in [1, 2] {
+            let x = seeded_normal((rows, p.out_in()?.1), rows as u64)?;
+            let error = relative_error(&p.forward(&x)?, &u.forward(&x)?)?;
+            assert!(error < 1e-5, "{name}, {rows} rows: relative error {error}");
+        }
+    }
+    for ids in [Tensor::new(&[[17u32]], &Device::Cpu)?, Tensor::new(&[[17u32], [250]], &Device::Cpu)?] {
+        let error = relative_error(&packed.forward(&ids, None, None, None, false)?, &unpacked.forward(&ids, None, None, None, false)?)?;
+        assert!(error < 1e-2, "{} rows: relative logit error {error}", ids.dim(0)?);
+    }
+    let prompts = [vec![5u32, 100, 7], vec![349, 12]];
+    let greedy = wick::generate::GenerationConfig::greedy(12);
+    for rows in [&prompts[..1], &prompts[..]] {
+        let (a, b) = (wick::generate::generate(&packed, rows, &greedy, None, None)?, wick::generate::generate(&unpacked, rows, &greedy, None, None)?);
+        assert_eq!(a.generated_ids, b.generated_ids, "{} prompts", rows.len());
+    }
+    Ok(())
+}
+
 /// Written and read back, a quantized folder gives exactly the logits of the model quantized in
 /// memory (with its embeddings rounded to f16, as the file stores them), the same quantized
 /// bytes, and a config that unties the LM head it stores separately.

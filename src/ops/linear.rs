@@ -20,8 +20,8 @@
 
 use super::cpu_f32;
 use super::gemm::{matmul, PackedWeight, View};
-use super::matvec::{matmul_weight, MATVEC_ROWS};
-use candle_core::quantized::QTensor;
+use super::matvec::{matmul_weight, RepackedQ4, MATVEC_ROWS};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -96,22 +96,35 @@ pub struct Dense {
     /// The f32 weight packed for inference ([`Dense::pack_for_inference`]): when set, products
     /// use it.
     packed: Option<Arc<PackedWeight>>,
+    /// A q4_0 `quantized` weight repacked for decoding ([`Dense::pack_for_inference`]): when set,
+    /// products of one or two rows use it.
+    q4_decode: Option<Arc<RepackedQ4>>,
 }
 
 impl Dense {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
-        Self { weight, bias, layout, quantized: None, packed: None }
+        Self { weight, bias, layout, quantized: None, packed: None, q4_decode: None }
     }
 
     /// Packs the f32 weight once into the 16-wide panels of our product ([`PackedWeight`]) and
     /// drops it as stored (a zero-memory stand-in of its shape stays in `weight`), so that every
     /// product reads the panels: inference only, since a packed layer has no gradient. Returns
     /// whether it packed; nothing changes off the CPU (or with `WICK_OPS=reference`), at other
-    /// kernel levels, for other dtypes, for quantized or packed layers, and for weights that are
-    /// trained (`Var`s).
+    /// kernel levels, for other dtypes, for packed layers, and for weights that are trained
+    /// (`Var`s). A q4_0 layer keeps its quantized weight and gains a copy in the decoding layout
+    /// of [`RepackedQ4`] (at AVX-512 VNNI; as many bytes again) for products of one or two rows.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
+        if let Some(q) = &self.quantized {
+            if self.q4_decode.is_some() || q.dtype() != GgmlDType::Q4_0 || !q.device().is_cpu() || !super::fused_path(&q.device()) || !RepackedQ4::available() {
+                return Ok(false);
+            }
+            let (n, k) = q.shape().dims2()?;
+            let Some(repacked) = RepackedQ4::new(&q.data()?, n, k)? else { return Ok(false) };
+            self.q4_decode = Some(Arc::new(repacked));
+            return Ok(true);
+        }
         let w = &self.weight;
-        if self.quantized.is_some() || self.packed.is_some() || !super::fused_path(w.device()) || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
+        if self.packed.is_some() || !super::fused_path(w.device()) || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
             return Ok(false);
         }
         let (d_out, d_in) = self.out_in()?;
@@ -182,7 +195,7 @@ impl Dense {
     /// few rows of q8_0 / q4_0 ([`super::matvec::quantized_matmul`]), candle's otherwise; both
     /// quantize the activations too (see [`crate::quant`]) and compute in f32.
     fn quantized_forward(&self, weight: &QTensor, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let y = match super::matvec::quantized_matmul(x, weight, self.bias.as_ref())? {
+        let y = match super::matvec::quantized_matmul(x, weight, self.q4_decode.as_deref(), self.bias.as_ref())? {
             Some(y) => y,
             None => {
                 let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(weight)?;

@@ -33,8 +33,11 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 mod kernels;
+mod q4_decode;
 mod qgemm;
 pub(crate) mod quantized;
+
+pub(crate) use q4_decode::RepackedQ4;
 #[cfg(test)]
 mod tests;
 
@@ -201,19 +204,28 @@ fn run<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32], 
     }
     // Column ranges aligned to whole strips (8 vectors of 16 lanes) or whole groups of 8 rows.
     let align = if p.layout == WeightLayout::InOut { 128 } else { 8 };
-    let per = p.n.div_ceil(align).div_ceil(tasks.max(1)) * align;
-    let tasks = p.n.div_ceil(per);
-    let out = SharedMut(y.as_mut_ptr());
-    let task = |t: usize| {
-        let (j0, j1) = (t * per, ((t + 1) * per).min(p.n));
+    by_columns(p.n, tasks, align, y, |j0, j1, y| {
         // SAFETY: x, w and y hold m·k, k·n and m·n elements (checked by `product`); the level
         // is supported by this CPU; tasks write disjoint columns [j0, j1) of y.
-        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, 0..p.k, j0..j1, out.get()) }
-    };
+        unsafe { columns::<W>(isa, x.as_ptr(), w.as_ptr(), p, 0..p.k, j0..j1, y) }
+    })
+}
+
+/// Runs `task(j0, j1, y)` over the n columns of y split into `tasks` rayon tasks, each a whole
+/// number of `align` columns (a single task runs on this thread); `task` must write only
+/// columns [j0, j1) of y (row length n), so that tasks never write the same element.
+fn by_columns(n: usize, tasks: usize, align: usize, y: &mut [f32], task: impl Fn(usize, usize, *mut f32) + Sync) {
+    if n == 0 {
+        return;
+    }
+    let per = n.div_ceil(align).div_ceil(tasks.max(1)) * align;
+    let out = SharedMut(y.as_mut_ptr());
+    let run = |t: usize| task(t * per, ((t + 1) * per).min(n), out.get());
+    let tasks = n.div_ceil(per);
     if tasks <= 1 {
-        task(0)
+        run(0)
     } else {
-        (0..tasks).into_par_iter().for_each(task)
+        (0..tasks).into_par_iter().for_each(run)
     }
 }
 
@@ -387,8 +399,10 @@ pub fn reference_matmul_weight(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, la
 /// kernels ([`quantized`]) on the CPU's fused path; `None` for anything else (other types,
 /// other devices), which candle computes. Prompts too: 4.6× candle's kernel at 16 and 64 rows
 /// of GPT-2's MLP on one AVX2 core.
-/// No backward pass: quantized layers are inference-only.
-pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+/// `repacked`, W in the decoding layout of [`RepackedQ4`] where the layer has it, serves
+/// products of up to [`q4_decode::ROWS`] rows. No backward pass: quantized layers are
+/// inference-only.
+pub(crate) fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, repacked: Option<&RepackedQ4>, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let Some(format) = quantized::QFormat::of(w.dtype()) else { return Ok(None) };
     let &[n, k] = w.shape().dims() else { return Ok(None) };
     let rows = x.elem_count() / k.max(1);
@@ -407,7 +421,10 @@ pub fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, bias: O
     let (storage, layout) = x32.storage_and_layout();
     let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
     let xv = cpu_f32(storage, layout, "quantized product")?;
-    quantized::product(crate::cpu::isa(), format, xv, rows, k, &data, n, &mut y, default_tasks(&p))?;
+    match repacked {
+        Some(r) if rows <= q4_decode::ROWS && r.dims() == (n, k) => r.product(xv, rows, &mut y, default_tasks(&p))?,
+        _ => quantized::product(crate::cpu::isa(), format, xv, rows, k, &data, n, &mut y, default_tasks(&p))?,
+    }
     let mut dims = x.dims().to_vec();
     *dims.last_mut().unwrap() = n;
     Ok(Some(Tensor::from_vec(y, dims, x.device())?))

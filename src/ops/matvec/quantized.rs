@@ -166,20 +166,11 @@ pub(crate) fn product(isa: Isa, format: QFormat, x: &[f32], m: usize, k: usize, 
     #[cfg(not(target_arch = "x86_64"))]
     let nibbles_unsigned = false;
     let xq = quantize_rows(x, nibbles_unsigned);
-    let per = n.div_ceil(tasks.max(1)).next_multiple_of(4);
-    let out = super::SharedMut(y.as_mut_ptr());
-    let task = |t: usize| {
-        let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+    super::by_columns(n, tasks, 4, y, |j0, j1, y| {
         // SAFETY: sizes checked above; the level is supported by this CPU; tasks write disjoint
         // columns [j0, j1) of y.
-        unsafe { columns(isa, format, &xq, m, k, w, row_bytes, n, j0, j1, out.get()) }
-    };
-    let tasks = n.div_ceil(per);
-    if tasks <= 1 {
-        task(0)
-    } else {
-        (0..tasks).into_par_iter().for_each(task)
-    }
+        unsafe { columns(isa, format, &xq, m, k, w, row_bytes, n, j0, j1, y) }
+    });
     Ok(())
 }
 
@@ -413,7 +404,7 @@ trait Tiles {
 /// each decoded pair of W's blocks: `benches/matvec --dtype q8_0 --rows 8` went from 5.7 GB/s of weight (AVX2
 /// tiles) to 6.5 (these, 4 rows) and 8.0 (8 rows), means of three alternating runs.
 #[cfg(target_arch = "x86_64")]
-mod avx512_vnni {
+pub(super) mod avx512_vnni {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -512,10 +503,18 @@ mod avx512_vnni {
                     }
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    *y.add(r * ldy + j) += _mm512_reduce_add_ps(*v);
-                }
+            add_sums(&acc, y, ldy);
+        }
+    }
+
+    /// y[r][j] += the sum of `acc[r][j]`'s lanes, for R rows `ldy` apart.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::ops::matvec) unsafe fn add_sums<const R: usize, const J: usize>(acc: &[[__m512; J]; R], y: *mut f32, ldy: usize) {
+        for (r, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                // SAFETY: the caller's y holds R rows (`ldy` apart) of J.
+                unsafe { *y.add(r * ldy + j) += _mm512_reduce_add_ps(*v) };
             }
         }
     }
@@ -526,7 +525,7 @@ mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-    use crate::ops::matvec::tests::values;
+    use crate::ops::matvec::tests::{assert_same_sums, values};
 
     /// Every level the CPU has gives the portable level's sums (the same integers, summed in
     /// another order: 1e-5 relative), and the portable level is within the activations' rounding
@@ -559,9 +558,7 @@ mod tests {
                         for tasks in [1, 3] {
                             let mut got = bias.repeat(m);
                             product(isa, format, &x, m, k, &bytes, n, &mut got, tasks)?;
-                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{format:?} {isa:?} tasks {tasks} ({m},{k},{n}) [{i}]: {g} vs {w}");
-                            }
+                            assert_same_sums(&got, &want, &format!("{format:?} {isa:?} tasks {tasks} ({m},{k},{n})"));
                         }
                     }
                 }

@@ -6,6 +6,15 @@ use candle_core::{Device, Var};
 
 pub(super) use crate::ops::test_values as values;
 
+/// The quantized kernels' check against a reference level's sums: the same integers, scaled and
+/// summed in another order, so equal to 1e-5 relative (absolute below 1). `what` names the case.
+pub(super) fn assert_same_sums(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what} [{i}]: {g} vs {w}");
+    }
+}
+
 /// The weight in `dtype` (as the kernels read it) and its exact values as f32.
 fn weight(vals: &[f32], dtype: DType) -> Result<(CpuStorage, Vec<f32>)> {
     let t = Tensor::from_slice(vals, vals.len(), &Device::Cpu)?.to_dtype(dtype)?;
