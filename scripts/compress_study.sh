@@ -14,7 +14,8 @@
 #   3. magnitude pruning of the teacher to 0/30/50/70/90% sparsity, each recovered on
 #      --recovery-rows rows (`wick prune --sparsity 0,0.3,...`: sweep.json and sweep.svg);
 #   4. the teacher with half its FFN neurons, recovered the same way, the neurons ranked by
-#      weight norms and by Michel et al.'s gradient score;
+#      weight norms and by Michel et al.'s gradient score, and the gradient-ranked one again
+#      recovered on the teacher's --rows rows at its learning rate (1e-4);
 #   5. distil -> prune -> quantize: the all-rows transfer-set student with half its FFN neurons
 #      (recovered), then quantized to q8_0.
 # Then `wick predict` on the dev set for every model (accuracy; seconds for 872 rows), and one
@@ -95,11 +96,14 @@ if [ $only_predict = 0 ]; then
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/ffn-half"
   step ffn-half-gradient prune --model "$out/teacher" --ffn-keep 0.5 --importance gradient \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/ffn-half-gradient"
+  # the same with a longer recovery: the teacher's own rows, at the teacher's learning rate
+  step ffn-half-gradient-long prune --model "$out/teacher" --ffn-keep 0.5 --importance gradient \
+    --max-train-examples "$rows" --lr 1e-4 "${common[@]}" --output "$out/ffn-half-gradient-long"
   step student-ffn-half prune --model "$out/student-transfer-all" --ffn-keep 0.5 \
     --max-train-examples "$recovery_rows" --lr 3e-5 "${common[@]}" --output "$out/student-ffn-half"
   step student-ffn-half-q8_0 quantize --model "$out/student-ffn-half" --type q8_0 --json --output "$out/student-ffn-half-q8_0"
 fi
-models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels student-all-e2 student-all-labels-e2 student-all-e2-seed43 student-all-labels-e2-seed43 sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient student-ffn-half student-ffn-half-q8_0)
+models=(teacher student student-labels student-transfer student-transfer-all student-labels-all teacher-all student-all student-all-labels student-all-e2 student-all-labels-e2 student-all-e2-seed43 student-all-labels-e2-seed43 sweep/sparsity-0.5 sweep/sparsity-0.9 ffn-half ffn-half-gradient ffn-half-gradient-long student-ffn-half student-ffn-half-q8_0)
 for m in "${models[@]}"; do
   name=predict-${m//\//-}
   rm -f "$out/$name.json"

@@ -60,7 +60,7 @@ pub trait Pretrained: Sized {
     }
 }
 
-/// Packs every f32 linear layer of `model` for inference on the CPU
+/// Packs every f32 (and q4_0) linear layer of `model` for inference on the CPU
 /// ([`Dense::pack_for_inference`]: the weight once in the panels of our product, at the AVX2
 /// and AVX-512 levels, instead of once per product). `wick generate` and `wick serve` do it for
 /// GPT-2, whose decoding steps multiply a few rows: on AVX2, GPT-2-small decoding measured

@@ -2,9 +2,9 @@
 //! attention op's head layout (batch, heads, time, head_dim), as one op each way.
 //!
 //! With candle ops each direction is reshape → transpose → contiguous: three graph nodes, and in
-//! the backward pass each node's gradient costs a zero-filled buffer plus an add (candle sums
-//! every incoming gradient into a fresh zeros tensor), so a BERT layer's four reshuffles made
-//! about a dozen activation-sized passes backwards. Here each is one copy forwards and the
+//! the backward pass each node's gradient costs a buffer of its own (candle 0.11.1 as released
+//! summed every incoming gradient into a fresh zeros tensor; `vendor/README.md`), so a BERT
+//! layer's four reshuffles made about a dozen activation-sized passes backwards. Here each is one copy forwards and the
 //! inverse copy backwards (f32 on the CPU; candle ops elsewhere and with `WICK_OPS=reference`).
 
 use super::cpu_f32;

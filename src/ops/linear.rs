@@ -4,7 +4,8 @@
 //! Why not `x.matmul(&w.t())?.broadcast_add(&b)?.relu()`: in candle that is four graph nodes, and
 //! its backward adds the weight gradient through a transposed (strided) view and reduces the bias
 //! gradient over a strided dimension, both slow on the CPU, and each node's gradient costs a
-//! zero-filled buffer plus an add. Here the forward is one GEMM with the bias preloaded into the
+//! buffer of its own (in candle 0.11.1 as released, a zero-filled one plus an add; see
+//! `vendor/README.md`). Here the forward is one GEMM with the bias preloaded into the
 //! output and the ReLU applied in place (no second activation-sized buffer); the backward is one
 //! op that masks dY by y > 0 (ReLU only), then writes dW (a GEMM straight into the weight's own
 //! layout), db (column sums of dY) and dX (a GEMM) into one buffer that the three gradients view.
@@ -15,8 +16,9 @@
 //! forward pass chooses between this op and [`super::matvec`]: f32 products with many rows or
 //! a gradient to track take the GEMM here; decoding-sized products (a few rows) and f16/bf16
 //! weights on the CPU take the matrix-vector kernels, which read the weight once as stored.
-//! A quantized layer ([`Dense::set_quantized`], see [`crate::quant`]) takes candle's quantized
-//! product instead, on every device: inference only, it has no backward pass.
+//! A quantized layer ([`Dense::set_quantized`], see [`crate::quant`]) takes a quantized product
+//! instead: our kernels for q8_0 / q4_0 on the CPU, candle's for the other types and devices;
+//! inference only, it has no backward pass.
 
 use super::cpu_f32;
 use super::gemm::{matmul, PackedWeight, View};
@@ -111,8 +113,9 @@ impl Dense {
     /// product reads the panels: inference only, since a packed layer has no gradient. Returns
     /// whether it packed; nothing changes off the CPU (or with `WICK_OPS=reference`), at other
     /// kernel levels, for other dtypes, for packed layers, and for weights that are trained
-    /// (`Var`s). A q4_0 layer keeps its quantized weight and gains a copy in the decoding layout
-    /// of [`RepackedQ4`] (at AVX-512 VNNI; as many bytes again) for products of one or two rows.
+    /// (`Var`s). A q4_0 layer whose input width is a multiple of 128 keeps its quantized weight
+    /// and gains a copy in the decoding layout of `matvec::q4_decode` (at AVX-512 VNNI; as many
+    /// bytes again) for products of one or two rows.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         if let Some(q) = &self.quantized {
             if self.q4_decode.is_some() || q.dtype() != GgmlDType::Q4_0 || !q.device().is_cpu() || !super::fused_path(&q.device()) || !RepackedQ4::available() {
@@ -188,6 +191,8 @@ impl Dense {
         }
         self.weight = stand_in(self.weight.shape(), self.weight.dtype(), &weight.device())?;
         self.quantized = Some(weight);
+        // (A decoding copy of an earlier weight would be stale.)
+        self.q4_decode = None;
         Ok(())
     }
 

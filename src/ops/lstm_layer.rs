@@ -24,14 +24,14 @@
 //! into the same L1 set. Large buffers are reused from step to step ([`buffers`]).
 //!
 //! Why one op: with candle ops the layer is a dozen graph nodes a step forwards and more
-//! backwards, each allocating, with zero-filled gradient buffers and adds, and the weight
-//! gradient arrives as T small GEMMs added one by one.
+//! backwards, each allocating (with zero-filled gradient buffers and adds in candle 0.11.1 as
+//! released), and the weight gradient arrives as T small GEMMs added one by one.
 //!
 //! Interface: candle's custom ops take at most three tensors, so the op takes x (B, T, I),
 //! W = [W_ih | W_hh] (4H, I + H) and aux = [b_ih + b_hh (4H) | h0 (B·H) | c0 (B·H)], made by
 //! small concatenations whose backward passes split the gradients again, and returns
 //! [h of every step (B·T·H) | c_T (B·H)] flat. The saved activations live in the op, not in its
-//! output: as an output, candle would give them a zero-filled gradient as large as themselves.
+//! output: as an output, candle would give them a gradient as large as themselves.
 
 use super::cpu_f32;
 use crate::cpu::Isa;

@@ -422,7 +422,7 @@ pub(crate) fn quantized_matmul(x: &Tensor, w: &candle_core::quantized::QTensor, 
     let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
     let xv = cpu_f32(storage, layout, "quantized product")?;
     match repacked {
-        Some(r) if rows <= q4_decode::ROWS && r.dims() == (n, k) => r.product(xv, rows, &mut y, default_tasks(&p))?,
+        Some(r) if rows <= q4_decode::ROWS && r.dims() == (n, k) && format == quantized::QFormat::Q4_0 && RepackedQ4::available() => r.product(xv, rows, &mut y, default_tasks(&p))?,
         _ => quantized::product(crate::cpu::isa(), format, xv, rows, k, &data, n, &mut y, default_tasks(&p))?,
     }
     let mut dims = x.dims().to_vec();

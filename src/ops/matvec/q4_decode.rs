@@ -18,8 +18,8 @@
 //! - converted to f32, times x's block scale (per lane, pre-expanded) and W's four scales
 //!   (`vcvtph2ps`, then `vpermps` spreads each to its lane), accumulated with one FMA.
 //!
-//! 12 instructions per 128 weights and row of W (R = 1), x's four vectors loaded once per group
-//! for all J rows. Memory traffic: W once (18 bytes per 32 weights), x's rearranged rows (L1).
+//! 12 instructions (and a prefetch) per 128 weights and row of W (R = 1), x's four vectors
+//! loaded once per group for all J rows. Memory traffic: W once (18 bytes per 32 weights), x's rearranged rows (L1).
 //! Tiles: 1 row of x × 4 rows of W, 2 × 2; tasks split the rows of W as in `quantized`. The same
 //! integer sums as `quantized`'s tiles, scaled and summed in another order: results agree to f32
 //! rounding (tested against its portable level).

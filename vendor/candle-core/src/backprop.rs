@@ -675,6 +675,28 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// Whether contiguous `t` covers its whole storage (on the CPU; elsewhere, whether it starts
+/// at its storage's start).
+fn spans_its_storage(t: &Tensor) -> bool {
+    use crate::CpuStorage as C;
+    let len = match &*t.storage() {
+        crate::Storage::Cpu(s) => match s {
+            C::U8(v) | C::F6E2M3(v) | C::F6E3M2(v) | C::F4(v) | C::F8E8M0(v) => v.len(),
+            C::U32(v) => v.len(),
+            C::I16(v) => v.len(),
+            C::I32(v) => v.len(),
+            C::I64(v) => v.len(),
+            C::BF16(v) => v.len(),
+            C::F16(v) => v.len(),
+            C::F32(v) => v.len(),
+            C::F64(v) => v.len(),
+            C::F8E4M3(v) => v.len(),
+        },
+        _ => return t.layout().start_offset() == 0,
+    };
+    t.layout().start_offset() == 0 && len == t.elem_count()
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -710,8 +732,9 @@ impl GradStore {
     ///
     /// wick's patch (see vendor/README.md): candle 0.11.1 started every gradient as a tensor of
     /// zeros and added the first contribution to it, an allocation, a fill and an add over every
-    /// tracked tensor of the graph. Tensors are immutable, so the first contribution can be kept
-    /// as it is (shared, where one gradient feeds several arguments); the sum is the same.
+    /// tracked tensor of the graph. The first contribution is now kept as it is, so gradients of
+    /// different tensors may share storage (both arguments of an add get the same tensor): the
+    /// sums are the same as long as no one writes into a stored gradient in place.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -719,12 +742,19 @@ impl GradStore {
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
+                // The checks that `zeros_like(tensor).add(grad)` made.
+                if grad.shape() != tensor.shape() {
+                    Err(Error::ShapeMismatchBinaryOp { lhs: tensor.shape().clone(), rhs: grad.shape().clone(), op: "accumulate-grad" }.bt())?
+                }
+                if grad.dtype() != tensor.dtype() {
+                    Err(Error::DTypeMismatchBinaryOp { lhs: tensor.dtype(), rhs: grad.dtype(), op: "accumulate-grad" }.bt())?
+                }
                 // Stored contiguous, as the sums were. A variable's gradient outlives the
                 // backward pass: one that is a view into a larger buffer (a fused op's gradients
                 // in one allocation) is copied out, so that it does not keep the rest alive.
                 let grad = if !grad.is_contiguous() {
                     grad.contiguous()?
-                } else if tensor.is_variable() && grad.layout().start_offset() != 0 {
+                } else if tensor.is_variable() && !spans_its_storage(grad) {
                     // (`copy` would clone the whole storage behind the view.)
                     grad.force_contiguous()?
                 } else {
@@ -738,16 +768,13 @@ impl GradStore {
 
     /// [`Self::accumulate`] of `-grad`.
     fn accumulate_negated(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
-        match self.0.entry(tensor.id()) {
-            Entry::Occupied(mut entry) => {
-                let difference = entry.get().sub(grad)?;
-                *entry.get_mut() = difference;
+        match self.0.get_mut(&tensor.id()) {
+            Some(sum) => {
+                *sum = sum.sub(grad)?;
+                Ok(())
             }
-            Entry::Vacant(entry) => {
-                entry.insert(grad.neg()?.contiguous()?);
-            }
+            None => self.accumulate(tensor, &grad.neg()?),
         }
-        Ok(())
     }
 
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
