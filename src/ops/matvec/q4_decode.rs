@@ -24,7 +24,7 @@
 //! integer sums as `quantized`'s tiles, scaled and summed in another order: results agree to f32
 //! rounding (tested against its portable level).
 
-use super::quantized::{quantize_rows, BLOCK};
+use super::quantized::{quantize_rows, QFormat, BLOCK};
 use candle_core::{bail, Result};
 
 /// Rows of x this path takes (batch-1 and batch-2 decoding); more go to `quantized`'s tiles.
@@ -60,19 +60,19 @@ impl RepackedQ4 {
     /// W's GGML q4_0 `blocks` (n rows of k/32 blocks) repacked; `None` where this layout does not
     /// apply (k not a multiple of 128).
     pub(crate) fn new(blocks: &[u8], n: usize, k: usize) -> Result<Option<Self>> {
-        const BB: usize = 18;
+        let bb = QFormat::Q4_0.block_bytes();
         if k == 0 || !k.is_multiple_of(4 * BLOCK) {
             return Ok(None);
         }
         let nb = k / BLOCK;
-        if blocks.len() != n * nb * BB {
-            bail!("q4_0 weight ({n}, {k}): {} bytes where {} were expected", blocks.len(), n * nb * BB)
+        if blocks.len() != n * nb * bb {
+            bail!("q4_0 weight ({n}, {k}): {} bytes where {} were expected", blocks.len(), n * nb * bb)
         }
         let mut lines = vec![Line([0; 64]); n * nb / 4];
         let mut scales = vec![0u16; n * nb];
-        for (b, block) in blocks.chunks_exact(BB).enumerate() {
+        for (b, block) in blocks.chunks_exact(bb).enumerate() {
             scales[b] = u16::from_le_bytes([block[0], block[1]]);
-            lines[b / 4].0[(b % 4) * 16..][..16].copy_from_slice(&block[2..BB]);
+            lines[b / 4].0[(b % 4) * 16..][..16].copy_from_slice(&block[2..]);
         }
         Ok(Some(Self { n, k, lines, scales }))
     }
