@@ -73,24 +73,28 @@ const CHUNK: usize = 16 * 1024;
 
 /// `x ∘ mask` (+ `residual`) over contiguous f32 slices, in parallel chunks.
 fn masked(mask: &DropoutMask, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
-    let mut y = crate::ops::repeated_rows(None, 1, x.len());
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (ys, xs))| {
-        let first = (c * CHUNK) as u64;
-        let rs = residual.map(|r| &r[c * CHUNK..c * CHUNK + xs.len()]);
-        run_vectorised(#[inline(always)] || match rs {
-            Some(rs) => {
-                for (i, ((y, &x), &r)) in ys.iter_mut().zip(xs).zip(rs).enumerate() {
-                    *y = x.mul_add(mask.multiplier(first + i as u64), r);
-                }
-            }
-            None => {
-                for (i, (y, &x)) in ys.iter_mut().zip(xs).enumerate() {
-                    *y = x * mask.multiplier(first + i as u64);
-                }
-            }
+    // SAFETY: the chunks of y and x pair up one to one (same length and chunk size), and each
+    // element of a chunk of y is written from its element of x.
+    unsafe {
+        crate::ops::written_once(x.len(), |y| {
+            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (ys, xs))| {
+                let first = (c * CHUNK) as u64;
+                let rs = residual.map(|r| &r[c * CHUNK..c * CHUNK + xs.len()]);
+                run_vectorised(#[inline(always)] || match rs {
+                    Some(rs) => {
+                        for (i, ((y, &x), &r)) in ys.iter_mut().zip(xs).zip(rs).enumerate() {
+                            y.write(x.mul_add(mask.multiplier(first + i as u64), r));
+                        }
+                    }
+                    None => {
+                        for (i, (y, &x)) in ys.iter_mut().zip(xs).enumerate() {
+                            y.write(x * mask.multiplier(first + i as u64));
+                        }
+                    }
+                })
+            })
         })
-    });
-    y
+    }
 }
 
 /// y = x∘M; its gradient is again a masked product.

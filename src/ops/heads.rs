@@ -56,27 +56,35 @@ impl CustomOp1 for Reshuffle {
             let (_, _, t, d) = l.shape().dims4()?;
             (t, d, Shape::from((b, t, h * d)))
         };
-        let mut y = crate::ops::repeated_rows(None, 1, x.len());
-        // One task per (batch, time) row of the token layout: it reads or writes h·d contiguous
-        // floats there and h runs of d floats in the head layout.
-        if self.to_heads {
-            // y[b][h][t][:] = x[b][t][h·d..]
-            y.par_chunks_mut(h * t * d).zip(x.par_chunks(t * h * d)).for_each(|(db, sb)| {
-                for (ti, row) in sb.chunks(h * d).enumerate() {
-                    for (hi, part) in row.chunks(d).enumerate() {
-                        db[(hi * t + ti) * d..][..d].copy_from_slice(part);
-                    }
-                }
-            });
-        } else {
-            y.par_chunks_mut(t * h * d).zip(x.par_chunks(h * t * d)).for_each(|(db, sb)| {
-                for (ti, row) in db.chunks_mut(h * d).enumerate() {
-                    for (hi, part) in row.chunks_mut(d).enumerate() {
-                        part.copy_from_slice(&sb[(hi * t + ti) * d..][..d]);
-                    }
-                }
-            });
+        if x.len() != b * t * h * d {
+            candle_core::bail!("split/merge heads: {:?} into {h} heads", l.dims())
         }
+        // One task per batch element (b·t·h·d = x.len(), checked above), whose every row of
+        // the token layout it reads or writes whole (h·d contiguous floats there, h runs of d
+        // in the head layout): so every element of y is written once.
+        // SAFETY: as just said.
+        let y = unsafe {
+            crate::ops::written_once(x.len(), |y| {
+                if self.to_heads {
+                    // y[b][h][t][:] = x[b][t][h·d..]
+                    y.par_chunks_mut(h * t * d).zip(x.par_chunks(t * h * d)).for_each(|(db, sb)| {
+                        for (ti, row) in sb.chunks(h * d).enumerate() {
+                            for (hi, part) in row.chunks(d).enumerate() {
+                                db[(hi * t + ti) * d..][..d].write_copy_of_slice(part);
+                            }
+                        }
+                    });
+                } else {
+                    y.par_chunks_mut(t * h * d).zip(x.par_chunks(h * t * d)).for_each(|(db, sb)| {
+                        for (ti, row) in db.chunks_mut(h * d).enumerate() {
+                            for (hi, part) in row.chunks_mut(d).enumerate() {
+                                part.write_copy_of_slice(&sb[(hi * t + ti) * d..][..d]);
+                            }
+                        }
+                    });
+                }
+            })
+        };
         Ok((CpuStorage::F32(y), shape))
     }
 

@@ -21,7 +21,7 @@
 //! inference only, it has no backward pass.
 
 use super::cpu_f32;
-use super::gemm::{matmul, PackedWeight, View};
+use super::gemm::{matmul_into, matmul_new, PackedWeight, View};
 use super::matvec::{matmul_weight, RepackedQ4, MATVEC_ROWS};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -312,13 +312,12 @@ impl CustomOp3 for Linear {
             candle_core::bail!("linear: input {:?}, weight {:?} ({:?}), bias {:?} do not fit", xl.dims(), wl.dims(), self.layout, bl.dims())
         }
         let rows = x.len() / d_in.max(1);
-        let mut y = super::repeated_rows(Some(b), rows, d_out);
         // Element (k, j) of the right operand is W[j, k] (OutIn) or W[k, j] (InOut).
         let rhs = match self.layout {
             WeightLayout::OutIn => View::transposed(w, d_in),
             WeightLayout::InOut => View::rows(w, d_out),
         };
-        matmul(&mut y, d_out, rows, d_out, d_in, View::rows(x, d_in), rhs, true)?; // y = bias rows + x·W
+        let mut y = matmul_new(rows, d_out, d_in, View::rows(x, d_in), rhs, Some(b))?; // y = bias rows + x·W
         if self.relu {
             // `< 0` keeps NaN, as PyTorch's relu does.
             y.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
@@ -379,35 +378,47 @@ impl CustomOp3 for LinearBackward {
             candle_core::bail!("linear backward: input {:?}, weight {:?}, gradient {:?} do not fit", xl.dims(), wl.dims(), gl.dims())
         }
         let dx_len = if self.need_dx { rows * d_in } else { 0 };
-        let mut out = super::repeated_rows(None, 1, dx_len + d_in * d_out + d_out);
-        let (dx, rest) = out.split_at_mut(dx_len);
-        let (dw, db) = rest.split_at_mut(d_in * d_out);
-        let dz_rows = View::rows(dz, d_out);
-        match self.layout {
-            WeightLayout::OutIn => {
-                matmul(dw, d_in, d_out, d_in, rows, View::transposed(dz, d_out), View::rows(x, d_in), false)?; // dZᵀ·x
-                if self.need_dx {
-                    matmul(dx, d_in, rows, d_in, d_out, dz_rows, View::rows(w, d_in), false)?; // dZ·W
-                }
-            }
-            WeightLayout::InOut => {
-                matmul(dw, d_out, d_in, d_out, rows, View::transposed(x, d_in), dz_rows, false)?; // xᵀ·dZ
-                if self.need_dx {
-                    matmul(dx, d_in, rows, d_in, d_out, dz_rows, View::transposed(w, d_out), false)?; // dZ·Wᵀ
-                }
-            }
-        }
         // db = 1ᵀ·dZ. Rows are split between threads only when there are many of them (GPT-2's
         // tokens); a partial sum per chunk, then a short serial sum.
         const ROWS_PER_TASK: usize = 256;
-        if rows > 2 * ROWS_PER_TASK {
-            let partial: Vec<Vec<f32>> = dz.par_chunks(ROWS_PER_TASK * d_out).map(|chunk| column_sums(chunk, d_out)).collect();
-            for p in partial {
+        let db = if rows > 2 * ROWS_PER_TASK {
+            let mut db = vec![0f32; d_out];
+            for p in dz.par_chunks(ROWS_PER_TASK * d_out).map(|chunk| column_sums(chunk, d_out)).collect::<Vec<_>>() {
                 db.iter_mut().zip(p).for_each(|(d, s)| *d += s);
             }
+            db
         } else {
-            db.copy_from_slice(&column_sums(dz, d_out));
-        }
+            column_sums(dz, d_out)
+        };
+        let dz_rows = View::rows(dz, d_out);
+        let (dw_view, dx_view) = match self.layout {
+            // dW = dZᵀ·x, dX = dZ·W
+            WeightLayout::OutIn => ((View::transposed(dz, d_out), View::rows(x, d_in), d_out, d_in), (dz_rows, View::rows(w, d_in))),
+            // dW = xᵀ·dZ, dX = dZ·Wᵀ
+            WeightLayout::InOut => ((View::transposed(x, d_in), dz_rows, d_in, d_out), (dz_rows, View::transposed(w, d_out))),
+        };
+        let mut result: Result<()> = Ok(());
+        // SAFETY: every part is written whole: db copied, dW and dX (when it is there) by
+        // products that write every element, or, should one refuse its buffers, zeros.
+        let out = unsafe {
+            super::written_once(dx_len + d_in * d_out + d_out, |out| {
+                result = (|| {
+                    let (dx, rest) = out.split_at_mut(dx_len);
+                    let (dw, db_out) = rest.split_at_mut(d_in * d_out);
+                    db_out.write_copy_of_slice(&db);
+                    let ((a, b, m, n), (dz_rows, w_view)) = (dw_view, dx_view);
+                    matmul_into(dw, n, m, n, rows, a, b, None)?;
+                    if self.need_dx {
+                        matmul_into(dx, d_in, rows, d_in, d_out, dz_rows, w_view, None)?;
+                    }
+                    Ok(())
+                })();
+                if result.is_err() {
+                    out.fill(std::mem::MaybeUninit::new(0.0));
+                }
+            })
+        };
+        result?;
         Ok((CpuStorage::F32(out), Shape::from(dx_len + d_in * d_out + d_out)))
     }
 }

@@ -360,7 +360,7 @@ pub(crate) fn gemm_by_blocks(x: &[f32], p: Problem, y: &mut [f32], convert_block
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_acc(m: usize, n: usize, k: usize, y: *mut f32, ldy: usize, x: *const f32, ldx: usize, w: *const f32, cs: isize, rs: isize, par: gemm::Parallelism) {
     let (x, w) = (super::gemm::Mat { ptr: x, rs: ldx as isize, cs: 1 }, super::gemm::Mat { ptr: w, rs, cs });
-    unsafe { super::gemm::product_raw(y, ldy, m, n, k, x, w, true, 1.0, par) }
+    unsafe { super::gemm::product_raw(y, ldy, m, n, k, x, w, super::gemm::Base::C, 1.0, par) }
 }
 
 /// `x` (..., k) times the weight `w` as stored ((k, n) for `InOut`, (n, k) for `OutIn`) plus

@@ -5,18 +5,23 @@
 //! the 6×16 kernel's panels, at AVX-512 by `blis_avx512::Avx512Narrow`'s MR×16 tiles; its
 //! panels then stream from memory instead of sitting in L1.
 //!
-//! Algorithm: C (m×n) = [C +] scale · A (m×k) · B (k×n), any strides for A and B, C row-major.
+//! Algorithm: C (m×n) = base + scale · A (m×k) · B (k×n), any strides for A and B, C row-major,
+//! the base zero, C itself or a bias row ([`Base`]).
 //!   for each block of NC columns:
 //!     for each block of KC depths:  pack B[kc, nc] into NR-wide panels (k-major)
 //!       for each block of MC rows:  pack A[mc, kc] into MR-tall panels (k-major)
 //!         for each NR panel × MR panel: the micro-kernel keeps an MR×NR tile of C in registers
-//!         for all KC depths, then adds it to C once.
+//!         for all KC depths, then adds it to the base once.
 //! Memory traffic: each C element is read and written once per KC block (k/KC times); A is read
 //! from memory once per NC block, B once per MC block; the micro-kernel itself reads only packed
 //! panels: B's (KC·NR floats) stays in L1 while the MR-tall panels of A's block (MC·KC floats,
-//! in L2) stream past it.
+//! in L2) stream past it. A kernel may instead keep A's panel in L1
+//! ([`MicroKernel::A_PANEL_IN_L1`]): then B is packed whole first and the loops run depth block,
+//! row block, column block, A panel, B panel ([`gemm_serial_a_in_l1`]), each panel of B streaming
+//! from its block in L2. Parallel products pack B once for all threads and hand out chunks of
+//! rows ([`gemm`]).
 
-use super::Mat;
+pub(crate) use super::{Base, Mat};
 use std::arch::x86_64::*;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
@@ -29,15 +34,21 @@ pub(crate) trait MicroKernel {
     const KC: usize;
     const MC: usize;
     const NC: usize;
-    /// `c[i·ldc + j] = (load_c ? c : 0) + scale · Σ_p ap[p·MR+i]·bp[p·NR+j]` for i < rows,
-    /// j < cols.
+    /// Which panel stays in L1 while the other streams past it, on a B packed whole
+    /// ([`Rhs::Packed`]): A's (MR·KC floats; B's KC·NC block then sits in L2) or, without this,
+    /// B's (KC·NR floats; A's MC·KC block in L2). A product packing B block by block always
+    /// keeps B's panel in L1.
+    const A_PANEL_IN_L1: bool = false;
+    /// `c[i·ldc + j] = base[i][j] + scale · Σ_p ap[p·MR+i]·bp[p·NR+j]` for i < rows, j < cols,
+    /// where `base` is zero, c itself or a row repeated ([`Base`]).
     ///
     /// # Safety
     /// The CPU has the kernel's instructions; `ap` holds kc·MR floats, `bp` kc·NR, `c` rows rows
-    /// of cols (`ldc` apart).
+    /// of cols (`ldc` apart), a `Base::Row` cols floats. Only with `Base::C` is c read.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32);
+    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32);
 }
+
 
 impl Mat {
     #[inline(always)]
@@ -251,33 +262,52 @@ pub(crate) enum Rhs {
 unsafe impl Send for Rhs {}
 unsafe impl Sync for Rhs {}
 
-/// A k × n matrix `b` packed whole for [`Rhs::Packed`]: per depth chunk of KC, every NR-column
-/// panel of [`pack_b`] (columns past n as zeros): k · n-rounded-up-to-NR floats. Chunks are
-/// packed in parallel.
+/// A k × n matrix `b` packed whole for [`Rhs::Packed`] ([`pack_whole_b_into`]).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `b` addresses k×n valid elements.
 pub(crate) unsafe fn pack_whole_b<K: MicroKernel>(b: Mat, k: usize, n: usize) -> LineAligned {
-    use rayon::prelude::*;
-    let padded = n.div_ceil(K::NR) * K::NR;
-    let mut data = LineAligned::zeroed(k * padded);
-    let b = &b; // (the closure shares the whole Mat, which is Sync, not its raw pointer)
-    data.as_mut_slice().par_chunks_mut(K::KC * padded).enumerate().for_each(|(chunk, out)| {
-        let pc = chunk * K::KC;
-        let kc = K::KC.min(k - pc);
-        // SAFETY: rows pc..pc + kc of b lie inside its k rows.
-        unsafe { pack_b::<K>(out, Mat { ptr: b.ptr.offset(pc as isize * b.rs), ..*b }, kc, n) };
-    });
+    let mut data = LineAligned::zeroed(k * n.div_ceil(K::NR) * K::NR);
+    pack_whole_b_into::<K>(data.as_mut_slice(), b, k, n);
     data
 }
 
-/// `c (m×n, row stride ldc) = [c +] scale · a · b` on the calling thread.
+/// Packs a k × n matrix `b` into `out` for [`Rhs::Packed`]: per depth chunk of KC, every
+/// NR-column panel of [`pack_b`] (columns past n as zeros): k · n-rounded-up-to-NR floats. Runs
+/// of panels are packed in parallel.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `b` addresses k×n valid elements; `out` holds at least
+/// k · n-rounded-up-to-NR floats.
+unsafe fn pack_whole_b_into<K: MicroKernel>(out: &mut [f32], b: Mat, k: usize, n: usize) {
+    use rayon::prelude::*;
+    const PANELS_PER_TASK: usize = 8;
+    let padded = n.div_ceil(K::NR) * K::NR;
+    let b = &b; // (the closure shares the whole Mat, which is Sync, not its raw pointer)
+    out[..k * padded].par_chunks_mut(K::KC * padded).enumerate().for_each(|(chunk, block)| {
+        let pc = chunk * K::KC;
+        let kc = K::KC.min(k - pc);
+        // Within a depth chunk panel q starts at q·NR·kc: a run of panels is a run of `block`.
+        block.par_chunks_mut(PANELS_PER_TASK * K::NR * kc).enumerate().for_each(|(run, part)| {
+            let col = run * PANELS_PER_TASK * K::NR;
+            let cols = (PANELS_PER_TASK * K::NR).min(n - col);
+            // SAFETY: rows pc..pc + kc and columns col..col + cols of b lie inside its k × n.
+            unsafe { pack_b::<K>(part, Mat { ptr: b.ptr.offset(pc as isize * b.rs + col as isize * b.cs), ..*b }, kc, cols) };
+        });
+    });
+}
+
+/// `c (m×n, row stride ldc) = base + scale · a · b` on the calling thread; every element of c is
+/// written (k > 0).
 ///
 /// # Safety
 /// The CPU has the kernel's instructions; `a` addresses m×k elements, `b` k×n and `c` m rows of n (row stride
-/// `ldc`), all valid, and `c` overlaps neither.
+/// `ldc`), all valid, `base` a row of n if it is one, and `c` overlaps none of them; k > 0.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_serial<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, accumulate: bool, scale: f32) {
+pub(crate) unsafe fn gemm_serial<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, base: Base, scale: f32) {
+    if let (true, Rhs::Packed { ptr, padded, col0 }) = (K::A_PANEL_IN_L1, b) {
+        return gemm_serial_a_in_l1::<K>(m, n, k, a, (ptr, padded, col0), c, ldc, base, scale);
+    }
     BUFFERS.with_borrow_mut(|(ap, bp)| {
         let (mr, nr) = (K::MR, K::NR);
         let kc_max = K::KC.min(k);
@@ -292,7 +322,8 @@ pub(crate) unsafe fn gemm_serial<K: MicroKernel>(m: usize, n: usize, k: usize, a
             let nc = K::NC.min(n - jc);
             for pc in (0..k).step_by(K::KC) {
                 let kc = K::KC.min(k - pc);
-                let load_c = accumulate || pc > 0;
+                // The first depth block starts from the base, the later ones add to what it wrote.
+                let block_base = if pc == 0 { base } else { Base::C };
                 // This block's panels: packed now, or where they were packed once.
                 let block = match b {
                     Rhs::Mat(b) => {
@@ -309,7 +340,52 @@ pub(crate) unsafe fn gemm_serial<K: MicroKernel>(m: usize, n: usize, k: usize, a
                         let bpanel = block.add(jr * kc);
                         for ir in (0..mc).step_by(mr) {
                             let rows = mr.min(mc - ir);
-                            K::tile(kc, ap.as_ptr().add(ir * kc), bpanel, c.add((ic + ir) * ldc + jc + jr), ldc, rows, cols, load_c, scale);
+                            K::tile(kc, ap.as_ptr().add(ir * kc), bpanel, c.add((ic + ir) * ldc + jc + jr), ldc, rows, cols, block_base.at_col(jc + jr), scale);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// [`gemm_serial`] on a B packed whole (`packed`: its panels, their padded width, the column
+/// where this product's B starts; as in [`Rhs::Packed`]) with A's panel in L1:
+///   for each block of KC depths:
+///     for each block of MC rows:   pack A[mc, kc] into MR-tall panels (in L2)
+///       for each block of NC columns (B's KC·NC block, read from where it was packed, in L2):
+///         for each MR panel of A (in L1) × NR panel of B (streaming from L2): the micro-kernel.
+/// Each A panel serves NC/NR tiles from L1, where the other order keeps B's panel there: with
+/// the 12×32 kernel B's panel is 32 KB of a 48 KB L1 and the A panels streaming past evict it.
+/// A block is packed once per depth block (not once per column block), and B's blocks come from
+/// the packed whole, so a product packs nothing twice.
+///
+/// # Safety
+/// As [`gemm_serial`]; `packed` holds the chunks of [`pack_whole_b_into`] for k depths, with
+/// the n columns of this product from `col0` on.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial_a_in_l1<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, packed: (*const f32, usize, usize), c: *mut f32, ldc: usize, base: Base, scale: f32) {
+    let (ptr, padded, col0) = packed;
+    BUFFERS.with_borrow_mut(|(ap, _)| {
+        let (mr, nr) = (K::MR, K::NR);
+        ap.grow(K::MC.min(m).div_ceil(mr) * mr * K::KC.min(k));
+        let ap = ap.as_mut_slice();
+        for pc in (0..k).step_by(K::KC) {
+            let kc = K::KC.min(k - pc);
+            // The first depth block starts from the base, the later ones add to what it wrote.
+            let block_base = if pc == 0 { base } else { Base::C };
+            // This depth chunk's panel of the product's column j starts at j·kc from here.
+            let chunk = ptr.add(pc * padded + col0 * kc);
+            for ic in (0..m).step_by(K::MC) {
+                let mc = K::MC.min(m - ic);
+                pack_a::<K>(ap, Mat { ptr: a.ptr.offset(ic as isize * a.rs + pc as isize * a.cs), ..a }, mc, kc);
+                for jc in (0..n).step_by(K::NC) {
+                    let nc = K::NC.min(n - jc);
+                    for ir in (0..mc).step_by(mr) {
+                        let rows = mr.min(mc - ir);
+                        for jr in (jc..jc + nc).step_by(nr) {
+                            let cols = nr.min(jc + nc - jr);
+                            K::tile(kc, ap.as_ptr().add(ir * kc), chunk.add(jr * kc), c.add((ic + ir) * ldc + jr), ldc, rows, cols, block_base.at_col(jr), scale);
                         }
                     }
                 }
@@ -336,20 +412,104 @@ impl SendPtr {
 /// (a wake-up and a join, some microseconds) costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// [`gemm_serial`] split over `threads` rayon tasks along the longer of m and n, so the operand
-/// that every task packs for itself is the smaller one.
+/// Floats of B packed at a time for all tasks to share (16 MB): every product of BERT-base and
+/// GPT-2 small but the LM head packs its whole right operand at once. (Small in tests, so that
+/// their shapes cross it.)
+const SHARED_B_MAX: usize = if cfg!(test) { 1 << 16 } else { 1 << 22 };
+
+thread_local! {
+    /// The calling thread's buffer for the B that its product's tasks share.
+    static SHARED_B: std::cell::RefCell<LineAligned> = const { std::cell::RefCell::new(LineAligned::new()) };
+}
+
+/// `c = base + scale · a · b` over `threads` rayon tasks ([`gemm_serial`] each). With rows
+/// enough, B is packed once (in parallel) and shared, and the rows of C are handed out in
+/// small chunks that the pool's threads take as they come free: the cores of one machine do
+/// not run at one speed (on this project's 2-core Xeon VM one core ran a fixed half of a
+/// product 25–30% slower than the other, and the split into one half a thread waited for it).
+/// With few rows, the longer of m and n is split in equal parts, each task packing the smaller
+/// operand for itself. A kernel that keeps A's panel in L1 always gets B packed whole.
 ///
 /// # Safety
 /// As [`gemm_serial`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, accumulate: bool, scale: f32, threads: usize) {
+pub(crate) unsafe fn gemm<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, base: Base, scale: f32, threads: usize) {
+    let threads = if m * n * k < PARALLEL_MIN_WORK { 1 } else { threads.max(1) };
+    // Rows enough to hand out in chunks, two or more a thread.
+    let chunked = threads > 1 && m >= 2 * threads * K::MR;
+    let run = |b: Rhs, n: usize, k: usize, a: Mat, c: *mut f32, base: Base| match (chunked, threads > 1) {
+        (true, _) => gemm_row_chunks::<K>(m, n, k, a, b, c, ldc, base, scale, threads),
+        (false, true) => gemm_halves::<K>(m, n, k, a, b, c, ldc, base, scale, threads),
+        (false, false) => gemm_serial::<K>(m, n, k, a, b, c, ldc, base, scale),
+    };
+    let b = match b {
+        Rhs::Mat(b) if chunked || K::A_PANEL_IN_L1 => b,
+        b => return run(b, n, k, a, c, base),
+    };
+    SHARED_B.with(|cell| {
+        // (A task that this thread runs while it waits may be a product of its own: it packs
+        // into a buffer of its own.)
+        let mut own = None;
+        let mut shared = cell.try_borrow_mut().ok();
+        let buf: &mut LineAligned = match shared.as_deref_mut() {
+            Some(buf) => buf,
+            None => own.insert(LineAligned::new()),
+        };
+        // Pieces of B of at most SHARED_B_MAX floats: all of it, or all columns for fewer
+        // depths, or fewer columns for KC depths (an LM head's 50,257).
+        let padded_n = n.div_ceil(K::NR) * K::NR;
+        let (width, span) = if k * padded_n <= SHARED_B_MAX {
+            (n, k)
+        } else if K::KC * padded_n <= SHARED_B_MAX {
+            (n, SHARED_B_MAX / (padded_n * K::KC) * K::KC)
+        } else {
+            ((SHARED_B_MAX / K::KC / K::NR * K::NR).max(K::NR), K::KC)
+        };
+        for jc in (0..n).step_by(width) {
+            let nc = width.min(n - jc);
+            let padded = nc.div_ceil(K::NR) * K::NR;
+            for p0 in (0..k).step_by(span) {
+                let depth = span.min(k - p0);
+                buf.grow(depth * padded);
+                let b_part = Mat { ptr: b.ptr.offset(p0 as isize * b.rs + jc as isize * b.cs), ..b };
+                pack_whole_b_into::<K>(buf.as_mut_slice(), b_part, depth, nc);
+                let a_part = Mat { ptr: a.ptr.offset(p0 as isize * a.cs), ..a };
+                let part_base = if p0 == 0 { base.at_col(jc) } else { Base::C };
+                let packed = Rhs::Packed { ptr: buf.as_slice().as_ptr(), padded, col0: 0 };
+                run(packed, nc, depth, a_part, c.add(jc), part_base);
+            }
+        }
+    })
+}
+
+/// [`gemm_serial`] on chunks of C's rows, which the pool's threads take as they come free.
+///
+/// # Safety
+/// As [`gemm_serial`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_row_chunks<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, base: Base, scale: f32, threads: usize) {
+    use rayon::prelude::*;
+    // About 8 chunks a thread, whole tiles each, at most one block of A.
+    let chunk = (m.div_ceil(8 * threads).div_ceil(K::MR) * K::MR).min(K::MC);
+    let (a, cp) = (&a, SendPtr(c)); // (closures then share the whole Mat, not its raw pointer)
+    (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
+        let start = t * chunk;
+        let rows = chunk.min(m - start);
+        gemm_serial::<K>(rows, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..*a }, b, cp.get().add(start * ldc), ldc, base, scale);
+    });
+}
+
+/// [`gemm_serial`] split over `threads` equal rayon tasks along the longer of m and n, so the
+/// operand that every task packs for itself is the smaller one.
+///
+/// # Safety
+/// As [`gemm_serial`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_halves<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, base: Base, scale: f32, threads: usize) {
     use rayon::prelude::*;
     let split_m = m >= n;
     let (len, unit) = if split_m { (m, K::MR) } else { (n, K::NR) };
     let tasks = threads.min(len.div_ceil(unit)).max(1);
-    if tasks == 1 || m * n * k < PARALLEL_MIN_WORK {
-        return gemm_serial::<K>(m, n, k, a, b, c, ldc, accumulate, scale);
-    }
     let per = len.div_ceil(unit).div_ceil(tasks) * unit;
     let cp = SendPtr(c);
     (0..tasks).into_par_iter().for_each(|t| {
@@ -359,13 +519,14 @@ pub(crate) unsafe fn gemm<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, 
         }
         let size = per.min(len - start);
         if split_m {
-            gemm_serial::<K>(size, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..a }, b, cp.get().add(start * ldc), ldc, accumulate, scale);
+            gemm_serial::<K>(size, n, k, Mat { ptr: a.ptr.offset(start as isize * a.rs), ..a }, b, cp.get().add(start * ldc), ldc, base, scale);
         } else {
             let b = match b {
                 Rhs::Mat(b) => Rhs::Mat(Mat { ptr: b.ptr.offset(start as isize * b.cs), ..b }),
                 Rhs::Packed { ptr, padded, col0 } => Rhs::Packed { ptr, padded, col0: col0 + start },
             };
-            gemm_serial::<K>(m, size, k, a, b, cp.get().add(start), ldc, accumulate, scale);
+            gemm_serial::<K>(m, size, k, a, b, cp.get().add(start), ldc, base.at_col(start), scale);
         }
     });
 }
+

@@ -8,7 +8,7 @@
 //! ports are busy every cycle, which is the CPU's peak. Blocks: the B panel (KC·NR·4 = 16 KB) in
 //! L1, A's block (MC·KC·4 = 144 KB) in L2.
 
-use super::blis::MicroKernel;
+use super::blis::{Base, MicroKernel};
 use std::arch::x86_64::*;
 
 pub(crate) const MR: usize = 6;
@@ -25,17 +25,17 @@ impl MicroKernel for Avx2 {
     const MC: usize = 144;
     const NC: usize = 4080;
     #[inline(always)]
-    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
-        kernel(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
+    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
+        kernel(kc, ap, bp, c, ldc, rows, cols, base, scale)
     }
 }
 
-/// The MR×NR micro-kernel: `c[i·ldc + j] = (load_c ? c : 0) + scale · Σ_p ap[p·MR+i]·bp[p·NR+j]`
-/// for i < rows, j < cols.
+/// The MR×NR micro-kernel: `c[i·ldc + j] = base[i][j] + scale · Σ_p ap[p·MR+i]·bp[p·NR+j]`
+/// for i < rows, j < cols ([`MicroKernel::tile`]).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
+unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
     // The C tile is read once at the end: start its cache lines on their way now.
     for i in 0..rows {
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -75,10 +75,12 @@ unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: us
             }
             let row = c.add(i * ldc);
             for h in 0..2 {
-                let mut v = _mm256_mul_ps(acc[i][h], s);
-                if load_c {
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(row.add(8 * h)));
-                }
+                let v = _mm256_mul_ps(acc[i][h], s);
+                let v = match base {
+                    Base::Zero => v,
+                    Base::C => _mm256_add_ps(v, _mm256_loadu_ps(row.add(8 * h))),
+                    Base::Row(b) => _mm256_add_ps(v, _mm256_loadu_ps(b.add(8 * h))),
+                };
                 _mm256_storeu_ps(row.add(8 * h), v);
             }
         }
@@ -93,7 +95,11 @@ unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: us
             let row = c.add(i * ldc);
             for j in 0..cols {
                 let v = tile[i * NR + j];
-                *row.add(j) = if load_c { *row.add(j) + v } else { v };
+                *row.add(j) = match base {
+                    Base::Zero => v,
+                    Base::C => *row.add(j) + v,
+                    Base::Row(b) => *b.add(j) + v,
+                };
             }
         }
     }

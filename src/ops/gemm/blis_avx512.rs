@@ -4,13 +4,19 @@
 //!
 //! The 12×32 kernel, per depth step: 2 loads of B (32 floats), 12 broadcasts of A, 24 FMAs into
 //! 24 accumulators (of the 32 zmm registers): BLIS's Skylake-X shape, transposed for row-major C.
-//! Two 512-bit FMA ports busy every cycle is the CPU's peak. Blocks: the B panel (KC·NR·4 = 32
-//! KB) stays in a 48 KB L1 (Ice Lake and later; on the 32 KB L1s of Skylake-X and Zen 4 it fills
-//! the cache) while 12-row A panels (12 KB each) stream past it from A's block in L2 (MC·KC·4 =
-//! 240 KB); the C tile's lines are prefetched before the depth loop.
-//! Edges (rows < 12, cols < 32) load and store C through masks: no scratch tile.
+//! Two 512-bit FMA ports busy every cycle is the CPU's peak. Blocks, as BLIS keeps them for
+//! its Skylake-X kernel: the 12-row A panel (MR·KC·4 = 18 KB) stays in L1 while B's panels (48
+//! KB each) stream past it from B's block in L2 (KC·NC·4 = 768 KB, beside A's block of
+//! MC·KC·4 = 360 KB); B is packed whole once a product (`blis::gemm`). The other order, with
+//! B's panel in L1 (KC = 256: 32 KB of a 48 KB L1) and A's panels streaming past, slowed down
+//! when the other core worked too: one single-threaded `benches/matmul` a core at once, medians
+//! over its shapes 132 and 91 GFLOP/s that order, 145 and 144 this one (PyTorch 150–155 the
+//! same way; `notes/cpu-speed.md`, session 13). The C tile's lines are prefetched before the
+//! depth loop.
+//! Edges (rows < 12, cols < 32) load and store C (and a bias row) through masks: no scratch
+//! tile.
 
-use super::blis::MicroKernel;
+use super::blis::{Base, MicroKernel};
 use std::arch::x86_64::*;
 
 /// The 12×32 kernel of the AVX-512 level.
@@ -19,12 +25,13 @@ pub(crate) struct Avx512;
 impl MicroKernel for Avx512 {
     const MR: usize = 12;
     const NR: usize = 32;
-    const KC: usize = 256;
+    const KC: usize = 384;
     const MC: usize = 240;
-    const NC: usize = 4096;
+    const NC: usize = 512;
+    const A_PANEL_IN_L1: bool = true;
     #[inline(always)]
-    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
-        kernel::<12, 2, false>(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
+    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
+        kernel::<12, 2, false>(kc, ap, bp, c, ldc, rows, cols, base, scale)
     }
 }
 
@@ -43,8 +50,8 @@ impl<const MR: usize> MicroKernel for Avx512Narrow<MR> {
     const MC: usize = 8 * 28;
     const NC: usize = 4096;
     #[inline(always)]
-    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
-        kernel::<MR, 1, true>(kc, ap, bp, c, ldc, rows, cols, load_c, scale)
+    unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
+        kernel::<MR, 1, true>(kc, ap, bp, c, ldc, rows, cols, base, scale)
     }
 }
 
@@ -54,7 +61,7 @@ impl<const MR: usize> MicroKernel for Avx512Narrow<MR> {
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool, scale: f32) {
+unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
     let nr = 16 * H;
     for i in 0..rows {
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -112,10 +119,12 @@ unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usiz
             if masks[h] == 0 {
                 break;
             }
-            let mut v = _mm512_mul_ps(acc[i][h], s);
-            if load_c {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], row.add(16 * h)));
-            }
+            let v = _mm512_mul_ps(acc[i][h], s);
+            let v = match base {
+                Base::Zero => v,
+                Base::C => _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], row.add(16 * h))),
+                Base::Row(b) => _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], b.add(16 * h))),
+            };
             _mm512_mask_storeu_ps(row.add(16 * h), masks[h], v);
         }
     }

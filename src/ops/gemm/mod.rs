@@ -44,9 +44,7 @@ fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
 /// `accumulate` the product is added to what `dst` holds. Runs on candle's thread count.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool) -> Result<()> {
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, parallelism)
+    product(dst, dst_rs, m, n, k, lhs, rhs, accumulate, 1.0, default_parallelism())
 }
 
 /// [`matmul`] on the calling thread only: for small products inside a parallel loop.
@@ -59,23 +57,57 @@ pub(crate) fn matmul_serial(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, 
 /// [`matmul_serial`] call, and the kernels that pick their own thread split.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) -> Result<()> {
-    if !(fits(dst.len(), m, n, dst_rs, 1) && fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs)) {
+    check_fits(dst.len(), dst_rs, m, n, k, &lhs, &rhs)?;
+    let base = if accumulate { Base::C } else { Base::Zero };
+    // SAFETY: `check_fits` checked that every element the three strided views address lies
+    // inside its slice; dst does not alias the inputs (it is borrowed mutably).
+    unsafe { product_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs.into(), rhs.into(), base, scale, parallelism) };
+    Ok(())
+}
+
+/// `dst = bias row (or 0) + lhs·rhs` on candle's thread count into memory that need not be
+/// initialised: every element of the m×n (row stride `dst_rs`) part of dst is written, and
+/// only written, so an output needs no fill before the product (the bias is added in the
+/// product's last pass over it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_into(dst: &mut [std::mem::MaybeUninit<f32>], dst_rs: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, bias: Option<&[f32]>) -> Result<()> {
+    check_fits(dst.len(), dst_rs, m, n, k, &lhs, &rhs)?;
+    let base = bias_base(bias, n)?;
+    // SAFETY: as in `product`; with a base other than `Base::C` dst is written before it is read.
+    unsafe { product_raw(dst.as_mut_ptr().cast(), dst_rs, m, n, k, lhs.into(), rhs.into(), base, 1.0, default_parallelism()) };
+    Ok(())
+}
+
+/// [`matmul_into`] a new m×n row-major matrix.
+pub(crate) fn matmul_new(m: usize, n: usize, k: usize, lhs: View, rhs: View, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    check_fits(m * n, n, m, n, k, &lhs, &rhs)?;
+    let base = bias_base(bias, n)?;
+    // SAFETY: the views fit (checked above) and a base other than `Base::C` makes the product
+    // write all m·n elements without reading them.
+    Ok(unsafe { crate::ops::written_once(m * n, |out| product_raw(out.as_mut_ptr().cast(), n, m, n, k, lhs.into(), rhs.into(), base, 1.0, default_parallelism())) })
+}
+
+/// The base of a product with an optional bias row of n.
+fn bias_base(bias: Option<&[f32]>, n: usize) -> Result<Base> {
+    match bias {
+        Some(b) if b.len() != n => candle_core::bail!("matmul: a bias of {} for {n} columns", b.len()),
+        Some(b) => Ok(Base::Row(b.as_ptr())),
+        None => Ok(Base::Zero),
+    }
+}
+
+/// Candle's thread count as the products' parallelism.
+fn default_parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None }
+}
+
+/// That an m×k by k×n product into `dst_len` elements (rows `dst_rs` apart) stays inside every
+/// buffer: a shape mistake is then an error, not memory corruption.
+fn check_fits(dst_len: usize, dst_rs: usize, m: usize, n: usize, k: usize, lhs: &View, rhs: &View) -> Result<()> {
+    if !(fits(dst_len, m, n, dst_rs, 1) && fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs)) {
         candle_core::bail!("matmul: a {m}×{k} by {k}×{n} product does not fit its buffers")
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return Ok(());
-    }
-    // SAFETY: `fits` checked that every element the three strided views address lies inside its
-    // slice; dst does not alias the inputs (it is borrowed mutably).
-    unsafe { product_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs.into(), rhs.into(), accumulate, scale, parallelism) };
     Ok(())
 }
 
@@ -90,20 +122,69 @@ pub(crate) struct Mat {
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
+/// What a product adds to: nothing (C is only written, so it may start uninitialised), C as it
+/// is, or one row (a bias) repeated down every row of C: the bias is added in the product's
+/// last pass over C instead of a pass of its own that fills C first.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Base {
+    Zero,
+    C,
+    /// The row's element for column 0 of the C it is given with.
+    Row(*const f32),
+}
+
+impl Base {
+    /// This base for the columns from `col` on.
+    #[inline(always)]
+    pub(crate) fn at_col(self, col: usize) -> Self {
+        match self {
+            Base::Row(r) => Base::Row(r.wrapping_add(col)),
+            other => other,
+        }
+    }
+}
+// SAFETY: a row is only read, while the caller's slice is borrowed.
+unsafe impl Send for Base {}
+unsafe impl Sync for Base {}
+
 impl From<View<'_>> for Mat {
     fn from(v: View) -> Self {
         Mat { ptr: v.data.as_ptr(), rs: v.rs as isize, cs: v.cs as isize }
     }
 }
 
-/// [`product`] on raw pointers, without its checks: for callers whose parallel tasks write
-/// disjoint column blocks of one output (the many-rows path of `ops::matvec`).
+/// `dst = base + scale·lhs·rhs` on raw pointers, without [`product`]'s checks: for callers
+/// whose parallel tasks write disjoint column blocks of one output (the many-rows path of
+/// `ops::matvec`). Every element of the m×n part of dst is written; only `Base::C` reads it.
 ///
 /// # Safety
 /// `lhs` addresses m×k valid elements, `rhs` k×n, `dst` m rows of n (`dst_rs` apart, column
-/// stride 1) that nothing else reads or writes meanwhile; k > 0.
+/// stride 1) that nothing else reads or writes meanwhile, a `Base::Row` n elements.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool, scale: f32, parallelism: gemm::Parallelism) {
+pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, base: Base, scale: f32, parallelism: gemm::Parallelism) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || !matches!(base, Base::C) {
+        // Without depth the base is the product; the `gemm` crate below takes no bias row.
+        #[cfg(target_arch = "x86_64")]
+        let ours = k > 0 && blis_kernel(m, n).is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let ours = false;
+        if !ours {
+            for r in 0..m {
+                let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
+                match base {
+                    Base::Row(b) => row.copy_from_slice(std::slice::from_raw_parts(b, n)),
+                    _ => row.fill(0.0),
+                }
+            }
+            if k == 0 {
+                return;
+            }
+            return with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, matches!(base, Base::Row(_)), scale, parallelism);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(level) = blis_kernel(m, n) {
         let threads = match parallelism {
@@ -112,11 +193,11 @@ pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usiz
         };
         let rhs = blis::Rhs::Mat(rhs);
         return match level {
-            crate::cpu::Isa::Avx512 => blis::gemm::<blis_avx512::Avx512>(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads),
-            _ => blis::gemm::<blis_avx2::Avx2>(m, n, k, lhs, rhs, dst, dst_rs, accumulate, scale, threads),
+            crate::cpu::Isa::Avx512 => blis::gemm::<blis_avx512::Avx512>(m, n, k, lhs, rhs, dst, dst_rs, base, scale, threads),
+            _ => blis::gemm::<blis_avx2::Avx2>(m, n, k, lhs, rhs, dst, dst_rs, base, scale, threads),
         };
     }
-    with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, parallelism)
+    with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, true, scale, parallelism)
 }
 
 /// [`product_raw`] on the `gemm` crate, whatever the level.
@@ -250,15 +331,15 @@ impl PackedWeight {
             // above); y is borrowed mutably, so it aliases nothing.
             unsafe {
                 if avx512 && m <= 4 {
-                    blis::gemm::<blis_avx512::Avx512Narrow<4>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                    blis::gemm::<blis_avx512::Avx512Narrow<4>>(m, n, k, x, rhs, y, n, Base::C, 1.0, threads)
                 } else if avx512 && m <= blis_avx2::FEW_ROWS {
-                    blis::gemm::<blis_avx512::Avx512Narrow<8>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                    blis::gemm::<blis_avx512::Avx512Narrow<8>>(m, n, k, x, rhs, y, n, Base::C, 1.0, threads)
                 } else if avx512 && m <= 32 {
-                    blis::gemm::<blis_avx512::Avx512Narrow<16>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                    blis::gemm::<blis_avx512::Avx512Narrow<16>>(m, n, k, x, rhs, y, n, Base::C, 1.0, threads)
                 } else if avx512 {
-                    blis::gemm::<blis_avx512::Avx512Narrow<28>>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                    blis::gemm::<blis_avx512::Avx512Narrow<28>>(m, n, k, x, rhs, y, n, Base::C, 1.0, threads)
                 } else {
-                    blis::gemm::<blis_avx2::Avx2>(m, n, k, x, rhs, y, n, true, 1.0, threads)
+                    blis::gemm::<blis_avx2::Avx2>(m, n, k, x, rhs, y, n, Base::C, 1.0, threads)
                 }
             };
             Ok(())

@@ -1,9 +1,10 @@
 //! Every kernel [`product`] can run (ours with the AVX2 or the AVX-512 micro-kernel, the `gemm`
 //! crate) against an f64 reference and against each other, on shapes that cross every block edge
-//! of ours (the 6×16 and 12×32 tiles, MC = 144 and 240 rows, KC = 256 depths, NC = 4080 and 4096
-//! columns), with transposed operands, with and without accumulation, on one thread and split
-//! over two. Our kernels are called directly, so they are checked on the short and narrow shapes
-//! `product` gives the gemm crate as well.
+//! of ours (the 6×16 and 12×32 tiles, MC = 144 and 240 rows, KC = 256 and 384 depths, NC = 4080
+//! and 512 columns, the pieces of a B packed to share, which tests make small), with transposed
+//! operands, with and without accumulation, on one thread and split over two (in halves or in
+//! chunks of rows). Our kernels are called directly, so they are checked on the short and narrow
+//! shapes `product` gives the gemm crate as well.
 
 use super::*;
 
@@ -23,7 +24,7 @@ fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, ac
 }
 
 /// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
-const CASES: [(usize, usize, usize, bool, bool, bool, f32); 16] = [
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 19] = [
     (12, 32, 1, false, false, false, 1.0),
     (13, 35, 7, false, true, true, 1.0),
     (37, 45, 29, true, false, false, 0.5),
@@ -37,12 +38,19 @@ const CASES: [(usize, usize, usize, bool, bool, bool, f32); 16] = [
     (16, 45, 300, false, false, true, 1.0),
     (24, 130, 270, false, false, false, 1.0),
     (25, 40, 260, false, true, true, 1.0),
-    // Across the AVX-512 blocks: MC = 240 rows with a partial 12-row tile, NC = 4096 columns.
+    // Across the AVX-512 blocks: MC = 240 rows with a partial 12-row tile, NC = 512 (12×32) and
+    // 4096 (the narrow tiles) columns.
     (253, 70, 40, true, false, true, 1.0),
     (30, 4130, 20, false, true, false, 1.0),
     (12, 64, 17, false, false, false, 1.0),
     // A last 12×32 tile whose second half holds 9 of its 16 columns.
     (30, 57, 20, false, true, true, 1.0),
+    // Chunks of rows on two threads with B shared, packed in pieces of fewer depths (B of
+    // 700 × 160 past the tests' limit, 384 depths of it within), of fewer columns (NC = 512
+    // crossed too), and whole.
+    (60, 150, 700, false, true, true, 1.0),
+    (100, 600, 50, true, false, false, 1.0),
+    (250, 90, 130, false, false, true, 0.5),
 ];
 
 /// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the
@@ -80,7 +88,7 @@ fn ours<K: blis::MicroKernel>(threads: usize) -> impl Fn(&mut [f32], usize, usiz
     move |dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, acc: bool, scale: f32| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         // SAFETY: the callers checked the CPU's level; the views come from slices of the right sizes.
-        pool.install(|| unsafe { blis::gemm::<K>(m, n, k, lhs.into(), blis::Rhs::Mat(rhs.into()), dst.as_mut_ptr(), n, acc, scale, threads) });
+        pool.install(|| unsafe { blis::gemm::<K>(m, n, k, lhs.into(), blis::Rhs::Mat(rhs.into()), dst.as_mut_ptr(), n, if acc { blis::Base::C } else { blis::Base::Zero }, scale, threads) });
     }
 }
 
@@ -160,6 +168,40 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
     let packed = PackedWeight::new(View::rows(&[1.0; 6], 3), 2, 3)?.expect("available");
     assert!(packed.product(&[1.0; 3], 2, &mut [0.0; 6]).is_err(), "x of the wrong length");
     assert!(PackedWeight::new(View::rows(&[1.0; 5], 3), 2, 3).is_err(), "a weight that does not fit its buffer");
+    Ok(())
+}
+
+/// `matmul_new` and `matmul_into` with and without a bias row give the reference plus the bias,
+/// and write every element of memory they are given uninitialised (here: NaN, which any read of
+/// it would carry into the result): through our kernels and, for the short, narrow and empty
+/// products, through the gemm crate.
+#[test]
+fn a_product_into_fresh_memory_adds_its_bias_and_writes_every_element() -> Result<()> {
+    for (i, &(m, n, k)) in [(150, 70, 300), (100, 600, 50), (5, 40, 30), (70, 20, 10), (64, 64, 0), (130, 90, 700)].iter().enumerate() {
+        let (a, b, bias) = (values(m * k, 11 * i as u64 + 1), values(k * n, 11 * i as u64 + 2), values(n, 11 * i as u64 + 3));
+        let (lhs, rhs) = (View::rows(&a, k), View::transposed(&b, k));
+        let zeros = vec![0f32; m * n];
+        let want = reference(&zeros, m, n, k, lhs, rhs, false, 1.0);
+        let bound = 1e-5 * (k as f64 + 1.0);
+        for with_bias in [false, true] {
+            let row = with_bias.then_some(bias.as_slice());
+            let fresh = matmul_new(m, n, k, lhs, rhs, row)?;
+            let mut into = vec![std::mem::MaybeUninit::new(f32::NAN); m * n + 3];
+            matmul_into(&mut into, n, m, n, k, lhs, rhs, row)?;
+            for (j, &w) in want.iter().enumerate() {
+                let w = w + if with_bias { bias[j % n] as f64 } else { 0.0 };
+                // SAFETY: the slots were initialised (to NaN) when the vector was made.
+                let got_into = unsafe { into[j].assume_init() };
+                for got in [fresh[j], got_into] {
+                    assert!((got as f64 - w).abs() <= bound, "{m}×{n}×{k}, bias {with_bias}, element {j}: {got} vs {w}");
+                }
+            }
+            // SAFETY: as above.
+            assert!(unsafe { into[m * n].assume_init() }.is_nan(), "written past the product");
+        }
+    }
+    assert!(matmul_new(4, 3, 2, View::rows(&[1.0; 8], 2), View::rows(&[1.0; 6], 3), Some(&[0.0; 2])).is_err(), "a bias of the wrong width");
+    assert!(matmul_new(4, 3, 2, View::rows(&[1.0; 7], 2), View::rows(&[1.0; 6], 3), None).is_err(), "a view past its slice");
     Ok(())
 }
 
