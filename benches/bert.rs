@@ -92,11 +92,15 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
         })?
     } else {
         // Inference: plain tensors, so no autograd graph is built (as under torch.no_grad()).
-        let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?;
+        // (Detached from the variables, as tensors read from a checkpoint are.)
+        let tensors = wick::train::checkpoint::varmap_tensors(&varmap)?.into_iter().map(|(name, t)| (name, t.detach())).collect();
         let mut frozen = BertForSequenceClassification::load(wick::weights::inference_var_builder(tensors, DType::F32, device), cfg)?;
         if let Some(q) = quant {
             wick::quant::quantize_model(&mut frozen.bert, q)?;
         }
+        // As `wick predict` and `wick embed` run it (`WICK_PACK_WEIGHTS=0` to compare without).
+        let packed = wick::pretrained::pack_for_inference(&mut frozen.bert, wick::ops::linear::Panels::ManyRows)?;
+        eprintln!("{name}: {packed} linear layers packed for inference");
         time_ms(args, || {
             let out = frozen.bert.forward(&ids, Some(&mask), Some(&types), false)?;
             out.last_hidden_state.sum_all()?.to_scalar::<f32>()?;

@@ -85,13 +85,13 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
         let mut model = random_gpt2(cfg, DType::F32, device)?;
         quantize_model(&mut model, qtype)?;
         // q4_0 layers gain their decoding layout, as in `wick generate`.
-        wick::pretrained::pack_for_inference(&mut model)?;
+        wick::pretrained::pack_for_inference(&mut model, wick::ops::linear::Panels::FewRows)?;
         return Ok((model, qtype.bytes_per_weight()));
     }
     let dtype = wick::device::parse_dtype(name)?;
     let mut model = random_gpt2(cfg, dtype, device)?;
     // As `wick generate` and `wick serve` run it (`WICK_PACK_WEIGHTS=0` to compare without).
-    wick::pretrained::pack_for_inference(&mut model)?;
+    wick::pretrained::pack_for_inference(&mut model, wick::ops::linear::Panels::FewRows)?;
     Ok((model, dtype.size_in_bytes() as f64))
 }
 

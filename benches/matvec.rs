@@ -58,7 +58,7 @@ fn layer(d_in: usize, d_out: usize, layout: WeightLayout, dtype: &str, dev: &Dev
         }
     };
     if packed {
-        anyhow::ensure!(dense.pack_for_inference()?, "this CPU has no packed product for {dtype} weights of shape {shape:?}");
+        anyhow::ensure!(dense.pack_for_inference(wick::ops::linear::Panels::FewRows)?, "this CPU has no packed product for {dtype} weights of shape {shape:?}");
     }
     Ok((dense, bytes))
 }

@@ -23,7 +23,8 @@ pub struct SentenceEmbedder {
 impl SentenceEmbedder {
     /// Loads the encoder, tokenizer and pooling settings of a model folder.
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let (model, config) = crate::pretrained::load::<BertModel>(files, dtype, device)?;
+        let (mut model, config) = crate::pretrained::load::<BertModel>(files, dtype, device)?;
+        crate::pretrained::pack_for_inference(&mut model, crate::ops::linear::Panels::ManyRows)?;
         Self::with_encoder(files, model, config, device)
     }
 

@@ -18,7 +18,7 @@
 //! other: its quantized weights reach the model's linear layers ([`Pretrained::linear_layers`])
 //! after `build`, which sees zero-memory stand-ins of their shape (see [`crate::quant`]).
 
-use crate::ops::linear::Dense;
+use crate::ops::linear::{Dense, Panels};
 use crate::weights::{copy_into_varmap, CopyReport, ModelFiles, WeightFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -60,26 +60,31 @@ pub trait Pretrained: Sized {
     }
 }
 
-/// Packs every f32 (and q4_0) linear layer of `model` for inference on the CPU
-/// ([`Dense::pack_for_inference`]: the weight once in the panels of our product, at the AVX2
-/// and AVX-512 levels, instead of once per product). `wick generate` and `wick serve` do it for
-/// GPT-2, whose decoding steps multiply a few rows: on AVX2, GPT-2-small decoding measured
-/// 1.1–1.6× faster packed at batch 1 and 1.2–1.3× at batch 16, 0.8–1.0× at batch 8; on an
-/// AVX-512 Xeon 0.95–1.0× at batches 1–4, 1.1× at 8, 1.4× at 16, 1.7–2.1× at 32 (alternating runs,
-/// `notes/cpu-speed.md`). Encoder
-/// batches (BERT's hundreds of rows) measured 5–10% slower packed and are not packed. A tied LM
-/// head keeps a packed copy of its own (GPT-2 small: 154 MB more). q4_0 layers keep their blocks
-/// and gain a copy in the decoding layout of `ops::matvec::q4_decode` on AVX-512 VNNI
-/// (GPT-2 small: 70 MB more), which its one- and two-row products read: q4_0 decoding at batch 1
-/// measured 1.8–2.2× faster. Returns how many layers it packed; `WICK_PACK_WEIGHTS=0` leaves
-/// the weights as stored (to compare).
-pub fn pack_for_inference<M: Pretrained>(model: &mut M) -> Result<usize> {
+/// Packs every f32 (and, for decoding, q4_0) linear layer of `model` for inference on the CPU
+/// ([`Dense::pack_for_inference`]: the weight once in the panels of our product instead of once
+/// per product), in the panels of the products the model will run:
+/// - [`Panels::FewRows`], decoding (`wick generate` and `wick serve` for GPT-2), at the AVX2 and
+///   AVX-512 levels: on AVX2, GPT-2-small decoding measured 1.1–1.6× faster packed at batch 1
+///   and 1.2–1.3× at batch 16, 0.8–1.0× at batch 8; on an AVX-512 Xeon 0.95–1.0× at batches
+///   1–4, 1.1× at 8, 1.4× at 16, 1.7–2.1× at 32 (alternating runs, `notes/cpu-speed.md`). A
+///   tied LM head keeps a packed copy of its own (GPT-2 small: 154 MB more). q4_0 layers keep
+///   their blocks and gain a copy in the decoding layout of `ops::matvec::q4_decode` on AVX-512
+///   VNNI (GPT-2 small: 70 MB more), which its one- and two-row products read: q4_0 decoding at
+///   batch 1 measured 1.8–2.2× faster.
+/// - [`Panels::ManyRows`], encoder batches (`wick predict`, `wick embed` and `wick serve` for
+///   BERT), at the AVX-512 level: the 12×32 kernel's own panels, so a product skips the packing
+///   of its right operand (3–4% of a BERT-base forward). (At AVX2 encoder batches measured
+///   5–10% slower in the 16-wide panels and are not packed.)
+///
+/// Returns how many layers it packed; `WICK_PACK_WEIGHTS=0` leaves the weights as stored (to
+/// compare).
+pub fn pack_for_inference<M: Pretrained>(model: &mut M, panels: Panels) -> Result<usize> {
     if std::env::var("WICK_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
         return Ok(0);
     }
     let mut packed = 0;
     for (name, dense) in model.linear_layers() {
-        packed += dense.pack_for_inference().with_context(|| format!("packing {name}"))? as usize;
+        packed += dense.pack_for_inference(panels).with_context(|| format!("packing {name}"))? as usize;
     }
     Ok(packed)
 }

@@ -71,7 +71,15 @@ fn check_classifier(name: &str) -> Result<()> {
     assert_close("last_hidden_state", &out.last_hidden_state, &fx.get("output.last_hidden_state")?, 1e-4)?;
     assert_close("pooler_output", &out.pooler_output.unwrap(), &fx.get("output.pooler_output")?, 1e-4)?;
     let logits = model.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
-    assert_close(&format!("{name} logits"), &logits, &fx.get("output.logits")?, 1e-4)
+    assert_close(&format!("{name} logits"), &logits, &fx.get("output.logits")?, 1e-4)?;
+    // The same packed for encoder batches (`wick predict`, `wick embed`), where the CPU's level
+    // has those panels.
+    let (mut packed, _) = classifier(name, DType::F32, &fx.device)?;
+    if wick::pretrained::pack_for_inference(&mut packed, wick::ops::linear::Panels::ManyRows)? > 0 {
+        let logits = packed.forward(&x.ids, Some(&x.mask), Some(&x.types), false)?;
+        assert_close(&format!("{name} packed logits"), &logits, &fx.get("output.logits")?, 1e-4)?;
+    }
+    Ok(())
 }
 
 #[test]

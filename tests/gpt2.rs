@@ -49,7 +49,7 @@ fn padded_batch_logits_match_transformers() -> Result<()> {
     assert_close("logits", &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, 1e-4)?;
     // The same packed for inference (`wick generate`, `wick serve`), where the CPU's level packs.
     let mut packed = load_tiny(&fx.device)?;
-    if wick::pretrained::pack_for_inference(&mut packed)? > 0 {
+    if wick::pretrained::pack_for_inference(&mut packed, wick::ops::linear::Panels::FewRows)? > 0 {
         let logits = packed.forward(&ids, Some(&pos), Some(&mask), None, false)?;
         assert_close("packed logits", &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, 1e-4)?;
     }
@@ -90,7 +90,7 @@ fn greedy_ids_match_transformers_unbatched_and_batched() -> Result<()> {
     let fx = Fixture::load("hf/gpt2-tiny.reference")?;
     let mut model = load_tiny(&fx.device)?;
     greedy_ids_match(&fx, &model)?;
-    if wick::pretrained::pack_for_inference(&mut model)? > 0 {
+    if wick::pretrained::pack_for_inference(&mut model, wick::ops::linear::Panels::FewRows)? > 0 {
         greedy_ids_match(&fx, &model)?;
     }
     Ok(())

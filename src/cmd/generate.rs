@@ -59,7 +59,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (device, dtype) = args.run.device_and_dtype(&[DType::F32, DType::F16, DType::BF16])?;
     let files = args.model.resolve(args.run.json).with_context(|| format!("cannot get the model {:?}", args.model.model))?;
     let (mut model, cfg) = crate::pretrained::load::<GPT2LMHeadModel>(&files, dtype, &device)?;
-    crate::pretrained::pack_for_inference(&mut model)?;
+    crate::pretrained::pack_for_inference(&mut model, crate::ops::linear::Panels::FewRows)?;
     let tokenizer = files.tokenizer()?;
     let eos = cfg.eos_ids();
     let config = GenerationConfig {

@@ -100,6 +100,8 @@ impl Predictor {
                 e
             }
         })?;
+        let mut net = net;
+        pretrained::pack_for_inference(&mut net, crate::ops::linear::Panels::ManyRows)?;
         Ok(Self { model: net, labels: LabelSet { names: cfg.labels() }, tokenizer: files.tokenizer()?, pad_id: cfg.pad_token_id, max_len, device })
     }
 

@@ -21,6 +21,7 @@
 //! inference only, it has no backward pass.
 
 use super::cpu_f32;
+pub use super::gemm::Panels;
 use super::gemm::{matmul_into, matmul_new, PackedWeight, View};
 use super::matvec::{matmul_weight, RepackedQ4, MATVEC_ROWS};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -108,17 +109,18 @@ impl Dense {
         Self { weight, bias, layout, quantized: None, packed: None, q4_decode: None }
     }
 
-    /// Packs the f32 weight once into the 16-wide panels of our product ([`PackedWeight`]) and
-    /// drops it as stored (a zero-memory stand-in of its shape stays in `weight`), so that every
-    /// product reads the panels: inference only, since a packed layer has no gradient. Returns
-    /// whether it packed; nothing changes off the CPU (or with `WICK_OPS=reference`), at other
-    /// kernel levels, for other dtypes, for packed layers, and for weights that are trained
-    /// (`Var`s). A q4_0 layer whose input width is a multiple of 128 keeps its quantized weight
-    /// and gains a copy in the decoding layout of `matvec::q4_decode` (at AVX-512 VNNI; as many
-    /// bytes again) for products of one or two rows.
-    pub fn pack_for_inference(&mut self) -> Result<bool> {
+    /// Packs the f32 weight once into the panels of our product ([`PackedWeight`]: `panels`
+    /// says for which products) and drops it as stored (a zero-memory stand-in of its shape
+    /// stays in `weight`), so that every product reads the panels: inference only, since a
+    /// packed layer has no gradient. Returns whether it packed; nothing changes off the CPU (or
+    /// with `WICK_OPS=reference`), at kernel levels without those panels, for other dtypes, for
+    /// packed layers, and for weights that are trained (`Var`s). For decoding
+    /// ([`Panels::FewRows`]) a q4_0 layer whose input width is a multiple of 128 keeps its
+    /// quantized weight and gains a copy in the decoding layout of `matvec::q4_decode` (at
+    /// AVX-512 VNNI; as many bytes again) for products of one or two rows.
+    pub fn pack_for_inference(&mut self, panels: Panels) -> Result<bool> {
         if let Some(q) = &self.quantized {
-            if self.q4_decode.is_some() || q.dtype() != GgmlDType::Q4_0 || !q.device().is_cpu() || !super::fused_path(&q.device()) || !RepackedQ4::available() {
+            if panels != Panels::FewRows || self.q4_decode.is_some() || q.dtype() != GgmlDType::Q4_0 || !q.device().is_cpu() || !super::fused_path(&q.device()) || !RepackedQ4::available() {
                 return Ok(false);
             }
             let (n, k) = q.shape().dims2()?;
@@ -127,7 +129,7 @@ impl Dense {
             return Ok(true);
         }
         let w = &self.weight;
-        if self.packed.is_some() || !super::fused_path(w.device()) || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available() {
+        if self.packed.is_some() || !super::fused_path(w.device()) || w.dtype() != DType::F32 || w.track_op() || !PackedWeight::available_for(panels) {
             return Ok(false);
         }
         let (d_out, d_in) = self.out_in()?;
@@ -137,7 +139,7 @@ impl Dense {
             WeightLayout::InOut => View::rows(&data, d_out),
             WeightLayout::OutIn => View::transposed(&data, d_in),
         };
-        let Some(packed) = PackedWeight::new(b, d_in, d_out)? else { return Ok(false) };
+        let Some(packed) = PackedWeight::new(b, d_in, d_out, panels)? else { return Ok(false) };
         self.weight = stand_in(w.shape(), DType::F32, w.device())?;
         self.packed = Some(Arc::new(packed));
         Ok(true)
@@ -155,13 +157,12 @@ impl Dense {
         if bias.as_ref().is_some_and(|b| b.len() != n) {
             candle_core::bail!("linear layer: a bias of {} for {n} outputs", bias.map_or(0, |b| b.len()))
         }
-        let mut y = super::repeated_rows(bias.as_deref(), m, n);
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-        {
+        let mut y = {
             let (storage, layout) = x32.storage_and_layout();
             let candle_core::Storage::Cpu(storage) = &*storage else { candle_core::bail!("linear layer: a packed weight needs its input on the CPU") };
-            packed.product(cpu_f32(storage, layout, "packed product")?, m, &mut y)?;
-        }
+            packed.product_new(cpu_f32(storage, layout, "packed product")?, m, bias.as_deref())?
+        };
         if relu {
             // PyTorch's ReLU: NaN stays NaN.
             y.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
@@ -440,31 +441,37 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
-    /// A layer packed for inference gives its unpacked outputs (1e-4), with and without ReLU,
-    /// for one row and many, in both layouts; a trained weight (a `Var`) is left as it is.
+    /// A layer packed for inference, in either panels, gives its unpacked outputs (1e-4), with
+    /// and without ReLU and bias, for one row and many (across the 12×32 kernel's 384 depths and
+    /// 512 columns), in both layouts; a trained weight (a `Var`) is left as it is.
     #[test]
     fn a_packed_layer_gives_the_unpacked_outputs() -> Result<()> {
         use candle_core::Module;
         let dev = Device::Cpu;
-        if !PackedWeight::available() {
-            return Ok(());
-        }
-        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            let shape = if layout == WeightLayout::OutIn { (70, 300) } else { (300, 70) };
-            let dense = Dense::new(Tensor::randn(0f32, 1.0, shape, &dev)?, Some(Tensor::randn(0f32, 1.0, 70, &dev)?), layout);
-            let mut packed = dense.clone();
-            assert!(packed.pack_for_inference()?);
-            assert!(!packed.pack_for_inference()?, "packed twice");
-            assert_eq!(packed.weight.dims(), dense.weight.dims());
-            for rows in [1, 40] {
-                let x = Tensor::randn(0f32, 1.0, (2, rows, 300), &dev)?;
-                assert!(max_diff(&packed.forward(&x)?, &dense.forward(&x)?) < 1e-4, "{layout:?} rows {rows}");
-                assert!(max_diff(&packed.forward_relu(&x)?, &dense.forward_relu(&x)?) < 1e-4, "{layout:?} relu rows {rows}");
+        for panels in [Panels::FewRows, Panels::ManyRows] {
+            if !PackedWeight::available_for(panels) {
+                eprintln!("skipped {panels:?}: not at this level");
+                continue;
             }
-            assert!(packed.forward(&Tensor::zeros((2, 299), DType::F32, &dev)?).is_err());
+            for (layout, bias) in [(WeightLayout::OutIn, true), (WeightLayout::InOut, true), (WeightLayout::OutIn, false)] {
+                let (d_in, d_out) = (400, 530);
+                let shape = if layout == WeightLayout::OutIn { (d_out, d_in) } else { (d_in, d_out) };
+                let bias = bias.then(|| Tensor::randn(0f32, 1.0, d_out, &dev)).transpose()?;
+                let dense = Dense::new(Tensor::randn(0f32, 1.0, shape, &dev)?, bias, layout);
+                let mut packed = dense.clone();
+                assert!(packed.pack_for_inference(panels)?);
+                assert!(!packed.pack_for_inference(panels)?, "packed twice");
+                assert_eq!(packed.weight.dims(), dense.weight.dims());
+                for rows in [1, 40, 70] {
+                    let x = Tensor::randn(0f32, 1.0, (2, rows, d_in), &dev)?;
+                    assert!(max_diff(&packed.forward(&x)?, &dense.forward(&x)?) < 1e-4, "{panels:?} {layout:?} rows {rows}");
+                    assert!(max_diff(&packed.forward_relu(&x)?, &dense.forward_relu(&x)?) < 1e-4, "{panels:?} {layout:?} relu rows {rows}");
+                }
+                assert!(packed.forward(&Tensor::zeros((2, d_in - 1), DType::F32, &dev)?).is_err());
+            }
+            let mut trained = Dense::new(Var::randn(0f32, 1.0, (4, 8), &dev)?.as_tensor().clone(), None, WeightLayout::OutIn);
+            assert!(!trained.pack_for_inference(panels)?);
         }
-        let mut trained = Dense::new(Var::randn(0f32, 1.0, (4, 8), &dev)?.as_tensor().clone(), None, WeightLayout::OutIn);
-        assert!(!trained.pack_for_inference()?);
         Ok(())
     }
 

@@ -119,7 +119,7 @@ impl Server {
             let mut model = ServedModel { id: spec.id.clone(), completions: None, embeddings: None, classifier: None };
             if completes {
                 let (mut gpt2, config) = crate::pretrained::load::<GPT2LMHeadModel>(&spec.files, dtype, device)?;
-                crate::pretrained::pack_for_inference(&mut gpt2)?;
+                crate::pretrained::pack_for_inference(&mut gpt2, crate::ops::linear::Panels::FewRows)?;
                 let tokenizer = Arc::new(spec.files.tokenizer()?);
                 let eos = config.eos_ids();
                 let (queue, thread) = completions::CompletionQueue::start(gpt2, tokenizer.clone(), options.queue_size, options.max_batch, metrics.clone())?;

@@ -249,11 +249,23 @@ pub struct PackedWeight {
     data: blis::LineAligned,
     k: usize,
     n: usize,
+    panels: Panels,
+}
+
+/// What a weight is packed for, and so in whose panels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panels {
+    /// Decoding's few rows a product: the AVX2 level's 16-wide panels (256 depths), which the
+    /// few-rows kernel and the narrow AVX-512 tiles read.
+    FewRows,
+    /// An encoder's hundreds of rows a product: the 12×32 AVX-512 kernel's 32-wide panels (384
+    /// depths), which that kernel reads as it reads a B it packed itself (AVX-512 only).
+    ManyRows,
 }
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeight({}×{})", self.k, self.n)
+        write!(f, "PackedWeight({}×{}, {:?})", self.k, self.n, self.panels)
     }
 }
 
@@ -268,19 +280,57 @@ impl PackedWeight {
         cfg!(target_arch = "x86_64") && crate::cpu::isa() >= crate::cpu::Isa::Avx2
     }
 
-    /// Packs W, the right operand of `x · W` (k × n), read through `w`; `None` where
-    /// [`PackedWeight::available`] is false.
-    pub(crate) fn new(w: View, k: usize, n: usize) -> Result<Option<Self>> {
+    /// Whether weights can be packed in `panels` at the current level: [`Self::available`] for
+    /// [`Panels::FewRows`], the AVX-512 level for [`Panels::ManyRows`].
+    pub fn available_for(panels: Panels) -> bool {
+        match panels {
+            Panels::FewRows => Self::available(),
+            Panels::ManyRows => cfg!(target_arch = "x86_64") && crate::cpu::isa() == crate::cpu::Isa::Avx512,
+        }
+    }
+
+    /// Packs W, the right operand of `x · W` (k × n), read through `w`, in `panels`; `None`
+    /// where they are not available ([`PackedWeight::available_for`]).
+    pub(crate) fn new(w: View, k: usize, n: usize, panels: Panels) -> Result<Option<Self>> {
         if !fits(w.data.len(), k, n, w.rs, w.cs) {
             candle_core::bail!("packing a {k}×{n} weight: it does not fit its buffer")
         }
         #[cfg(target_arch = "x86_64")]
-        if Self::available() && k > 0 && n > 0 {
-            // SAFETY: the level is at least AVX2 (so the CPU has it and FMA); `fits` checked the view.
-            let data = unsafe { blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n) };
-            return Ok(Some(Self { data, k, n }));
+        if Self::available_for(panels) && k > 0 && n > 0 {
+            // SAFETY: the level is at least AVX2 (so the CPU has it and FMA), AVX-512 for the
+            // 12×32 kernel's panels; `fits` checked the view.
+            let data = unsafe {
+                match panels {
+                    Panels::FewRows => blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n),
+                    Panels::ManyRows => blis::pack_whole_b::<blis_avx512::Avx512>(w.into(), k, n),
+                }
+            };
+            return Ok(Some(Self { data, k, n, panels }));
         }
         Ok(None)
+    }
+
+    /// `bias row (or 0) + x (m × k) · W` as a new m × n matrix, written once.
+    pub(crate) fn product_new(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        let (k, n) = (self.k, self.n);
+        if x.len() != m * k || bias.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("packed product: x has {} elements for {m}×{k}, the bias {} for {n}", x.len(), bias.map_or(n, <[f32]>::len))
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.panels == Panels::ManyRows {
+            use blis::MicroKernel;
+            let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
+            let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
+            let base = bias_base(bias, n)?;
+            let threads = candle_core::utils::get_num_threads();
+            // SAFETY: packed in the 12×32 kernel's panels, which exist at the AVX-512 level only
+            // (so the CPU has it); x holds m×k elements and the bias n (checked above); the
+            // product writes all m·n elements without reading them (the base is not C).
+            return Ok(unsafe { crate::ops::written_once(m * n, |y| blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr().cast(), n, base, 1.0, threads)) });
+        }
+        let mut y = crate::ops::repeated_rows(bias, m, n);
+        self.product(x, m, &mut y)?;
+        Ok(y)
     }
 
     /// (k, n): the product's depth and width.
@@ -295,6 +345,16 @@ impl PackedWeight {
             candle_core::bail!("packed product: x has {} elements for {m}×{k}, y {} for {m}×{n}", x.len(), y.len())
         }
         if m == 0 {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.panels == Panels::ManyRows {
+            use blis::MicroKernel;
+            let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
+            let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
+            let threads = candle_core::utils::get_num_threads();
+            // SAFETY: as in `product_new`; y holds m×n elements (checked above).
+            unsafe { blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, Base::C, 1.0, threads) };
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]

@@ -138,7 +138,7 @@ fn our_avx512_kernels_match_the_reference_and_the_gemm_crate_on_one_and_two_thre
 /// 9, 16 and the case's rows (AVX2's 6×16 tiles; AVX-512's 16×16 up to 32 rows and 28×16
 /// beyond), both layouts of the weight, and a
 /// width across NC = 4080 columns (the packed offsets of a second column block) split over the
-/// threads.
+/// threads; and the same in the 12×32 kernel's panels ([`Panels::ManyRows`], at AVX-512).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
@@ -147,13 +147,15 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
         return Ok(());
     }
     let shapes = CASES.iter().map(|&(m, n, k, _, rt, _, _)| (m, n, k, rt)).chain([(3, 4100, 300, false), (20, 4100, 40, true)]);
-    for (i, (m, n, k, transposed)) in shapes.enumerate() {
+    let panel_kinds = [Panels::FewRows, Panels::ManyRows].into_iter().filter(|&p| PackedWeight::available_for(p));
+    for (panels, (i, (m, n, k, transposed))) in panel_kinds.flat_map(|p| shapes.clone().enumerate().map(move |s| (p, s))) {
         let b = values(k * n, 5 * i as u64 + 1);
         let rhs = if transposed { View::transposed(&b, k) } else { View::rows(&b, n) };
-        let packed = PackedWeight::new(rhs, k, n)?.expect("available");
+        let packed = PackedWeight::new(rhs, k, n, panels)?.expect("available");
         assert_eq!(packed.dims(), (k, n));
         assert_eq!(packed.data.as_slice().as_ptr() as usize % 64, 0, "panels start a cache line");
-        assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(blis_avx2::NR) * blis_avx2::NR);
+        let width = if panels == Panels::FewRows { blis_avx2::NR } else { <blis_avx512::Avx512 as blis::MicroKernel>::NR };
+        assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(width) * width);
         for rows in [1, 2, 3, 4, 8, 9, 16, m] {
             let a = values(rows * k, 5 * i as u64 + 2);
             let mut y = values(rows * n, 5 * i as u64 + 3);
@@ -161,13 +163,13 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
             packed.product(&a, rows, &mut y)?;
             let bound = 1e-5 * (k as f64 + 1.0);
             for (j, (&got, &want)) in y.iter().zip(&want).enumerate() {
-                assert!((got as f64 - want).abs() <= bound, "case {i} ({rows}×{n}×{k}), element {j}: {got} vs {want}");
+                assert!((got as f64 - want).abs() <= bound, "{panels:?} case {i} ({rows}×{n}×{k}), element {j}: {got} vs {want}");
             }
         }
     }
-    let packed = PackedWeight::new(View::rows(&[1.0; 6], 3), 2, 3)?.expect("available");
+    let packed = PackedWeight::new(View::rows(&[1.0; 6], 3), 2, 3, Panels::FewRows)?.expect("available");
     assert!(packed.product(&[1.0; 3], 2, &mut [0.0; 6]).is_err(), "x of the wrong length");
-    assert!(PackedWeight::new(View::rows(&[1.0; 5], 3), 2, 3).is_err(), "a weight that does not fit its buffer");
+    assert!(PackedWeight::new(View::rows(&[1.0; 5], 3), 2, 3, Panels::FewRows).is_err(), "a weight that does not fit its buffer");
     Ok(())
 }
 
