@@ -114,7 +114,8 @@ impl Dense {
     /// stays in `weight`), so that every product reads the panels: inference only, since a
     /// packed layer has no gradient. Returns whether it packed; nothing changes off the CPU (or
     /// with `WICK_OPS=reference`), at kernel levels without those panels, for other dtypes, for
-    /// packed layers, and for weights that are trained (`Var`s). For decoding
+    /// packed layers, for weights that are trained (`Var`s), and for encoder batches
+    /// ([`Panels::ManyRows`]) in layers of fewer than 64 outputs. For decoding
     /// ([`Panels::FewRows`]) a q4_0 layer whose input width is a multiple of 128 keeps its
     /// quantized weight and gains a copy in the decoding layout of `matvec::q4_decode` (at
     /// AVX-512 VNNI; as many bytes again) for products of one or two rows.
@@ -133,6 +134,10 @@ impl Dense {
             return Ok(false);
         }
         let (d_out, d_in) = self.out_in()?;
+        if panels == Panels::ManyRows && d_out < 64 {
+            // (A head of a few outputs: the 12×32 tiles would be mostly padding.)
+            return Ok(false);
+        }
         let data = w.flatten_all()?.to_vec1::<f32>()?;
         // The product is x · B with B (in × out): the weight itself, or the transpose of (out, in).
         let b = match self.layout {
@@ -471,6 +476,8 @@ mod tests {
             }
             let mut trained = Dense::new(Var::randn(0f32, 1.0, (4, 8), &dev)?.as_tensor().clone(), None, WeightLayout::OutIn);
             assert!(!trained.pack_for_inference(panels)?);
+            let mut head = Dense::new(Tensor::randn(0f32, 1.0, (2, 300), &dev)?, None, WeightLayout::OutIn);
+            assert_eq!(head.pack_for_inference(panels)?, panels == Panels::FewRows, "a two-output head, {panels:?}");
         }
         Ok(())
     }

@@ -31,7 +31,8 @@ impl EncoderModel {
     }
 
     pub fn classifier(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let (model, config) = crate::pretrained::load::<BertForSequenceClassification>(files, dtype, device)?;
+        let (mut model, config) = crate::pretrained::load::<BertForSequenceClassification>(files, dtype, device)?;
+        crate::pretrained::pack_for_inference(&mut model, crate::ops::linear::Panels::ManyRows)?;
         Ok(Self::Classifier { model, config, tokenizer: files.tokenizer()?, device: device.clone() })
     }
 

@@ -2,8 +2,9 @@
 //! packing and the thread split of our f32 matrix product. The kernels are `blis_avx2` (6×16 in
 //! ymm registers) and `blis_avx512` (12×32 in zmm registers); `ops::gemm::product` picks one by
 //! the CPU's level. A weight packed once (`ops::gemm::PackedWeight`, [`Rhs::Packed`]) is read in
-//! the 6×16 kernel's panels, at AVX-512 by `blis_avx512::Avx512Narrow`'s MR×16 tiles; its
-//! panels then stream from memory instead of sitting in L1.
+//! the 6×16 kernel's panels, at AVX-512 by `blis_avx512::Avx512Narrow`'s MR×16 tiles, or (for
+//! encoder batches) in the 12×32 kernel's own panels; its panels then stream from memory
+//! instead of sitting in L1.
 //!
 //! Algorithm: C (m×n) = base + scale · A (m×k) · B (k×n), any strides for A and B, C row-major,
 //! the base zero, C itself or a bias row ([`Base`]).
@@ -268,33 +269,38 @@ unsafe impl Sync for Rhs {}
 /// The CPU has AVX2 and FMA; `b` addresses k×n valid elements.
 pub(crate) unsafe fn pack_whole_b<K: MicroKernel>(b: Mat, k: usize, n: usize) -> LineAligned {
     let mut data = LineAligned::zeroed(k * n.div_ceil(K::NR) * K::NR);
-    pack_whole_b_into::<K>(data.as_mut_slice(), b, k, n);
+    pack_whole_b_into::<K>(data.as_mut_slice(), b, k, n, true);
     data
 }
 
 /// Packs a k × n matrix `b` into `out` for [`Rhs::Packed`]: per depth chunk of KC, every
 /// NR-column panel of [`pack_b`] (columns past n as zeros): k · n-rounded-up-to-NR floats. Runs
-/// of panels are packed in parallel.
+/// of panels are packed in parallel, or all on the calling thread (a serial product, which may
+/// itself be one task of a parallel loop).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `b` addresses k×n valid elements; `out` holds at least
 /// k · n-rounded-up-to-NR floats.
-unsafe fn pack_whole_b_into<K: MicroKernel>(out: &mut [f32], b: Mat, k: usize, n: usize) {
+unsafe fn pack_whole_b_into<K: MicroKernel>(out: &mut [f32], b: Mat, k: usize, n: usize, parallel: bool) {
     use rayon::prelude::*;
     const PANELS_PER_TASK: usize = 8;
     let padded = n.div_ceil(K::NR) * K::NR;
     let b = &b; // (the closure shares the whole Mat, which is Sync, not its raw pointer)
-    out[..k * padded].par_chunks_mut(K::KC * padded).enumerate().for_each(|(chunk, block)| {
-        let pc = chunk * K::KC;
-        let kc = K::KC.min(k - pc);
-        // Within a depth chunk panel q starts at q·NR·kc: a run of panels is a run of `block`.
-        block.par_chunks_mut(PANELS_PER_TASK * K::NR * kc).enumerate().for_each(|(run, part)| {
-            let col = run * PANELS_PER_TASK * K::NR;
-            let cols = (PANELS_PER_TASK * K::NR).min(n - col);
-            // SAFETY: rows pc..pc + kc and columns col..col + cols of b lie inside its k × n.
-            unsafe { pack_b::<K>(part, Mat { ptr: b.ptr.offset(pc as isize * b.rs + col as isize * b.cs), ..*b }, kc, cols) };
-        });
-    });
+    // Depth chunk `chunk`'s run `run` of panels: within a chunk panel q starts at q·NR·kc, so a
+    // run of panels is a run of the chunk's floats.
+    let pack_run = |chunk: usize, run: usize, part: &mut [f32]| {
+        let (pc, col) = (chunk * K::KC, run * PANELS_PER_TASK * K::NR);
+        let (kc, cols) = (K::KC.min(k - pc), (PANELS_PER_TASK * K::NR).min(n - col));
+        // SAFETY: rows pc..pc + kc and columns col..col + cols of b lie inside its k × n.
+        unsafe { pack_b::<K>(part, Mat { ptr: b.ptr.offset(pc as isize * b.rs + col as isize * b.cs), ..*b }, kc, cols) };
+    };
+    let run_len = |chunk: usize| PANELS_PER_TASK * K::NR * K::KC.min(k - chunk * K::KC);
+    let out = &mut out[..k * padded];
+    if parallel {
+        out.par_chunks_mut(K::KC * padded).enumerate().for_each(|(chunk, block)| block.par_chunks_mut(run_len(chunk)).enumerate().for_each(|(run, part)| pack_run(chunk, run, part)));
+    } else {
+        out.chunks_mut(K::KC * padded).enumerate().for_each(|(chunk, block)| block.chunks_mut(run_len(chunk)).enumerate().for_each(|(run, part)| pack_run(chunk, run, part)));
+    }
 }
 
 /// `c (m×n, row stride ldc) = base + scale · a · b` on the calling thread; every element of c is
@@ -355,8 +361,9 @@ pub(crate) unsafe fn gemm_serial<K: MicroKernel>(m: usize, n: usize, k: usize, a
 ///     for each block of MC rows:   pack A[mc, kc] into MR-tall panels (in L2)
 ///       for each block of NC columns (B's KC·NC block, read from where it was packed, in L2):
 ///         for each MR panel of A (in L1) × NR panel of B (streaming from L2): the micro-kernel.
-/// Each A panel serves NC/NR tiles from L1, where the other order keeps B's panel there: with
-/// the 12×32 kernel B's panel is 32 KB of a 48 KB L1 and the A panels streaming past evict it.
+/// Each A panel serves NC/NR tiles from L1, where the other order keeps B's panel there (with
+/// the 12×32 kernel at the KC of 256 that order had, B's panel was 32 KB of a 48 KB L1, and
+/// the A panels streaming past evicted it).
 /// A block is packed once per depth block (not once per column block), and B's blocks come from
 /// the packed whole, so a product packs nothing twice.
 ///
@@ -412,9 +419,10 @@ impl SendPtr {
 /// (a wake-up and a join, some microseconds) costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// Floats of B packed at a time for all tasks to share (16 MB): every product of BERT-base and
-/// GPT-2 small but the LM head packs its whole right operand at once. (Small in tests, so that
-/// their shapes cross it.)
+/// Floats of B packed at a time for all tasks to share (16 MB): the forward products of BERT-base
+/// and GPT-2 small but the LM head pack their whole right operand at once; a weight gradient
+/// over many tokens (k = 2048 by 3072) comes in pieces of fewer depths. (Small in tests, so
+/// that their shapes cross it.)
 const SHARED_B_MAX: usize = if cfg!(test) { 1 << 16 } else { 1 << 22 };
 
 thread_local! {
@@ -427,13 +435,15 @@ thread_local! {
 /// small chunks that the pool's threads take as they come free: the cores of one machine do
 /// not run at one speed (on this project's 2-core Xeon VM one core ran a fixed half of a
 /// product 25–30% slower than the other, and the split into one half a thread waited for it).
-/// With few rows, the longer of m and n is split in equal parts, each task packing the smaller
-/// operand for itself. A kernel that keeps A's panel in L1 always gets B packed whole.
+/// With few rows, the longer of m and n is split in equal parts, each task packing its operands
+/// for itself, but a B packed whole: a kernel that keeps A's panel in L1 always gets B packed
+/// whole (once, shared), and a weight packed once is not packed again.
 ///
 /// # Safety
 /// As [`gemm_serial`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, b: Rhs, c: *mut f32, ldc: usize, base: Base, scale: f32, threads: usize) {
+    debug_assert!(k > 0, "a product without depth writes only its base (product_raw)");
     let threads = if m * n * k < PARALLEL_MIN_WORK { 1 } else { threads.max(1) };
     // Rows enough to hand out in chunks, two or more a thread.
     let chunked = threads > 1 && m >= 2 * threads * K::MR;
@@ -472,7 +482,7 @@ pub(crate) unsafe fn gemm<K: MicroKernel>(m: usize, n: usize, k: usize, a: Mat, 
                 let depth = span.min(k - p0);
                 buf.grow(depth * padded);
                 let b_part = Mat { ptr: b.ptr.offset(p0 as isize * b.rs + jc as isize * b.cs), ..b };
-                pack_whole_b_into::<K>(buf.as_mut_slice(), b_part, depth, nc);
+                pack_whole_b_into::<K>(buf.as_mut_slice(), b_part, depth, nc, threads > 1);
                 let a_part = Mat { ptr: a.ptr.offset(p0 as isize * a.cs), ..a };
                 let part_base = if p0 == 0 { base.at_col(jc) } else { Base::C };
                 let packed = Rhs::Packed { ptr: buf.as_slice().as_ptr(), padded, col0: 0 };

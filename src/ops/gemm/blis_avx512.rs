@@ -31,7 +31,7 @@ impl MicroKernel for Avx512 {
     const A_PANEL_IN_L1: bool = true;
     #[inline(always)]
     unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
-        kernel::<12, 2, true>(kc, ap, bp, c, ldc, rows, cols, base, scale)
+        kernel::<12, 2>(kc, ap, bp, c, ldc, rows, cols, base, scale)
     }
 }
 
@@ -51,18 +51,17 @@ impl<const MR: usize> MicroKernel for Avx512Narrow<MR> {
     const NC: usize = 4096;
     #[inline(always)]
     unsafe fn tile(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
-        kernel::<MR, 1, true>(kc, ap, bp, c, ldc, rows, cols, base, scale)
+        kernel::<MR, 1>(kc, ap, bp, c, ldc, rows, cols, base, scale)
     }
 }
 
-/// An MR × 16·H tile: MR rows of H zmm accumulators. With `STREAM_B` the B panel is fetched
-/// 64 depths ahead: it streams, from B's block in L2 (the 12×32 kernel, which keeps A's panel
-/// in L1: 2–4% faster so, two single-threaded `benches/matmul` at once) or from memory (a weight
-/// packed once).
+/// An MR × 16·H tile: MR rows of H zmm accumulators. The B panel is fetched 64 depths ahead:
+/// it streams, from B's block in L2 (the 12×32 kernel, which keeps A's panel in L1: 2–4% faster
+/// so, two single-threaded `benches/matmul` at once) or from memory (a weight packed once).
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
+unsafe fn kernel<const MR: usize, const H: usize>(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, base: Base, scale: f32) {
     let nr = 16 * H;
     for i in 0..rows {
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -86,11 +85,9 @@ unsafe fn kernel<const MR: usize, const H: usize, const STREAM_B: bool>(kc: usiz
         for line in (0..4 * MR).step_by(16) {
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(8 * MR + line) as *const i8);
         }
-        if STREAM_B {
-            // 4 depths of B, 64 depths ahead.
-            for line in (0..4 * nr).step_by(16) {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(64 * nr + line) as *const i8);
-            }
+        // 4 depths of B, 64 depths ahead.
+        for line in (0..4 * nr).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(64 * nr + line) as *const i8);
         }
         for u in 0..4 {
             step(&mut acc, a.add(u * MR), b.add(u * nr));

@@ -5,7 +5,8 @@
 //! error, not memory corruption), then runs our BLIS-style product ([`blis`]) with the AVX-512
 //! micro-kernel ([`blis_avx512`]) or the AVX2 one ([`blis_avx2`]) by the CPU's level, and the
 //! `gemm` crate (candle's own product) at the portable level. Products of fewer than 64 rows or
-//! two tiles' width go to `gemm` too (`blis_kernel` says why).
+//! two tiles' width go to `gemm` too (`blis_kernel` says why), but those with a weight packed
+//! once ([`PackedWeight`]), which always run our kernels.
 
 #[cfg(target_arch = "x86_64")]
 mod blis;
@@ -165,25 +166,21 @@ pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usiz
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 || !matches!(base, Base::C) {
-        // Without depth the base is the product; the `gemm` crate below takes no bias row.
-        #[cfg(target_arch = "x86_64")]
-        let ours = k > 0 && blis_kernel(m, n).is_some();
-        #[cfg(not(target_arch = "x86_64"))]
-        let ours = false;
-        if !ours {
-            for r in 0..m {
-                let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
-                match base {
-                    Base::Row(b) => row.copy_from_slice(std::slice::from_raw_parts(b, n)),
-                    _ => row.fill(0.0),
-                }
+    // dst = base: what a product without depth gives, and where the `gemm` crate (which takes
+    // no bias row) starts. (Zeros too, though the crate overwrites dst without reading it: it
+    // does not promise that for memory that was never written.)
+    let write_base = || {
+        for r in 0..m {
+            let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
+            match base {
+                Base::Row(b) => row.copy_from_slice(std::slice::from_raw_parts(b, n)),
+                Base::Zero => row.fill(0.0),
+                Base::C => {}
             }
-            if k == 0 {
-                return;
-            }
-            return with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, matches!(base, Base::Row(_)), scale, parallelism);
         }
+    };
+    if k == 0 {
+        return write_base();
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(level) = blis_kernel(m, n) {
@@ -197,7 +194,8 @@ pub(crate) unsafe fn product_raw(dst: *mut f32, dst_rs: usize, m: usize, n: usiz
             _ => blis::gemm::<blis_avx2::Avx2>(m, n, k, lhs, rhs, dst, dst_rs, base, scale, threads),
         };
     }
-    with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, true, scale, parallelism)
+    write_base();
+    with_gemm_crate(dst, dst_rs, m, n, k, lhs, rhs, !matches!(base, Base::Zero), scale, parallelism)
 }
 
 /// [`product_raw`] on the `gemm` crate, whatever the level.
@@ -236,8 +234,10 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
     matmul(dst, n, m, n, k, lhs, rhs, false)
 }
 
-/// A weight packed once into the panels our AVX2 kernel reads (16 columns by 256 depths, the
-/// packing every product otherwise repeats), for inference: products with it skip the packing,
+/// A weight packed once, for inference, into the panels of the products it will serve
+/// ([`Panels`]): for decoding the panels our AVX2 kernel reads (16 columns by 256 depths), for
+/// encoder batches the 12×32 AVX-512 kernel's (32 by 384). Products with it skip the packing
+/// every product otherwise repeats,
 /// and the panels stream from memory in order. With a few rows of activations (batched
 /// decoding) this is what makes the difference: the matrix-vector kernels, which read the weight
 /// as stored, run 8–16 rows at 40–75 GFLOP/s, where panels keep the kernel's accumulators in
@@ -270,7 +270,8 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Whether weights can be packed at the current level: AVX2 and AVX-512, in the AVX2 level's
+    /// Whether weights can be packed for decoding ([`Panels::FewRows`]) at the current level:
+    /// AVX2 and AVX-512, in the AVX2 level's
     /// panels (16 columns by 256 depths). At AVX2 the few-rows kernel reads them for up to 8 rows
     /// and the 6×16 tiles beyond; at AVX-512 the few-rows kernel takes one row and the 4×16,
     /// 8×16, 16×16 and 28×16 tiles of `blis_avx512::Avx512Narrow` 2–4, 5–8, 9–32 and more (a

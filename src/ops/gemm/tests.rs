@@ -24,7 +24,7 @@ fn reference(dst: &[f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, ac
 }
 
 /// (m, n, k, lhs transposed, rhs transposed, accumulate, scale)
-const CASES: [(usize, usize, usize, bool, bool, bool, f32); 19] = [
+const CASES: [(usize, usize, usize, bool, bool, bool, f32); 22] = [
     (12, 32, 1, false, false, false, 1.0),
     (13, 35, 7, false, true, true, 1.0),
     (37, 45, 29, true, false, false, 0.5),
@@ -46,11 +46,15 @@ const CASES: [(usize, usize, usize, bool, bool, bool, f32); 19] = [
     // A last 12×32 tile whose second half holds 9 of its 16 columns.
     (30, 57, 20, false, true, true, 1.0),
     // Chunks of rows on two threads with B shared, packed in pieces of fewer depths (B of
-    // 700 × 160 past the tests' limit, 384 depths of it within), of fewer columns (NC = 512
-    // crossed too), and whole.
+    // 700 × 160 past the tests' limit, 384 depths of it within), whole (600 columns across
+    // NC = 512), and of fewer columns over several depth chunks (accumulating, and not).
     (60, 150, 700, false, true, true, 1.0),
     (100, 600, 50, true, false, false, 1.0),
     (250, 90, 130, false, false, true, 0.5),
+    (70, 300, 800, false, true, true, 1.0),
+    (40, 2000, 500, false, false, false, 1.0),
+    // Too few rows for chunks: halves along m (the 12×32 kernel on a B packed whole; AVX2's).
+    (40, 30, 1200, true, false, true, 1.0),
 ];
 
 /// Runs every case through `run` (which fills `dst` like [`product`]) and checks it against the
@@ -179,7 +183,7 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
 /// products, through the gemm crate.
 #[test]
 fn a_product_into_fresh_memory_adds_its_bias_and_writes_every_element() -> Result<()> {
-    for (i, &(m, n, k)) in [(150, 70, 300), (100, 600, 50), (5, 40, 30), (70, 20, 10), (64, 64, 0), (130, 90, 700)].iter().enumerate() {
+    for (i, &(m, n, k)) in [(150, 70, 300), (100, 600, 50), (100, 600, 200), (5, 40, 30), (70, 20, 10), (64, 64, 0), (130, 90, 700)].iter().enumerate() {
         let (a, b, bias) = (values(m * k, 11 * i as u64 + 1), values(k * n, 11 * i as u64 + 2), values(n, 11 * i as u64 + 3));
         let (lhs, rhs) = (View::rows(&a, k), View::transposed(&b, k));
         let zeros = vec![0f32; m * n];
@@ -202,6 +206,11 @@ fn a_product_into_fresh_memory_adds_its_bias_and_writes_every_element() -> Resul
             assert!(unsafe { into[m * n].assume_init() }.is_nan(), "written past the product");
         }
     }
+    // Accumulating without depth leaves dst as it was.
+    let mut dst = values(64 * 64, 99);
+    let before = dst.clone();
+    matmul(&mut dst, 64, 64, 64, 0, View::rows(&[], 0), View::rows(&[], 64), true)?;
+    assert_eq!(dst, before, "a product without depth changed what it accumulates into");
     assert!(matmul_new(4, 3, 2, View::rows(&[1.0; 8], 2), View::rows(&[1.0; 6], 3), Some(&[0.0; 2])).is_err(), "a bias of the wrong width");
     assert!(matmul_new(4, 3, 2, View::rows(&[1.0; 7], 2), View::rows(&[1.0; 6], 3), None).is_err(), "a view past its slice");
     Ok(())
