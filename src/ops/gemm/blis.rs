@@ -435,9 +435,10 @@ thread_local! {
 /// small chunks that the pool's threads take as they come free: the cores of one machine do
 /// not run at one speed (on this project's 2-core Xeon VM one core ran a fixed half of a
 /// product 25–30% slower than the other, and the split into one half a thread waited for it).
-/// With few rows, the longer of m and n is split in equal parts, each task packing its operands
-/// for itself, but a B packed whole: a kernel that keeps A's panel in L1 always gets B packed
-/// whole (once, shared), and a weight packed once is not packed again.
+/// With few rows, the longer of m and n is split in equal parts instead. B is packed once for
+/// all tasks whenever rows go out in chunks, and always for a kernel that keeps A's panel in
+/// L1; otherwise (the AVX2 kernel's halves) each task packs its share; a weight packed once is
+/// never packed again.
 ///
 /// # Safety
 /// As [`gemm_serial`].
