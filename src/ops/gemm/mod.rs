@@ -311,6 +311,22 @@ impl PackedWeight {
         Ok(None)
     }
 
+    /// `y (m × n) = base + x (m × k) · W` through the 12×32 kernel on its own panels
+    /// ([`Panels::ManyRows`]), on candle's thread count.
+    ///
+    /// # Safety
+    /// Packed in [`Panels::ManyRows`] (which exist at the AVX-512 level only, so the CPU has it);
+    /// x holds m×k elements, y m×n, a `Base::Row` n.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn many_rows_product(&self, x: &[f32], m: usize, y: *mut f32, base: Base) {
+        use blis::MicroKernel;
+        let (k, n) = (self.k, self.n);
+        debug_assert_eq!(self.panels, Panels::ManyRows);
+        let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
+        let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
+        blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y, n, base, 1.0, candle_core::utils::get_num_threads())
+    }
+
     /// `bias row (or 0) + x (m × k) · W` as a new m × n matrix, written once.
     pub(crate) fn product_new(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
         let (k, n) = (self.k, self.n);
@@ -319,15 +335,10 @@ impl PackedWeight {
         }
         #[cfg(target_arch = "x86_64")]
         if self.panels == Panels::ManyRows {
-            use blis::MicroKernel;
-            let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
-            let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
             let base = bias_base(bias, n)?;
-            let threads = candle_core::utils::get_num_threads();
-            // SAFETY: packed in the 12×32 kernel's panels, which exist at the AVX-512 level only
-            // (so the CPU has it); x holds m×k elements and the bias n (checked above); the
-            // product writes all m·n elements without reading them (the base is not C).
-            return Ok(unsafe { crate::ops::written_once(m * n, |y| blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr().cast(), n, base, 1.0, threads)) });
+            // SAFETY: x holds m×k elements and the bias n (checked above); the product writes
+            // all m·n elements without reading them (the base is not C).
+            return Ok(unsafe { crate::ops::written_once(m * n, |y| self.many_rows_product(x, m, y.as_mut_ptr().cast(), base)) });
         }
         let mut y = crate::ops::repeated_rows(bias, m, n);
         self.product(x, m, &mut y)?;
@@ -350,12 +361,8 @@ impl PackedWeight {
         }
         #[cfg(target_arch = "x86_64")]
         if self.panels == Panels::ManyRows {
-            use blis::MicroKernel;
-            let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
-            let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
-            let threads = candle_core::utils::get_num_threads();
-            // SAFETY: as in `product_new`; y holds m×n elements (checked above).
-            unsafe { blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y.as_mut_ptr(), n, Base::C, 1.0, threads) };
+            // SAFETY: x and y hold m×k and m×n elements (checked above).
+            unsafe { self.many_rows_product(x, m, y.as_mut_ptr(), Base::C) };
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
