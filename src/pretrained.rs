@@ -72,11 +72,11 @@ pub trait Pretrained: Sized {
 ///   VNNI (GPT-2 small: 70 MB more), which its one- and two-row products read: q4_0 decoding at
 ///   batch 1 measured 1.8–2.2× faster.
 /// - [`Panels::ManyRows`], encoder batches (`wick predict`, `wick embed`, and `wick serve`'s
-///   embeddings and classifiers), at the AVX-512 level: the 12×32 kernel's own panels, so a
-///   product skips the packing of its right operand (3.4–3.8% of a BERT-base forward's time;
-///   the forward measured 0.96–1.40×, median 1.15×, over six alternating pairs). Layers of
-///   fewer than 64 outputs (a classifier's head) stay as stored. (At AVX2 encoder batches
-///   measured 5–10% slower in the 16-wide panels and are not packed.)
+///   embeddings and classifiers): the level's own kernel's panels (12×32 at AVX-512, 6×16 at
+///   AVX2), so a product skips the packing of its right operand and adds the bias in its last
+///   pass. A BERT-base forward measured 0.96–1.40× (median 1.15×, six alternating pairs) on an
+///   AVX-512 Xeon and 0.95–1.15× (median 1.06×, ten pairs) on an AVX2 EPYC. Layers of fewer
+///   than 64 outputs (a classifier's head) stay as stored.
 ///
 /// Returns how many layers it packed; `WICK_PACK_WEIGHTS=0` leaves the weights as stored (to
 /// compare).

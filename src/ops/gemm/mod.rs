@@ -236,7 +236,8 @@ pub fn matmul_f32(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lh
 
 /// A weight packed once, for inference, into the panels of the products it will serve
 /// ([`Panels`]): for decoding the panels our AVX2 kernel reads (16 columns by 256 depths), for
-/// encoder batches the 12×32 AVX-512 kernel's (32 by 384). Products with it skip the packing
+/// encoder batches the 12×32 AVX-512 kernel's (32 by 384) at that level and the 6×16 AVX2
+/// kernel's at AVX2. Products with it skip the packing
 /// every product otherwise repeats,
 /// and the panels stream from memory in order. With a few rows of activations (batched
 /// decoding) this is what makes the difference: the matrix-vector kernels, which read the weight
@@ -250,6 +251,8 @@ pub struct PackedWeight {
     k: usize,
     n: usize,
     panels: Panels,
+    /// Whether `data` holds the 12×32 AVX-512 kernel's panels (else the AVX2 level's).
+    wide: bool,
 }
 
 /// What a weight is packed for, and so in whose panels.
@@ -258,14 +261,16 @@ pub enum Panels {
     /// Decoding's few rows a product: the AVX2 level's 16-wide panels (256 depths), which the
     /// few-rows kernel and the narrow AVX-512 tiles read.
     FewRows,
-    /// An encoder's hundreds of rows a product: the 12×32 AVX-512 kernel's 32-wide panels (384
-    /// depths), which that kernel reads as it reads a B it packed itself (AVX-512 only).
+    /// An encoder's hundreds of rows a product, through the level's own kernel: at AVX-512 the
+    /// 12×32 kernel's 32-wide panels (384 depths), which it reads as it reads a B it packed
+    /// itself; at AVX2 the 6×16 kernel's (the layout of `FewRows`), the bias added in the
+    /// product's last pass.
     ManyRows,
 }
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeight({}×{}, {:?})", self.k, self.n, self.panels)
+        write!(f, "PackedWeight({}×{}, {:?}, {})", self.k, self.n, self.panels, if self.wide { "12×32" } else { "6×16" })
     }
 }
 
@@ -281,13 +286,10 @@ impl PackedWeight {
         cfg!(target_arch = "x86_64") && crate::cpu::isa() >= crate::cpu::Isa::Avx2
     }
 
-    /// Whether weights can be packed in `panels` at the current level: [`Self::available`] for
-    /// [`Panels::FewRows`], the AVX-512 level for [`Panels::ManyRows`].
-    pub fn available_for(panels: Panels) -> bool {
-        match panels {
-            Panels::FewRows => Self::available(),
-            Panels::ManyRows => cfg!(target_arch = "x86_64") && crate::cpu::isa() == crate::cpu::Isa::Avx512,
-        }
+    /// Whether weights can be packed in `panels` at the current level: both at AVX2 and
+    /// AVX-512 ([`Self::available`]).
+    pub fn available_for(_panels: Panels) -> bool {
+        Self::available()
     }
 
     /// Packs W, the right operand of `x · W` (k × n), read through `w`, in `panels`; `None`
@@ -298,33 +300,40 @@ impl PackedWeight {
         }
         #[cfg(target_arch = "x86_64")]
         if Self::available_for(panels) && k > 0 && n > 0 {
+            let wide = panels == Panels::ManyRows && crate::cpu::isa() == crate::cpu::Isa::Avx512;
             // SAFETY: the level is at least AVX2 (so the CPU has it and FMA), AVX-512 for the
             // 12×32 kernel's panels; `fits` checked the view.
             let data = unsafe {
-                match panels {
-                    Panels::FewRows => blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n),
-                    Panels::ManyRows => blis::pack_whole_b::<blis_avx512::Avx512>(w.into(), k, n),
+                if wide {
+                    blis::pack_whole_b::<blis_avx512::Avx512>(w.into(), k, n)
+                } else {
+                    blis::pack_whole_b::<blis_avx2::Avx2>(w.into(), k, n)
                 }
             };
-            return Ok(Some(Self { data, k, n, panels }));
+            return Ok(Some(Self { data, k, n, panels, wide }));
         }
         Ok(None)
     }
 
-    /// `y (m × n) = base + x (m × k) · W` through the 12×32 kernel on its own panels
-    /// ([`Panels::ManyRows`]), on candle's thread count.
+    /// `y (m × n) = base + x (m × k) · W` through the kernel whose panels these are (the 12×32
+    /// AVX-512 one or the 6×16 AVX2 one, [`Panels::ManyRows`]), on candle's thread count.
     ///
     /// # Safety
-    /// Packed in [`Panels::ManyRows`] (which exist at the AVX-512 level only, so the CPU has it);
-    /// x holds m×k elements, y m×n, a `Base::Row` n.
+    /// Packed in [`Panels::ManyRows`] (at the level whose instructions the CPU has); x holds m×k
+    /// elements, y m×n, a `Base::Row` n.
     #[cfg(target_arch = "x86_64")]
     unsafe fn many_rows_product(&self, x: &[f32], m: usize, y: *mut f32, base: Base) {
         use blis::MicroKernel;
         let (k, n) = (self.k, self.n);
         debug_assert_eq!(self.panels, Panels::ManyRows);
-        let padded = n.div_ceil(blis_avx512::Avx512::NR) * blis_avx512::Avx512::NR;
-        let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded, col0: 0 };
-        blis::gemm::<blis_avx512::Avx512>(m, n, k, View::rows(x, k).into(), rhs, y, n, base, 1.0, candle_core::utils::get_num_threads())
+        let nr = if self.wide { blis_avx512::Avx512::NR } else { blis_avx2::NR };
+        let rhs = blis::Rhs::Packed { ptr: self.data.as_slice().as_ptr(), padded: n.div_ceil(nr) * nr, col0: 0 };
+        let (x, threads) = (View::rows(x, k).into(), candle_core::utils::get_num_threads());
+        if self.wide {
+            blis::gemm::<blis_avx512::Avx512>(m, n, k, x, rhs, y, n, base, 1.0, threads)
+        } else {
+            blis::gemm::<blis_avx2::Avx2>(m, n, k, x, rhs, y, n, base, 1.0, threads)
+        }
     }
 
     /// `bias row (or 0) + x (m × k) · W` as a new m × n matrix, written once.

@@ -142,7 +142,8 @@ fn our_avx512_kernels_match_the_reference_and_the_gemm_crate_on_one_and_two_thre
 /// 9, 16 and the case's rows (AVX2's 6×16 tiles; AVX-512's 16×16 up to 32 rows and 28×16
 /// beyond), both layouts of the weight, and a
 /// width across NC = 4080 columns (the packed offsets of a second column block) split over the
-/// threads; and the same in the 12×32 kernel's panels ([`Panels::ManyRows`], at AVX-512).
+/// threads; and the same packed for encoder batches ([`Panels::ManyRows`]: the 12×32 kernel's
+/// panels at AVX-512, the 6×16 kernel's at AVX2).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
@@ -158,7 +159,8 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
         let packed = PackedWeight::new(rhs, k, n, panels)?.expect("available");
         assert_eq!(packed.dims(), (k, n));
         assert_eq!(packed.data.as_slice().as_ptr() as usize % 64, 0, "panels start a cache line");
-        let width = if panels == Panels::FewRows { blis_avx2::NR } else { <blis_avx512::Avx512 as blis::MicroKernel>::NR };
+        let width = if packed.wide { <blis_avx512::Avx512 as blis::MicroKernel>::NR } else { blis_avx2::NR };
+        assert_eq!(packed.wide, panels == Panels::ManyRows && crate::cpu::isa() == crate::cpu::Isa::Avx512);
         assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(width) * width);
         for rows in [1, 2, 3, 4, 8, 9, 16, m] {
             let a = values(rows * k, 5 * i as u64 + 2);
