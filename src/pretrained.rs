@@ -60,7 +60,7 @@ pub trait Pretrained: Sized {
     }
 }
 
-/// Packs every f32 (and, for decoding, q4_0) linear layer of `model` for inference on the CPU
+/// Packs every f32 (and, for decoding, q4_0, and at AVX2 f16 and bf16) linear layer of `model` for inference on the CPU
 /// ([`Dense::pack_for_inference`]: the weight once in the panels of our product instead of once
 /// per product), in the panels of the products the model will run:
 /// - [`Panels::FewRows`], decoding (`wick generate` and `wick serve` for GPT-2), at the AVX2 and
@@ -70,7 +70,9 @@ pub trait Pretrained: Sized {
 ///   tied LM head keeps a packed copy of its own (GPT-2 small: 154 MB more). q4_0 layers keep
 ///   their blocks and gain a copy in the decoding layout of `ops::matvec::q4_decode` on AVX-512
 ///   VNNI (GPT-2 small: 70 MB more), which its one- and two-row products read: q4_0 decoding at
-///   batch 1 measured 1.8–2.2× faster.
+///   batch 1 measured 1.8–2.2× faster. f16 and bf16 layers pack in their own 2 bytes at AVX2
+///   (f16 GPT-2 at batch 1 on the AMD EPYC: ~48.7 tok/s packed against ~45.4 as stored, bf16
+///   even), not at AVX-512, where the weight as stored decodes faster.
 /// - [`Panels::ManyRows`], encoder batches (`wick predict`, `wick embed`, and `wick serve`'s
 ///   embeddings and classifiers): the level's own kernel's panels (12×32 at AVX-512, 6×16 at
 ///   AVX2), so a product skips the packing of its right operand and adds the bias in its last

@@ -32,7 +32,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 use std::ops::Range;
 
-mod kernels;
+pub(crate) mod kernels;
 mod q4_decode;
 mod qgemm;
 pub(crate) mod quantized;
@@ -277,7 +277,7 @@ unsafe fn columns<W: Weight>(isa: Isa, x: *const f32, w: *const W::Raw, p: Probl
 }
 
 /// dst = src as f32 at level `isa`.
-fn convert<W: Weight>(isa: Isa, src: &[W::Raw], dst: &mut [f32]) {
+pub(crate) fn convert<W: Weight>(isa: Isa, src: &[W::Raw], dst: &mut [f32]) {
     let len = src.len().min(dst.len());
     // SAFETY: both slices hold `len` elements; the level is supported (checked by `product`).
     unsafe {
@@ -294,7 +294,7 @@ fn convert<W: Weight>(isa: Isa, src: &[W::Raw], dst: &mut [f32]) {
 /// Columns (output features) per task, and rows of W per gemm call, of the many-rows path.
 const GEMM_NB: usize = 128;
 /// A multiple of the quantized block (32), so that blocks of quantized weights convert whole.
-const GEMM_KB: usize = 256;
+pub(crate) const GEMM_KB: usize = 256;
 
 /// Many rows: gemm, on f32 blocks of the weight converted per task.
 pub(crate) fn many_rows<W: Weight>(isa: Isa, x: &[f32], w: &[W::Raw], p: Problem, y: &mut [f32]) {

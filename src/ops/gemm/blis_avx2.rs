@@ -9,6 +9,8 @@
 //! L1, A's block (MC·KC·4 = 144 KB) in L2.
 
 use super::blis::{Base, MicroKernel};
+use crate::ops::matvec::kernels::avx2::load;
+use crate::ops::matvec::Weight;
 use std::arch::x86_64::*;
 
 pub(crate) const MR: usize = 6;
@@ -112,15 +114,16 @@ unsafe fn kernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: us
 pub(crate) const FEW_ROWS: usize = 8;
 
 /// `y[r][j] += Σ_{d<kc} x[r][d]·B[d][j]` for the R rows of x (row stride ldx) and the P panels
-/// at `panels` (each a run of kc × NR floats, `stride` apart), the last of them holding
-/// `last_cols` valid columns; y's rows `ldy` apart. The accumulators (R × 2P vectors) stay in
-/// registers over the depth; per depth, P panels' two vectors are loaded and R broadcasts of x.
-#[target_feature(enable = "avx2,fma")]
+/// at `panels` (each a run of kc × NR elements of W's type, f32 or the bits of f16 / bf16,
+/// `stride` apart), the last of them holding `last_cols` valid columns; y's rows `ldy` apart.
+/// The accumulators (R × 2P vectors) stay in registers over the depth; per depth, P panels' two
+/// vectors are loaded (and widened to f32) and R broadcasts of x.
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_tile<const R: usize, const P: usize>(x: *const f32, ldx: usize, kc: usize, panels: *const f32, stride: usize, y: *mut f32, ldy: usize, last_cols: usize) {
+unsafe fn few_rows_tile<W: Weight, const R: usize, const P: usize>(x: *const f32, ldx: usize, kc: usize, panels: *const W::Raw, stride: usize, y: *mut f32, ldy: usize, last_cols: usize) {
     let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
     for d in 0..kc {
-        let b: [[__m256; 2]; P] = std::array::from_fn(|p| [_mm256_loadu_ps(panels.add(p * stride + d * NR)), _mm256_loadu_ps(panels.add(p * stride + d * NR + 8))]);
+        let b: [[__m256; 2]; P] = std::array::from_fn(|p| [load::<W>(panels.add(p * stride + d * NR)), load::<W>(panels.add(p * stride + d * NR + 8))]);
         for (r, row) in acc.iter_mut().enumerate() {
             let xr = _mm256_broadcast_ss(&*x.add(r * ldx + d));
             for (a, bp) in row.iter_mut().zip(&b) {
@@ -155,11 +158,14 @@ unsafe fn few_rows_tile<const R: usize, const P: usize>(x: *const f32, ldx: usiz
 /// accumulators or more), the chunk's panels staying in L1 for the next rows; one row takes 4
 /// panels at once instead.
 ///
+/// The panels hold W's type: f32, or the bits of f16 / bf16 (widened to f32 as they are loaded,
+/// so half-precision panels read half the bytes).
+///
 /// # Safety
-/// The CPU has AVX2 and FMA; x addresses m×k elements, `packed` the k × `padded` floats of a
-/// whole packed B of n columns, y m rows of n; the panels lie inside n.
+/// The CPU has AVX2, FMA and F16C; x addresses m×k elements, `packed` the k × `padded`
+/// elements of a whole packed B of n columns, y m rows of n; the panels lie inside n.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn few_rows_packed(m: usize, n: usize, k: usize, x: *const f32, packed: *const f32, padded: usize, panels: std::ops::Range<usize>, y: *mut f32, ldy: usize) {
+pub(crate) unsafe fn few_rows_packed<W: Weight>(m: usize, n: usize, k: usize, x: *const f32, packed: *const W::Raw, padded: usize, panels: std::ops::Range<usize>, y: *mut f32, ldy: usize) {
     debug_assert!(m <= FEW_ROWS && panels.end <= n.div_ceil(NR));
     let cols_of = |q: usize| NR.min(n - q * NR);
     // P panels from q: every depth chunk, every group of rows.
@@ -171,11 +177,11 @@ pub(crate) unsafe fn few_rows_packed(m: usize, n: usize, k: usize, x: *const f32
             for r0 in (0..m).step_by(4) {
                 let (x, y) = (x.add(r0 * k + pc), y.add(r0 * ldy + q * NR));
                 match ((m - r0).min(4), p) {
-                    (1, 4) => few_rows_tile::<1, 4>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (1, _) => few_rows_tile::<1, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (2, _) => few_rows_tile::<2, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (3, _) => few_rows_tile::<3, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    _ => few_rows_tile::<4, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (1, 4) => few_rows_tile::<W, 1, 4>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (1, _) => few_rows_tile::<W, 1, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (2, _) => few_rows_tile::<W, 2, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (3, _) => few_rows_tile::<W, 3, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    _ => few_rows_tile::<W, 4, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
                 }
             }
         }

@@ -152,30 +152,79 @@ fn a_packed_weight_gives_the_product_of_the_weight_as_stored() -> Result<()> {
         return Ok(());
     }
     let shapes = CASES.iter().map(|&(m, n, k, _, rt, _, _)| (m, n, k, rt)).chain([(3, 4100, 300, false), (20, 4100, 40, true)]);
-    let panel_kinds = [Panels::FewRows, Panels::ManyRows].into_iter().filter(|&p| PackedWeight::available_for(p));
+    let panel_kinds = [Panels::FewRows, Panels::ManyRows].into_iter().filter(|_| PackedWeight::available());
     for (panels, (i, (m, n, k, transposed))) in panel_kinds.flat_map(|p| shapes.clone().enumerate().map(move |s| (p, s))) {
         let b = values(k * n, 5 * i as u64 + 1);
         let rhs = if transposed { View::transposed(&b, k) } else { View::rows(&b, n) };
         let packed = PackedWeight::new(rhs, k, n, panels)?.expect("available");
         assert_eq!(packed.dims(), (k, n));
-        assert_eq!(packed.data.as_slice().as_ptr() as usize % 64, 0, "panels start a cache line");
+        assert_eq!(packed.f32_panels().expect("f32 panels").as_ptr() as usize % 64, 0, "panels start a cache line");
         let width = if packed.wide { <blis_avx512::Avx512 as blis::MicroKernel>::NR } else { blis_avx2::NR };
         assert_eq!(packed.wide, panels == Panels::ManyRows && crate::cpu::isa() == crate::cpu::Isa::Avx512);
-        assert_eq!(packed.data.as_slice().len(), k * n.div_ceil(width) * width);
+        assert_eq!(packed.f32_panels().expect("f32 panels").len(), k * n.div_ceil(width) * width);
         for rows in [1, 2, 3, 4, 8, 9, 16, m] {
-            let a = values(rows * k, 5 * i as u64 + 2);
-            let mut y = values(rows * n, 5 * i as u64 + 3);
-            let want = reference(&y, rows, n, k, View::rows(&a, k), rhs, true, 1.0);
-            packed.product(&a, rows, &mut y)?;
-            let bound = 1e-5 * (k as f64 + 1.0);
-            for (j, (&got, &want)) in y.iter().zip(&want).enumerate() {
-                assert!((got as f64 - want).abs() <= bound, "{panels:?} case {i} ({rows}×{n}×{k}), element {j}: {got} vs {want}");
-            }
+            assert_packed_product_adds(&packed, rows, rhs, 5 * i as u64, &format!("{panels:?} case {i}"))?;
         }
     }
     let packed = PackedWeight::new(View::rows(&[1.0; 6], 3), 2, 3, Panels::FewRows)?.expect("available");
     assert!(packed.product(&[1.0; 3], 2, &mut [0.0; 6]).is_err(), "x of the wrong length");
     assert!(PackedWeight::new(View::rows(&[1.0; 5], 3), 2, 3, Panels::FewRows).is_err(), "a weight that does not fit its buffer");
+    Ok(())
+}
+
+/// `packed.product` adds `x · W` to y for `rows` rows of random x and y (from `seed`), W given
+/// as stored by `rhs`, within 1e-5 per depth of the f64 reference.
+#[cfg(target_arch = "x86_64")]
+fn assert_packed_product_adds(packed: &PackedWeight, rows: usize, rhs: View, seed: u64, what: &str) -> Result<()> {
+    let (k, n) = packed.dims();
+    let a = values(rows * k, seed + 2);
+    let mut y = values(rows * n, seed + 3);
+    let want = reference(&y, rows, n, k, View::rows(&a, k), rhs, true, 1.0);
+    packed.product(&a, rows, &mut y)?;
+    let bound = 1e-5 * (k as f64 + 1.0);
+    for (j, (&got, &want)) in y.iter().zip(&want).enumerate() {
+        assert!((got as f64 - want).abs() <= bound, "{what} ({rows}×{n}×{k}), element {j}: {got} vs {want}");
+    }
+    Ok(())
+}
+
+/// A weight packed in half precision (f16 or bf16 bits, [`PackedWeight::new_half`]) gives the
+/// product of the weight widened to f32, in both storage orders, for the few-rows kernel (1–8
+/// rows), its passes of 8 rows (9–16) and the widened blocks of the GEMM (17 and more: across
+/// the 256-depth chunks and the 128-column blocks, with a last panel of fewer than 16 columns);
+/// it keeps its elements in 2 bytes. Also the errors of a bad dtype or a short buffer.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_weight_packed_in_half_precision_gives_the_product_of_its_f32_values() -> Result<()> {
+    if !PackedWeight::available() {
+        eprintln!("skipped: weights are packed at the AVX2 and AVX-512 levels only");
+        return Ok(());
+    }
+    for (i, &(n, k, transposed)) in [(45, 300, false), (300, 600, true), (16, 256, false), (529, 40, true)].iter().enumerate() {
+        for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+            // The values rounded to the type by candle: their bits, and the rounded values as f32.
+            let rounded = candle_core::Tensor::new(values(k * n, 7 * i as u64 + 1), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+            let widened = rounded.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            let bits: Vec<u16> = {
+                let (storage, layout) = rounded.storage_and_layout();
+                let candle_core::Storage::Cpu(storage) = &*storage else { unreachable!("a CPU tensor") };
+                match crate::ops::matvec::weight_data(storage, layout)? {
+                    crate::ops::matvec::WeightData::F16(b) | crate::ops::matvec::WeightData::Bf16(b) => b.to_vec(),
+                    crate::ops::matvec::WeightData::F32(_) => unreachable!("a half-precision tensor"),
+                }
+            };
+            let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
+            let packed = PackedWeight::new_half(&bits, rs, cs, k, n, dtype)?.expect("available");
+            assert_eq!((packed.dtype(), packed.dims()), (dtype, (k, n)));
+            assert!(packed.f32_panels().is_none(), "kept in 2 bytes");
+            let rhs = View { data: &widened, rs, cs };
+            for rows in [1, 2, 5, 8, 9, 16, 17, 40] {
+                assert_packed_product_adds(&packed, rows, rhs, 7 * i as u64, &format!("{dtype:?} case {i}"))?;
+            }
+        }
+    }
+    assert!(PackedWeight::new_half(&[0; 6], 3, 1, 2, 3, candle_core::DType::F32).is_err(), "f32 is not a half type");
+    assert!(PackedWeight::new_half(&[0; 5], 3, 1, 2, 3, candle_core::DType::F16).is_err(), "a weight that does not fit its buffer");
     Ok(())
 }
 

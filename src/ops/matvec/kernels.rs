@@ -304,7 +304,7 @@ pub(super) mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -343,10 +343,11 @@ pub(super) mod avx2 {
     unsafe fn store(p: *mut f32, v: V) {
         unsafe { _mm256_storeu_ps(p, v) }
     }
-    /// 8 weights widened to f32 (`vcvtph2ps` for f16, a 16-bit shift for bf16).
+    /// 8 weights widened to f32 (`vcvtph2ps` for f16, a 16-bit shift for bf16); also what the
+    /// few-rows product of weights packed in half precision reads (`ops::gemm::blis_avx2`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
+    pub(crate) unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
         unsafe {
             match W::KIND {
                 Kind::F32 => _mm256_loadu_ps(p as *const f32),
