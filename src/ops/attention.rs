@@ -392,9 +392,12 @@ impl CustomOp3 for FusedAttention {
         let (b, h, lq, d) = l1.shape().dims4()?;
         let lk = l2.shape().dims4()?.2;
         let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), k_stride, v_stride, h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout };
-        let mut out = vec![0f32; b * h * lq * d];
-        let mut lse = vec![0f32; b * h * lq];
-        if lq > 0 && d > 0 {
+        // Zeroed by the tasks that write them (`super::zeroed`), not in a serial pass first.
+        let (mut out, mut lse) = (Vec::with_capacity(b * h * lq * d), Vec::with_capacity(b * h * lq));
+        let (out_chunks, lse_chunks) = (&mut out.spare_capacity_mut()[..b * h * lq * d], &mut lse.spare_capacity_mut()[..b * h * lq]);
+        if lq == 0 || d == 0 {
+            (super::zeroed(out_chunks), super::zeroed(lse_chunks));
+        } else {
             // our micro-kernels (no dropout there), or the `gemm`-crate tiles
             #[cfg(target_arch = "x86_64")]
             let (fast512, fast2) = {
@@ -407,8 +410,9 @@ impl CustomOp3 for FusedAttention {
                 (false, false)
             };
             let br = if fast512 || fast2 { kernels::BQ } else { BR };
-            out.par_chunks_mut(lq * d).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
+            out_chunks.par_chunks_mut(lq * d).zip(lse_chunks.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
                 o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
+                    let (o, l) = (super::zeroed(o), super::zeroed(l));
                     #[cfg(target_arch = "x86_64")]
                     if fast512 {
                         return avx512::forward_block(&p, bh, qb * br, o, l);
@@ -419,6 +423,8 @@ impl CustomOp3 for FusedAttention {
                 })
             });
         }
+        // SAFETY: every element of both was zeroed above (by a task, or all at once).
+        unsafe { (out.set_len(b * h * lq * d), lse.set_len(b * h * lq)) };
         *self.lse.lock().unwrap() = Some(lse);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -518,15 +524,20 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
     }
     let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
     let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout };
-    let mut dq = vec![0f32; b * h * lq * d];
-    let mut dk = vec![0f32; b * h * lk * d];
-    let mut dv = vec![0f32; b * h * lk * d];
-    if lq > 0 && lk > 0 && d > 0 {
-        dq.par_chunks_mut(lq * d)
-            .zip(dk.par_chunks_mut(lk * d))
-            .zip(dv.par_chunks_mut(lk * d))
+    // Zeroed by the tasks that accumulate into them (`super::zeroed`), not in a serial pass first.
+    let (nq, nk) = (b * h * lq * d, b * h * lk * d);
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(nq), Vec::with_capacity(nk), Vec::with_capacity(nk));
+    let (dq_chunks, dk_chunks, dv_chunks) = (&mut dq.spare_capacity_mut()[..nq], &mut dk.spare_capacity_mut()[..nk], &mut dv.spare_capacity_mut()[..nk]);
+    if lq == 0 || lk == 0 || d == 0 {
+        (super::zeroed(dq_chunks), super::zeroed(dk_chunks), super::zeroed(dv_chunks));
+    } else {
+        dq_chunks
+            .par_chunks_mut(lq * d)
+            .zip(dk_chunks.par_chunks_mut(lk * d))
+            .zip(dv_chunks.par_chunks_mut(lk * d))
             .enumerate()
             .for_each(|(bh, ((dq, dk), dv))| {
+                let (dq, dk, dv) = (super::zeroed(dq), super::zeroed(dk), super::zeroed(dv));
                 let o = &ov[bh * lq * d..][..lq * d];
                 let g = &gv[bh * lq * d..][..lq * d];
                 let lse = &lse[bh * lq..][..lq];
@@ -541,6 +552,8 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
                 simd::backward_head(&p, bh, o, g, lse, dq, dk, dv);
             });
     }
+    // SAFETY: every element of the three was zeroed above (by a task, or all at once).
+    unsafe { (dq.set_len(nq), dk.set_len(nk), dv.set_len(nk)) };
     let dev = Device::Cpu;
     Ok((Tensor::from_vec(dq, q.shape(), &dev)?, Tensor::from_vec(dk, k.shape(), &dev)?, Tensor::from_vec(dv, v.shape(), &dev)?))
 }

@@ -111,6 +111,16 @@ pub(crate) unsafe fn written_once(len: usize, write: impl FnOnce(&mut [std::mem:
     out
 }
 
+/// `chunk` zero-filled, as initialised floats: for buffers that a parallel op's tasks zero chunk
+/// by chunk just before they accumulate into them (in cache), instead of a serial
+/// `vec![0.0; len]` pass over all of it first (attention's outputs and gradients: 2% of a
+/// MiniLM training step in `memset`).
+pub(crate) fn zeroed(chunk: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    chunk.iter_mut().for_each(|v| _ = v.write(0.0));
+    // SAFETY: every element was written above, and MaybeUninit<f32> has the layout of f32.
+    unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// `rows` copies of `row` (n values; or of n zeros): the output buffer of a product, which adds
 /// into it. Written in one pass, by the rayon pool when it is large: for an encoder batch
 /// (megabytes) a serial `repeat` or zero-fill was a few percent of a forward pass, with the other

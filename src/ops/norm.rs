@@ -9,6 +9,7 @@
 //! μ and r are recomputed in the backward (one extra read of x) instead of being stored.
 
 use super::cpu_f32;
+use super::math::{lane_sum, run_vectorised};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,11 +32,13 @@ struct LayerNorm {
     eps: f32,
 }
 
-/// Mean and reciprocal standard deviation of a row.
+/// Mean and reciprocal standard deviation of a row (in lane-wise sums: callers run under
+/// `run_vectorised`).
+#[inline(always)]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(row, row, |v, _| v) / n;
+    let var = lane_sum(row, row, |v, _| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -55,15 +58,23 @@ impl CustomOp3 for LayerNorm {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = check(xl, wl, bl)?;
         let (x, w, b) = (cpu_f32(xs, xl, "layer_norm")?, cpu_f32(ws, wl, "layer_norm")?, cpu_f32(bs, bl, "layer_norm")?);
-        let mut y = crate::ops::repeated_rows(None, 1, x.len());
-        y.par_chunks_mut(d * 16).zip(x.par_chunks(d * 16)).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let (mean, rstd) = row_stats(xr, self.eps);
-                for i in 0..d {
-                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        });
+        let write = |y: &mut [std::mem::MaybeUninit<f32>]| {
+            y.par_chunks_mut(d * 16).zip(x.par_chunks(d * 16)).for_each(|(ys, xs)| {
+                run_vectorised(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                            let (mean, rstd) = row_stats(xr, self.eps);
+                            for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                                y.write((x - mean) * rstd * w + b);
+                            }
+                        }
+                    },
+                )
+            })
+        };
+        // SAFETY: the chunks of y and x pair up whole rows, and every element of each is written.
+        let y = unsafe { crate::ops::written_once(x.len(), write) };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -101,24 +112,29 @@ impl CustomOp3 for LayerNormBackward {
             .zip(x.par_chunks(d * ROWS_PER_TASK).zip(dy.par_chunks(d * ROWS_PER_TASK)))
             .map(|(dxs, (xs, dys))| {
                 let mut sums = vec![0f32; 2 * d];
-                let mut xhat = vec![0f32; d];
-                for ((dxr, xr), dyr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(dys.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (xr[i] - mean) * rstd;
-                        let g = dyr[i] * w[i];
-                        mean_g += g;
-                        mean_gx += g * xhat[i];
-                        sums[i] += dyr[i] * xhat[i];
-                        sums[d + i] += dyr[i];
-                    }
-                    mean_g /= d as f32;
-                    mean_gx /= d as f32;
-                    for i in 0..d {
-                        dxr[i] = rstd * (dyr[i] * w[i] - mean_g - xhat[i] * mean_gx);
-                    }
-                }
+                let (mut xhat, mut g) = (vec![0f32; d], vec![0f32; d]);
+                run_vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((dxr, xr), dyr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(dys.chunks(d)) {
+                            let (mean, rstd) = row_stats(xr, self.eps);
+                            let (dw_sums, db_sums) = sums.split_at_mut(d);
+                            // (Zipped, not indexed: indexing four buffers kept these loops scalar.)
+                            let per_element = xhat.iter_mut().zip(g.iter_mut()).zip(dw_sums.iter_mut().zip(db_sums.iter_mut()));
+                            for (((xh, gi), (dw, db)), ((&x, &dy), &w)) in per_element.zip(xr.iter().zip(dyr).zip(w)) {
+                                *xh = (x - mean) * rstd;
+                                *gi = dy * w;
+                                *dw += dy * *xh;
+                                *db += dy;
+                            }
+                            let mean_g = lane_sum(&g, &g, |g, _| g) / d as f32;
+                            let mean_gx = lane_sum(&g, &xhat, |g, x| g * x) / d as f32;
+                            for ((dx, &g), &xh) in dxr.iter_mut().zip(&g).zip(&xhat) {
+                                *dx = rstd * (g - mean_g - xh * mean_gx);
+                            }
+                        }
+                    },
+                );
                 sums
             })
             .collect();
@@ -140,11 +156,19 @@ mod tests {
 
     #[test]
     fn matches_plain_ops_forward_and_backward() -> Result<()> {
+        // Widths below, across and at multiples of the 16 lanes of the row sums.
+        for d in [7, 24, 64, 389] {
+            matches_plain_ops_at_width(d)?;
+        }
+        Ok(())
+    }
+
+    fn matches_plain_ops_at_width(d: usize) -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (3, 37, 24), &dev)? + 0.5)?)?;
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 24, &dev)?)?;
-        let probe = Tensor::randn(0f32, 1., (3, 37, 24), &dev)?;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (3, 37, d), &dev)? + 0.5)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, d, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, d, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (3, 37, d), &dev)?;
         let fused = fused_layer_norm(&x, &w, &b, 1e-5)?;
         let plain = crate::nn::layer_norm_plain(&x, &w, Some(&b), 1e-5)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
@@ -152,8 +176,8 @@ mod tests {
         let gf = (fused * &probe)?.sum_all()?.backward()?;
         let gp = (plain * &probe)?.sum_all()?.backward()?;
         for v in [&x, &w, &b] {
-            let d = diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap())?;
-            assert!(d < 1e-4, "gradient of {:?} differs by {d}", v.dims());
+            let diff = diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap())?;
+            assert!(diff < 1e-4, "width {d}: gradient of {:?} differs by {diff}", v.dims());
         }
         Ok(())
     }
