@@ -33,8 +33,8 @@ python=${PYTHON:-python3}
 if [ -z "${BENCH_BIN:-}" ]; then
   features=""
   [ "$device" != cpu ] && features="--features cuda"
-  cargo build --release --bench attention $features >&2
-  BENCH_BIN=$(ls -t target/release/deps/attention-* | grep -v '\.d$' | head -1)
+  source scripts/bench_bin.sh
+  BENCH_BIN=$(bench_bin attention $features)
 fi
 common=(--seconds "$seconds" --seqs "$seqs" --head-dims "$head_dims" --dtype "$dtype" --device "$device" --batch "$batch" --heads "$heads" $backward)
 wick_out=$(RAYON_NUM_THREADS=$threads "$BENCH_BIN" "${common[@]}")

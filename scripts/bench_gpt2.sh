@@ -31,9 +31,8 @@ done
 python=${PYTHON:-python3}
 features=""
 [ "$device" != cpu ] && features="--features cuda"
-cargo build --release --bench gpt2_decode $features >&2
-target_dir=${CARGO_TARGET_DIR:-target}
-bench_bin=$(ls -t "$target_dir"/release/deps/gpt2_decode-* | grep -v '\.d$' | head -1)
+source scripts/bench_bin.sh
+bench_bin=$(bench_bin gpt2_decode $features)
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 wick_out=$(RAYON_NUM_THREADS=$threads "$bench_bin" --dtype "$dtypes" --batch "$batches" --reps "$runs" --device "$device")
 torch_out=""

@@ -38,8 +38,8 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 features=""
 [ "$device" != cpu ] && features="--features cuda"
-cargo build --release --bench "$bench" $features >&2
-bench_bin=$(ls -t target/release/deps/"$bench"-* | grep -v '\.d$' | head -1)
+source scripts/bench_bin.sh
+bench_bin=$(bench_bin "$bench" $features)
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 [ -n "$save" ] && : > "$save"
 wick_out="" torch_out=""
