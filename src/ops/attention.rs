@@ -23,10 +23,10 @@
 //! entirely are skipped, and on the causal diagonal only the visible keys are computed. The
 //! logsumexp m + ln l of every row is saved for the backward pass.
 //!
-//! Without dropout, on CPUs with AVX-512 (head_dim a multiple of 16) or AVX2+FMA (a multiple of
-//! 8), both passes run micro-kernels of our own with the queries along the vector lanes, written
-//! once over the vector width (`attention/kernels.rs`, which explains the layout; the levels in
-//! `attention/avx512.rs` and `attention/avx2.rs`). Elsewhere (dropout, other head sizes,
+//! On CPUs with AVX-512 (head_dim a multiple of 16) or AVX2+FMA (a multiple of 8), both passes
+//! run micro-kernels of our own with the queries along the vector lanes, written once over the
+//! vector width (`attention/kernels.rs`, which explains the layout; the levels in
+//! `attention/avx512.rs` and `attention/avx2.rs`), dropout included. Elsewhere (other head sizes,
 //! `WICK_CPU_ISA=portable`) the same algorithm runs with the `gemm` crate (candle's CPU matrix
 //! product) and 16-lane chunked softmax loops compiled for AVX-512 or AVX2+FMA, chosen at run
 //! time.
@@ -398,10 +398,10 @@ impl CustomOp3 for FusedAttention {
         if lq == 0 || d == 0 {
             (super::zeroed(out_chunks), super::zeroed(lse_chunks));
         } else {
-            // our micro-kernels (no dropout there), or the `gemm`-crate tiles
+            // our micro-kernels, or the `gemm`-crate tiles
             #[cfg(target_arch = "x86_64")]
             let (fast512, fast2) = {
-                let ours = !self.portable && self.dropout.is_none();
+                let ours = !self.portable;
                 (ours && avx512::usable(d), ours && avx2::usable(d))
             };
             #[cfg(not(target_arch = "x86_64"))]
@@ -542,7 +542,7 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
                 let g = &gv[bh * lq * d..][..lq * d];
                 let lse = &lse[bh * lq..][..lq];
                 #[cfg(target_arch = "x86_64")]
-                if !op.portable && op.dropout.is_none() {
+                if !op.portable {
                     if avx512::usable(d) {
                         return avx512::backward_head(&p, bh, o, g, lse, dq, dk, dv);
                     } else if avx2::usable(d) {
@@ -982,12 +982,20 @@ mod tests {
         Ok(())
     }
 
-    /// The portable CPU kernel (the `gemm` crate's products, which the AVX-512 kernel replaces on
-    /// AVX-512 machines) against the reference, forwards and backwards; and dropout inside the
-    /// fused op (the portable kernel runs it) against the reference with the same hashed mask and
-    /// the plain formula softmax(S)∘M·V, with p up to 0.9 so that tiles are mostly dropped.
+    /// The portable CPU kernel (the `gemm` crate's products) and our micro-kernels (AVX-512 for
+    /// head_dim 32 and 64 on AVX-512 machines, AVX2 for 24 and at that level) against the
+    /// reference, forwards and backwards; and dropout inside the fused op (both kernels) against
+    /// the reference with the same hashed mask and the plain formula softmax(S)∘M·V, with p up
+    /// to 0.9 so that tiles are mostly dropped.
     #[test]
-    fn portable_kernel_and_dropout_match_reference() -> Result<()> {
+    fn kernels_and_dropout_match_reference() -> Result<()> {
+        for portable in [true, false] {
+            kernels_and_dropout_match_reference_on(portable)?;
+        }
+        Ok(())
+    }
+
+    fn kernels_and_dropout_match_reference_on(portable: bool) -> Result<()> {
         let dev = Device::Cpu;
         let cases = [
             (2, 2, 70, 300, 64, true, true, None),
@@ -1006,9 +1014,9 @@ mod tests {
             let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
             let mask = masked.then_some(mask);
             let dropout = p.map(|p| DropoutMask::with_seed(p, 1234 + lq as u64));
-            let fused = fused_attention_impl(&q, &k, &v, mask.as_ref(), 0.125, causal, dropout, true)?;
+            let fused = fused_attention_impl(&q, &k, &v, mask.as_ref(), 0.125, causal, dropout, portable)?;
             let reference = reference_attention_with_dropout(&q, &k, &v, mask.as_ref(), 0.125, causal, dropout.as_ref())?;
-            assert!(close(&fused, &reference)? < 1e-5, "p {p:?}");
+            assert!(close(&fused, &reference)? < 1e-5, "portable {portable}, p {p:?}, d {d}");
             if let Some(dropout) = dropout {
                 let plain = (reference_attention_probs(&q, &k, mask.as_ref(), 0.125, causal)? * dropout.tensor(0, (b, h, lq, lk), &dev)?)?.matmul(&v)?;
                 assert!(close(&plain, &reference)? < 1e-5);
@@ -1018,7 +1026,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
             let (g1, g2) = ((&fused * &w)?.sum_all()?.backward()?, (&reference * &w)?.sum_all()?.backward()?);
             for x in [&q, &k, &v] {
-                assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4, "p {p:?}");
+                assert!(close(g1.get(x).unwrap(), g2.get(x).unwrap())? < 1e-4, "portable {portable}, p {p:?}, d {d}");
             }
         }
         Ok(())

@@ -28,6 +28,19 @@
 //! [`backward_head`].
 
 use super::Problem;
+use crate::ops::dropout::DropoutMask;
+
+/// The dropout multipliers (0 or 1/(1−p)) of `V::N` consecutive query rows at one key: the
+/// hashed mask's elements `first`, `first + lk`, … (row-major batch × heads × q_len × kv_len, as
+/// the portable path and the reference index them). One hash a lane, as there.
+#[inline(always)]
+unsafe fn keep_lanes<V: Lanes>(dropout: &DropoutMask, first: usize, lk: usize) -> V {
+    let mut keep = [0f32; 16];
+    for (lane, x) in keep.iter_mut().enumerate().take(V::N) {
+        *x = dropout.multiplier((first + lane * lk) as u64);
+    }
+    unsafe { V::load(keep.as_ptr()) }
+}
 
 /// Query rows per task (4 AVX-512 vectors, 8 AVX2 ones).
 pub const BQ: usize = 64;
@@ -296,8 +309,12 @@ pub(super) unsafe fn forward_block<V: Lanes>(p: &Problem, bh: usize, r0: usize, 
                 let mut sum = zero;
                 for j in 0..n {
                     let e = V::load(col(j)).sub(sub).exp();
-                    e.store(col(j));
                     sum = sum.add(e);
+                    // Dropout on P after the row sums (softmax's normaliser is undropped).
+                    match &p.dropout {
+                        Some(dr) => e.mul(keep_lanes(dr, (bh * p.lq + r0 + V::N * t) * p.lk + j0 + j, p.lk)).store(col(j)),
+                        None => e.store(col(j)),
+                    }
                 }
                 let lp = l.as_mut_ptr().add(V::N * t);
                 V::load(lp).mul_add(c, sum).store(lp);
@@ -382,8 +399,18 @@ pub(super) unsafe fn backward_head<V: Lanes>(p: &Problem, bh: usize, o: &[f32], 
                             }
                             x.exp()
                         };
-                        pv.store(pp);
-                        pv.mul(scale).mul(V::load(dp).sub(dl)).store(dp);
+                        // With dropout M: dV takes P∘M, and dS = scale·P∘(M∘dP − δ).
+                        match &p.dropout {
+                            Some(dr) => {
+                                let keep = keep_lanes::<V>(dr, (bh * lq + lane0) * lk + j0 + j, lk);
+                                pv.mul(keep).store(pp);
+                                pv.mul(scale).mul(V::load(dp).mul(keep).sub(dl)).store(dp);
+                            }
+                            None => {
+                                pv.store(pp);
+                                pv.mul(scale).mul(V::load(dp).sub(dl)).store(dp);
+                            }
+                        }
                     }
                 }
                 let g_blk = g[i0 * d..].as_ptr();
