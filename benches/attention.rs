@@ -173,6 +173,7 @@ fn check(device: &candle_core::Device, input: &str, output: &str) -> Result<()> 
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
+    wick::cpu::join_thread_pool();
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     if let Some((input, output)) = &args.check {

@@ -120,6 +120,7 @@ fn run(name: &str, args: &Args, device: &Device, cfg: &Config, batch: usize, seq
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
+    wick::cpu::join_thread_pool();
     let args = parse_args()?;
     eprintln!("{}", wick::cpu::describe());
     let device = wick::device::device(&args.device)?;

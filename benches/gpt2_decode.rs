@@ -97,6 +97,7 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
+    wick::cpu::join_thread_pool();
     let args = parse_args()?;
     let device = wick::device::device(&args.device)?;
     let threads = rayon::current_num_threads();

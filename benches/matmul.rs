@@ -28,6 +28,8 @@ fn best_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let mut reps = 10;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {

@@ -64,6 +64,8 @@ fn layer(d_in: usize, d_out: usize, layout: WeightLayout, dtype: &str, dev: &Dev
 }
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let (mut dtypes, mut rows, mut reps) = (vec!["f32".to_string(), "f16".into(), "bf16".into()], vec![1usize, 8], 20usize);
     let mut layers_wanted: Option<Vec<String>> = None;
     let mut it = std::env::args().skip(1);

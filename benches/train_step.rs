@@ -81,6 +81,7 @@ fn labels(device: &Device) -> Result<Tensor> {
 
 fn main() -> Result<()> {
     wick::keep_freed_memory();
+    wick::cpu::join_thread_pool();
     let args = parse_args()?;
     eprintln!("{}", wick::cpu::describe());
     let device = wick::device::device(&args.device)?;

@@ -36,6 +36,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     wick::keep_freed_memory();
+    wick::cpu::join_thread_pool();
     match Cli::parse().command {
         Command::Train(args) => finetune::run(args),
         Command::Predict(args) => predict::run(args),

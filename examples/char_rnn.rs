@@ -14,6 +14,8 @@ use wick::train::tasks::LanguageModel;
 use wick::train::{optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let path = std::env::args().nth(1).context("usage: char_rnn TEXT_FILE")?;
     let corpus = CharCorpus::from_file(path.as_ref())?;
     let (train_ids, val_ids) = corpus.split(0.1);

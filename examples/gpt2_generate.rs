@@ -11,6 +11,8 @@ use wick::hub::{self, HubOptions};
 use wick::models::gpt2::GPT2LMHeadModel;
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let mut args = std::env::args().skip(1);
     let model_id = args.next().unwrap_or_else(|| "openai-community/gpt2".into());
     let prompt = args.next().unwrap_or_else(|| "Hello, I'm a language model,".into());

@@ -14,6 +14,8 @@ use wick::models::gpt2::{Config, GPT2LMHeadModel};
 use wick::train::{checkpoint, optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let args: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     let [text, tokenizer_dir, output] = args.as_slice() else {
         anyhow::bail!("usage: train_gpt2 TEXT_FILE TOKENIZER_DIR OUTPUT_DIR");

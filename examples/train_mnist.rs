@@ -12,6 +12,8 @@ use wick::train::tasks::Classifier;
 use wick::train::{optim, MetricGoal, OptimizerConfig, Schedule, Trainer, TrainerConfig};
 
 fn main() -> Result<()> {
+    // Parallel ops run on this thread instead of a round trip to the pool's (see the function).
+    wick::cpu::join_thread_pool();
     let data = std::env::args().nth(1).context("usage: train_mnist MNIST_DIR (the folder with the IDX files)")?;
     let mnist = wick::data::mnist::load_dir(data.as_ref())?;
     let device = wick::device::device("auto")?;

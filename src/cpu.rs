@@ -159,6 +159,23 @@ pub fn read_bandwidth() -> f64 {
     best
 }
 
+/// Makes the calling thread worker 0 of rayon's global pool (RAYON_NUM_THREADS threads in all,
+/// this one included), so that the parallel ops it calls run on it directly. Otherwise each op
+/// called from a thread outside the pool is handed to the pool's threads (a futex wake) while
+/// the caller sleeps on a latch (another), a round trip per op: a BERT forward calls hundreds.
+/// Alternating old/new runs on a 2-core Intel Xeon (session 17, `notes/cpu-speed.md`): MiniLM
+/// training step new/old 1.02 (median of 14 pairs), BERT-base forward 1.035 (5 pairs), MLP
+/// training 1.08–1.22 (3 pairs), LeNet-5 1.02–1.24 (4 pairs).
+///
+/// Call it first in `main` of a program whose main thread does the compute (the `wick` command,
+/// the examples, the benches). Not in a server whose work arrives from other threads: rayon runs
+/// work injected from outside only on the pool's other threads, never on this one unless it
+/// calls into rayon itself (with a pool of one thread, such work would wait for it). Returns false (and changes nothing) when the global pool was already
+/// built.
+pub fn join_thread_pool() -> bool {
+    rayon::ThreadPoolBuilder::new().use_current_thread().build_global().is_ok()
+}
+
 /// One line for benchmark output: CPU, features, the kernels chosen, the f32 matrix product's
 /// kernel, load.
 pub fn describe() -> String {
