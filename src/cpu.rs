@@ -176,6 +176,79 @@ pub fn join_thread_pool() -> bool {
     rayon::ThreadPoolBuilder::new().use_current_thread().build_global().is_ok()
 }
 
+/// While alive, the rayon pool's other threads spin, running any work they find, instead of
+/// going to sleep between parallel ops (OpenMP's active wait, which PyTorch runs with). A
+/// sleeping thread costs the thread that wakes it a futex wake, an inter-processor interrupt
+/// (expensive in a VM), and the op waits for the wake-up: GPT-2 decoding calls ~50 parallel
+/// products a token with serial work between them long enough for rayon's threads to sleep
+/// (`perf`: ~12% of a bf16 decoding step in the scheduler). For a burst of many small parallel
+/// ops (one decoding step: `ops::on_cpu_pool`); the spinning threads burn their cores until the
+/// guard drops. The pool is the caller's (the global one outside any pool). A MiniLM training
+/// step measured no gain (median new/old 1.02 over 6 noisy pairs): its ops are long enough.
+pub struct KeepPoolAwake {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped on the thread that made it (it counts in that thread's `STEPS_HERE`).
+    _same_thread: std::marker::PhantomData<*const ()>,
+}
+
+thread_local! {
+    /// Guarded steps running on this thread (nested ones too).
+    static STEPS_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How long a [`KeepPoolAwake`] spinner waits for work before it returns to rayon (which then
+/// sleeps as usual): longer than the gaps between a decoding step's products, short enough that
+/// a task it sits on top of is not held up for long.
+const MAX_IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Threads spinning for a [`KeepPoolAwake`] right now, in any pool (for the tests).
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl KeepPoolAwake {
+    pub fn new() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        STEPS_HERE.with(|n| n.set(n.get() + 1));
+        let flag = stop.clone();
+        rayon::spawn_broadcast(move |_| {
+            // Never on a thread inside a guarded step, the caller's own included: rayon starts
+            // a broadcast job wherever a thread looks for work, also while a step there waits
+            // for a stolen task, and a spinner above that step would keep it from finishing.
+            if STEPS_HERE.with(|n| n.get()) > 0 {
+                return;
+            }
+            SPINNING.fetch_add(1, Ordering::Relaxed);
+            // Leave after a while without work: a thread can also start this job while it waits
+            // inside another task (a stolen half of a step's product), which cannot go on until
+            // this returns; that step's own guard may be the one this spinner waits for.
+            let mut idle_since = std::time::Instant::now();
+            while !flag.load(Ordering::Acquire) {
+                if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    idle_since = std::time::Instant::now();
+                } else if idle_since.elapsed() > MAX_IDLE_SPIN {
+                    break;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            SPINNING.fetch_sub(1, Ordering::Relaxed);
+        });
+        Self { stop, _same_thread: std::marker::PhantomData }
+    }
+}
+
+impl Default for KeepPoolAwake {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for KeepPoolAwake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        STEPS_HERE.with(|n| n.set(n.get() - 1));
+    }
+}
+
 /// One line for benchmark output: CPU, features, the kernels chosen, the f32 matrix product's
 /// kernel, load.
 pub fn describe() -> String {
@@ -197,6 +270,57 @@ pub fn describe_json() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Work inside the guard gives the right results, callers on two threads at once finish
+    /// (a server's), and the pool's threads let go when the guards drop: a failure here is a
+    /// hang, so each part runs against a deadline.
+    #[test]
+    fn keeping_the_pool_awake_runs_the_work_and_lets_go() {
+        use rayon::prelude::*;
+        let within = |what: &str, secs: u64, job: Box<dyn FnOnce() + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                job();
+                let _ = tx.send(());
+            });
+            rx.recv_timeout(std::time::Duration::from_secs(secs)).unwrap_or_else(|_| panic!("{what} did not finish in {secs} s"));
+        };
+        let pool = std::sync::Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+        let expected: u64 = (0..100_000u64).map(|i| i * 2).sum();
+        let p = pool.clone();
+        within("steps on one thread", 60, Box::new(move || {
+            for _ in 0..50 {
+                let sum: u64 = p.install(|| {
+                    let _awake = KeepPoolAwake::new();
+                    (0..100_000u64).into_par_iter().map(|i| i * 2).sum()
+                });
+                assert_eq!(sum, expected);
+            }
+        }));
+        let p = pool.clone();
+        within("steps from two threads at once", 60, Box::new(move || {
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..300 {
+                            let sum: u64 = p.install(|| {
+                                let _awake = KeepPoolAwake::new();
+                                (0..100_000u64).into_par_iter().map(|i| i * 2).sum()
+                            });
+                            assert_eq!(sum, expected);
+                        }
+                    });
+                }
+            })
+        }));
+        // Every spinner stops once its guard has dropped (other tests' decoding steps may spin
+        // for a moment too, so wait for none at all).
+        within("the spinners to stop", 30, Box::new(|| {
+            while SPINNING.load(Ordering::Relaxed) != 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }));
+    }
 
     #[test]
     fn levels_parse_and_the_description_names_the_cpu() {

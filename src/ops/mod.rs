@@ -78,12 +78,19 @@ pub fn fused_path(device: &Device) -> bool {
 /// CPU thread pool, so that the step's products fork from a pool thread (which takes a share of
 /// the work itself) instead of handing each one over from the calling thread and waking it
 /// again: one hand-over a step instead of one a product (GPT-2-small f32 decoding on 2 threads:
-/// 66–68% → 69–72% of the bandwidth limit, three alternating pairs of runs). Elsewhere `f`
-/// runs as it is; `WICK_STEP_POOL=0` turns it off, for comparing.
+/// 66–68% → 69–72% of the bandwidth limit, three alternating pairs of runs). For the step, the
+/// pool's other threads spin instead of sleeping between its products ([`crate::cpu::KeepPoolAwake`]:
+/// bf16 batch 1 72.1–72.9 tok/s against 66.5–69.5 (a third pair's 44.5 was an outlier), f32
+/// batch 1 41.1–43.7 against 37.3–40.3, batch 8 mostly ahead too; three alternating pairs on
+/// the 2-core Xeon, session 17). Elsewhere `f` runs as it is;
+/// `WICK_STEP_POOL=0` turns both off, for comparing.
 pub fn on_cpu_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     static ON: OnceLock<bool> = OnceLock::new();
     if device.is_cpu() && *ON.get_or_init(|| std::env::var("WICK_STEP_POOL").map_or(true, |v| v != "0")) {
-        device.with_context(f)
+        device.with_context(|| {
+            let _awake = crate::cpu::KeepPoolAwake::new();
+            f()
+        })
     } else {
         f()
     }
