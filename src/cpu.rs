@@ -170,8 +170,8 @@ pub fn read_bandwidth() -> f64 {
 /// Call it first in `main` of a program whose main thread does the compute (the `wick` command,
 /// the examples, the benches). Not in a server whose work arrives from other threads: rayon runs
 /// work injected from outside only on the pool's other threads, never on this one unless it
-/// calls into rayon itself (with a pool of one thread, such work would wait for it). Returns false (and changes nothing) when the global pool was already
-/// built.
+/// calls into rayon itself (with a pool of one thread, such work would wait for it). Returns
+/// false (and changes nothing) when the global pool was already built.
 pub fn join_thread_pool() -> bool {
     rayon::ThreadPoolBuilder::new().use_current_thread().build_global().is_ok()
 }
