@@ -7,7 +7,11 @@
 //! Decoding reads every weight once per step, so its speed limit is the memory bandwidth divided
 //! by the bytes of weights per step: the bench measures the machine's read bandwidth (a sum over
 //! a 1 GiB buffer on the rayon pool's threads, the best of 5) and prints that limit beside the
-//! measured rates.
+//! measured rates. On the CPU it measures the bandwidth again right before every timed run and
+//! takes the limit from the median of those: on a shared VM it moved between 34 and 64 GB/s
+//! from one minute to the next (an AMD EPYC, session 18), so a figure from the start of the
+//! bench compared decoding with a moment it did not run in. `of_limit` is the median over the
+//! runs of each run's decoding rate over the limit measured just before it.
 //!
 //! `--dtype q8_0,q4_0,q4_k,q6_k` quantizes every linear layer (LM head included) of the f32
 //! model in memory (`wick::quant`), as `wick quantize` does; the limit then counts the
@@ -95,6 +99,12 @@ fn model_in(cfg: &Config, name: &str, device: &Device) -> Result<(GPT2LMHeadMode
     Ok((model, dtype.size_in_bytes() as f64))
 }
 
+/// The median of `v` (sorted in place; NaN for none).
+fn median_of(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn main() -> Result<()> {
     wick::keep_freed_memory();
     wick::cpu::join_thread_pool();
@@ -123,21 +133,28 @@ fn main() -> Result<()> {
             let rows = &prompts[..batch];
             // Warm-up (allocator, caches, CUDA kernels).
             generate(&model, rows, &GenerationConfig { max_new_tokens: 8, ..config.clone() }, None, None)?;
-            let mut runs = vec![];
+            let (mut runs, mut bandwidths, mut of_limit) = (vec![], vec![], vec![]);
             for _ in 0..args.reps {
+                let bw = if device.is_cpu() { wick::cpu::read_bandwidth() } else { bandwidth };
                 let out = generate(&model, rows, &config, None, None)?;
                 assert_eq!(out.new_tokens, batch * args.new_tokens);
+                of_limit.push(out.decode_tokens_per_s / (batch as f64 * bw / bytes));
+                bandwidths.push(bw);
                 runs.push(out);
             }
             runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
             let median = &runs[runs.len() / 2];
-            let limit = batch as f64 * bandwidth / bytes;
+            let bw = median_of(&mut bandwidths);
+            let limit = batch as f64 * bw / bytes;
+            let of_limit = median_of(&mut of_limit);
             eprintln!(
-                "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%",
+                "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%   (read bandwidth {:.1}–{:.1} GB/s)",
                 median.tokens_per_s,
                 median.decode_tokens_per_s,
                 limit,
-                100.0 * median.decode_tokens_per_s / limit
+                100.0 * of_limit,
+                bandwidths[0] / 1e9,
+                bandwidths[bandwidths.len() - 1] / 1e9,
             );
             let mut line = serde_json::json!({
                 "bench": format!("gpt2_greedy_b{batch}_p{}_n{}", args.prompt, args.new_tokens),
@@ -150,9 +167,11 @@ fn main() -> Result<()> {
                 "ms_per_token": median.seconds / (batch * args.new_tokens) as f64 * 1e3,
                 "decode_tokens_per_s": median.decode_tokens_per_s,
                 "prefill_seconds": median.prefill_seconds,
-                "read_bandwidth_gb_s": bandwidth / 1e9,
+                "read_bandwidth_gb_s": bw / 1e9,
+                "read_bandwidth_gb_s_each_run": bandwidths.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
                 "weight_bytes_per_step": bytes,
                 "limit_tokens_per_s": limit,
+                "of_limit": of_limit,
                 "runs": args.reps,
             });
             if let (Some(o), serde_json::Value::Object(cpu)) = (line.as_object_mut(), wick::cpu::describe_json()) {

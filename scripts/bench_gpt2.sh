@@ -2,7 +2,8 @@
 # GPT-2-small greedy decoding (16-token prompts, 128 new tokens, random weights) at batch 1 and
 # batch 8: wick's benches/gpt2_decode.rs and transformers' scripts/bench_gpt2.py on the same
 # machine with the same thread count; prints tokens/s side by side, the ratio wick / PyTorch, and
-# wick's memory-bandwidth limit (read bandwidth / weight bytes per decoding step).
+# wick's memory-bandwidth limit (read bandwidth / weight bytes per decoding step; the bandwidth
+# measured right before each of wick's timed runs, since it drifts on a shared machine).
 #
 #   scripts/bench_gpt2.sh [--threads N] [--dtypes f32,f16,bf16,q8_0,q4_0,q4_k] [--batches 1,8] [--runs R] [--device cpu|cuda]
 #
@@ -53,7 +54,7 @@ wick = {(r["dtype"], r.get("batch", 1)): r for r in rows(sys.argv[1])}
 torch = {(r["dtype"], r.get("batch", 1)): r for r in rows(sys.argv[2])}
 if wick:
     w0 = next(iter(wick.values()))
-    print(f"cpu: {w0.get('cpu')}; wick kernels: {w0.get('isa')}; read bandwidth {w0.get('read_bandwidth_gb_s', 0):.1f} GB/s")
+    print(f"cpu: {w0.get('cpu')}; wick kernels: {w0.get('isa')}; read bandwidth measured before each of wick's runs, limit from its median")
 print(f"{'dtype':6} {'batch':>5} {'wick tok/s':>11} {'decode':>8} {'limit':>8} {'of limit':>8} {'pytorch tok/s':>14} {'ratio':>7}")
 for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
     d, b = key
@@ -66,9 +67,12 @@ for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
         print(f"{d:6} {b:5} {'n/a':>11} {'':>8} {'':>8} {'':>8} {t:14.2f}     n/a  (wick: not supported on this device)")
         continue
     lim = w.get("limit_tokens_per_s") or float("nan")
-    frac = f"{100 * w['decode_tokens_per_s'] / lim:7.0f}%" if lim == lim else f"{'':>8}"
+    # Each run against the bandwidth measured just before it (the machine's may drift).
+    of = w.get("of_limit", w["decode_tokens_per_s"] / lim)
+    frac = f"{100 * of:7.0f}%" if of == of else f"{'':>8}"
+    each = w.get("read_bandwidth_gb_s_each_run") or [w.get("read_bandwidth_gb_s", float("nan"))]
     ts = f"{t:14.2f}" if t else f"{'n/a':>14}"
     ratio = f"{w['tokens_per_s'] / t:6.2f}x" if t else f"{'n/a':>7}"
     vs = " (vs PyTorch f32)" if d.startswith("q") else ""
-    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}")
+    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}  (bandwidth {min(each):.1f}–{max(each):.1f} GB/s)")
 PY

@@ -125,7 +125,8 @@ impl Dense {
         // the weight as stored and widening it with AVX512-FP16/BF16, decode faster: bf16 GPT-2
         // on the Intel Xeon, 85.5 / 85.5 / 78.5 tok/s as stored against 64.2 / 57.7 / 64.4
         // packed at batch 1, 353 / 318 / 299 against 209 / 211 / 217 at batch 8
-        // (`notes/cpu-speed.md`, session 16).
+        // (`notes/cpu-speed.md`, session 16). On an AMD EPYC (Zen 5), one thread: bf16 as stored
+        // 25–27 GB/s, packed through the zmm few-rows tile 20–21 (session 18).
         self.pack(panels, crate::cpu::isa() == crate::cpu::Isa::Avx2)
     }
 

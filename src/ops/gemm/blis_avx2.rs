@@ -151,6 +151,20 @@ unsafe fn few_rows_tile<W: Weight, const R: usize, const P: usize>(x: *const f32
     }
 }
 
+/// [`few_rows_tile`], or its zmm twin [`super::blis_avx512::few_rows_tile`] where `zmm` (the
+/// level is AVX-512).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<W: Weight, const R: usize, const P: usize>(zmm: bool, x: *const f32, ldx: usize, kc: usize, panels: *const W::Raw, stride: usize, y: *mut f32, ldy: usize, last_cols: usize) {
+    if zmm {
+        // SAFETY (of the zmm tile's extra requirement): the AVX-512 level means the CPU has
+        // AVX-512 F/BW/DQ/VL (`cpu::detected_isa`).
+        super::blis_avx512::few_rows_tile::<W, R, P>(x, ldx, kc, panels, stride, y, ldy, last_cols)
+    } else {
+        few_rows_tile::<W, R, P>(x, ldx, kc, panels, stride, y, ldy, last_cols)
+    }
+}
+
 /// `y (m × n, row stride ldy) += x (m × k) · B` for m ≤ [`FEW_ROWS`] rows straight from a whole
 /// packed B ([`super::blis::pack_whole_b`], `padded` columns), for the panels `panels` (columns from
 /// panels.start·NR): the products of decoding, bound by reading B, which stream it in panel order
@@ -168,6 +182,8 @@ unsafe fn few_rows_tile<W: Weight, const R: usize, const P: usize>(x: *const f32
 pub(crate) unsafe fn few_rows_packed<W: Weight>(m: usize, n: usize, k: usize, x: *const f32, packed: *const W::Raw, padded: usize, panels: std::ops::Range<usize>, y: *mut f32, ldy: usize) {
     debug_assert!(m <= FEW_ROWS && panels.end <= n.div_ceil(NR));
     let cols_of = |q: usize| NR.min(n - q * NR);
+    // The same tiles in zmm registers at the AVX-512 level (the panels are the same).
+    let zmm = crate::cpu::isa() == crate::cpu::Isa::Avx512;
     // P panels from q: every depth chunk, every group of rows.
     let group = |q: usize, p: usize| {
         for pc in (0..k).step_by(KC) {
@@ -177,11 +193,11 @@ pub(crate) unsafe fn few_rows_packed<W: Weight>(m: usize, n: usize, k: usize, x:
             for r0 in (0..m).step_by(4) {
                 let (x, y) = (x.add(r0 * k + pc), y.add(r0 * ldy + q * NR));
                 match ((m - r0).min(4), p) {
-                    (1, 4) => few_rows_tile::<W, 1, 4>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (1, _) => few_rows_tile::<W, 1, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (2, _) => few_rows_tile::<W, 2, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    (3, _) => few_rows_tile::<W, 3, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
-                    _ => few_rows_tile::<W, 4, 1>(x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (1, 4) => tile::<W, 1, 4>(zmm, x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (1, _) => tile::<W, 1, 1>(zmm, x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (2, _) => tile::<W, 2, 1>(zmm, x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    (3, _) => tile::<W, 3, 1>(zmm, x, k, kc, first, NR * kc, y, ldy, last_cols),
+                    _ => tile::<W, 4, 1>(zmm, x, k, kc, first, NR * kc, y, ldy, last_cols),
                 }
             }
         }

@@ -127,3 +127,51 @@ unsafe fn kernel<const MR: usize, const H: usize>(kc: usize, ap: *const f32, bp:
         }
     }
 }
+
+/// Depths ahead of the one being read that [`few_rows_tile`] prefetches in each panel: 1 KB of
+/// f32 (16 lines), 512 bytes of f16 / bf16.
+const FEW_ROWS_PREFETCH: usize = 16;
+
+/// [`super::blis_avx2::few_rows_packed`]'s tile in zmm registers, on the same 16-wide panels:
+/// `y[r][j] += Σ_{d<kc} x[r][d]·B[d][j]` for the R rows of x (row stride ldx) and the P panels at
+/// `panels` (each kc × 16 elements of W's type, `stride` apart), the last holding `last_cols`
+/// valid columns; y's rows `ldy` apart. One panel row is one zmm (f32, or 16 f16 / bf16 widened
+/// as they load): half the instructions of the ymm tile, and the panels prefetched
+/// [`FEW_ROWS_PREFETCH`] depths ahead, since decoding streams them from memory. One thread on an
+/// AMD EPYC (Zen 5) read GPT-2's f32 weights packed at 29.5–31.9 GB/s through this tile against
+/// 27.5–28.2 through the ymm one (`benches/matvec --dtype f32-packed --rows 1`, three alternating
+/// rounds, `notes/cpu-speed.md`, session 18).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C; the P panels hold kc depths each; x holds R
+/// rows of kc elements; y R rows of the panels' columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn few_rows_tile<W: crate::ops::matvec::Weight, const R: usize, const P: usize>(x: *const f32, ldx: usize, kc: usize, panels: *const W::Raw, stride: usize, y: *mut f32, ldy: usize, last_cols: usize) {
+    use crate::ops::matvec::kernels::avx512::load;
+    const NR: usize = super::blis_avx2::NR;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    // One prefetch a cache line: every depth of f32 panels, every other of half precision.
+    let line = (64 / (NR * std::mem::size_of::<W::Raw>())).max(1);
+    for d in 0..kc {
+        if d % line == 0 {
+            for p in 0..P {
+                _mm_prefetch::<_MM_HINT_T0>(panels.wrapping_add(p * stride + (d + FEW_ROWS_PREFETCH) * NR) as *const i8);
+            }
+        }
+        let b: [__m512; P] = std::array::from_fn(|p| load::<W>(panels.add(p * stride + d * NR)));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xr = _mm512_set1_ps(*x.add(r * ldx + d));
+            for (a, bp) in row.iter_mut().zip(&b) {
+                *a = _mm512_fmadd_ps(xr, *bp, *a);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (p, a) in row.iter().enumerate() {
+            let out = y.add(r * ldy + p * NR);
+            let mask: __mmask16 = if p + 1 == P && last_cols < NR { (1 << last_cols) - 1 } else { 0xFFFF };
+            _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), *a));
+        }
+    }
+}

@@ -243,7 +243,7 @@ macro_rules! kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx512 {
+pub(crate) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -284,7 +284,7 @@ pub(super) mod avx512 {
     /// top half of an f32).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
+    pub(crate) unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
         unsafe {
             match W::KIND {
                 Kind::F32 => _mm512_loadu_ps(p as *const f32),
@@ -398,7 +398,7 @@ pub(super) mod portable {
         unsafe { (p as *mut V).write_unaligned(v) }
     }
     #[inline(always)]
-    unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
+    pub(crate) unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
         std::array::from_fn(|l| W::to_f32(unsafe { *p.add(l) }))
     }
 
