@@ -13,20 +13,29 @@
 
 use super::{Kind, Weight};
 
-/// Rows of W per block in the (in, out) product, for a weight of `kind` times `m` rows of x.
-/// The tiles sweep a task's columns block by block: the block's rows are read as that many
-/// streams (the next block's prefetched), while each tile's accumulators are loaded and stored
-/// once per block. Few streams suit memory: f32 weights (and one row of any type) read 25–40%
-/// faster in blocks of 4 rows than of 16 (`benches/matvec`, GPT-2 shapes, AMD Zen 3, 1 and 2
-/// threads). Widened f16/bf16 weights times several rows are bound by arithmetic, and there the
-/// accumulators' loads and stores cost more: 16 rows ran up to 1.8× faster than 4.
-pub(super) fn block_rows(kind: Kind, m: usize) -> usize {
-    if kind == Kind::F32 || m == 1 {
+/// Rows of W per block in the (in, out) product, for a weight of `kind` (rows of `row_bytes`)
+/// times `m` rows of x. The tiles sweep a task's columns block by block: the block's rows are
+/// read as that many streams (the next block's prefetched), while each tile's accumulators are
+/// loaded and stored once per block. Few streams suit memory: f32 weights read 25–40% faster in
+/// blocks of 4 rows than of 16 (`benches/matvec`, GPT-2 shapes, AMD Zen 3, 1 and 2 threads).
+/// One row of x (decoding) takes blocks of about [`ONE_ROW_BLOCK_BYTES`]: one row of GPT-2's
+/// wide weights (2304 and 3072 columns), 4 of its 768-column ones. On an AMD EPYC (Zen 5) that
+/// read the wide bf16 weights at 33–36 GB/s against 24–26 in blocks of 4 (one thread), and
+/// decoded bf16 GPT-2 10–19% faster (two threads, four alternating pairs; `notes/cpu-speed.md`,
+/// session 18). Widened f16/bf16 weights times several rows are bound by arithmetic, and there
+/// the accumulators' loads and stores cost more: 16 rows ran up to 1.8× faster than 4.
+pub(super) fn block_rows(kind: Kind, m: usize, row_bytes: usize) -> usize {
+    if m == 1 {
+        (ONE_ROW_BLOCK_BYTES / row_bytes.max(1)).clamp(1, 4)
+    } else if kind == Kind::F32 {
         4
     } else {
         16
     }
 }
+
+/// The weight bytes a block of [`block_rows`] holds, about, for one row of x.
+const ONE_ROW_BLOCK_BYTES: usize = 6144;
 
 macro_rules! kernels {
     ($(#[$attr:meta])*) => {
@@ -108,7 +117,7 @@ macro_rules! kernels {
         $(#[$attr])*
         pub(crate) unsafe fn in_out<W: Weight>(x: *const f32, m: usize, k: usize, w: *const W::Raw, n: usize, rows: std::ops::Range<usize>, j0: usize, j1: usize, y: *mut f32) {
             unsafe {
-                let block = block_rows(W::KIND, m);
+                let block = block_rows(W::KIND, m, n * std::mem::size_of::<W::Raw>());
                 let mut i0 = rows.start;
                 while i0 < rows.end {
                     let kb = block.min(rows.end - i0);
