@@ -72,10 +72,11 @@ for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
     if of is None:  # older benches, or no bandwidth (a GPU)
         of = w["decode_tokens_per_s"] / lim
     frac = f"{100 * of:7.0f}%" if of == of else f"{'':>8}"
-    each = w.get("read_bandwidth_gb_s_each_run") or [w.get("read_bandwidth_gb_s", float("nan"))]
+    # (JSON has no NaN: a run without a bandwidth, on a GPU, holds nulls)
+    each = [x for x in w.get("read_bandwidth_gb_s_each_run") or [] if isinstance(x, (int, float))]
     ts = f"{t:14.2f}" if t else f"{'n/a':>14}"
     ratio = f"{w['tokens_per_s'] / t:6.2f}x" if t else f"{'n/a':>7}"
     vs = " (vs PyTorch f32)" if d.startswith("q") else ""
-    bw = f"  (bandwidth {min(each):.1f}–{max(each):.1f} GB/s)" if all(x == x for x in each) else ""
+    bw = f"  (bandwidth {min(each):.1f}–{max(each):.1f} GB/s)" if each else ""
     print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}{bw}")
 PY
