@@ -20,7 +20,7 @@ use super::{Kind, Weight};
 /// blocks of 4 rows than of 16 (`benches/matvec`, GPT-2 shapes, AMD Zen 3, 1 and 2 threads).
 /// One row of x (decoding) takes blocks of about [`ONE_ROW_BLOCK_BYTES`]: one row of GPT-2's
 /// wide weights (2304 and 3072 columns), 4 of its 768-column ones. On an AMD EPYC (Zen 5) that
-/// read the wide bf16 weights at 33–36 GB/s against 24–26 in blocks of 4 (one thread), and
+/// read the wide bf16 weights at 30–36 GB/s against 20–26 in blocks of 4 (one thread), and
 /// decoded bf16 GPT-2 10–19% faster (two threads, four alternating pairs; `notes/cpu-speed.md`,
 /// session 18). Widened f16/bf16 weights times several rows are bound by arithmetic, and there
 /// the accumulators' loads and stores cost more: 16 rows ran up to 1.8× faster than 4.
@@ -416,7 +416,7 @@ pub(super) mod portable {
         unsafe { (p as *mut V).write_unaligned(v) }
     }
     #[inline(always)]
-    pub(crate) unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
+    unsafe fn load<W: Weight>(p: *const W::Raw) -> V {
         std::array::from_fn(|l| W::to_f32(unsafe { *p.add(l) }))
     }
 
