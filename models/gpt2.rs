@@ -578,13 +578,19 @@ impl GPT2LMHeadModel {
 
     /// Logits (..., vocab) in the model's dtype of hidden states (..., n_embd).
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head_computed(hidden)?.to_dtype(self.transformer.dtype())
+    }
+
+    /// [`Self::head`]'s logits in the dtype the model computes in: f32 on the CPU, whatever
+    /// the weights' dtype.
+    fn head_computed(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let h = dims[dims.len() - 1];
         let rows = hidden.elem_count() / h;
         let logits = self.lm_head.forward(&hidden.reshape((rows, h))?)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.lm_head.weight.dim(0)?;
-        logits.reshape(out)?.to_dtype(self.transformer.dtype())
+        logits.reshape(out)
     }
 
     /// Logits (batch, seq, vocab); the arguments are [`GPT2Model::forward`]'s.
@@ -595,7 +601,14 @@ impl GPT2LMHeadModel {
     /// Logits (batch, vocab) of the last input column only (the last token of left-padded
     /// rows): what generation needs, without the LM head's cost at the other positions.
     pub fn forward_last(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        crate::ops::on_cpu_pool(&self.transformer.device, || self.head(&self.transformer.run(input_ids, position_ids, attention_mask, cache, false, Select::Last)?))
+        self.logits_last(input_ids, position_ids, attention_mask, cache)?.to_dtype(self.transformer.dtype())
+    }
+
+    /// [`Self::forward_last`]'s logits in the dtype the model computes in (f32 on the CPU):
+    /// what generation reads, without rounding f32 logits to f16/bf16 and widening them again
+    /// (two passes over the vocabulary a token).
+    fn logits_last(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        crate::ops::on_cpu_pool(&self.transformer.device, || self.head_computed(&self.transformer.run(input_ids, position_ids, attention_mask, cache, false, Select::Last)?))
     }
 }
 
@@ -637,7 +650,7 @@ impl crate::generate::CausalLm for GPT2LMHeadModel {
     }
 
     fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut KvCache) -> anyhow::Result<Tensor> {
-        Ok(GPT2LMHeadModel::forward_last(self, ids, Some(positions), Some(mask), Some(cache))?)
+        Ok(self.logits_last(ids, Some(positions), Some(mask), Some(cache))?)
     }
 
     fn max_positions(&self) -> Option<usize> {

@@ -21,7 +21,8 @@ pub trait CausalLm {
     /// A fresh cache for `batch` rows with room for `capacity` positions.
     fn new_cache(&self, batch: usize, capacity: usize) -> Result<Self::Cache>;
 
-    /// Logits (batch, vocab) after the last column of `ids` (batch, seq) u32, given positions
+    /// Logits (batch, vocab), in any float dtype (f32 spares generation a conversion), after
+    /// the last column of `ids` (batch, seq) u32, given positions
     /// (batch, seq) u32 and the attention mask of these new tokens (batch, seq) u32 (1 = token,
     /// 0 = padding); the tokens are appended to `cache`.
     fn forward_last(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut Self::Cache) -> Result<Tensor>;

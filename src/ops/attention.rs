@@ -1004,6 +1004,7 @@ mod tests {
             (2, 2, 70, 300, 64, false, true, Some(0.1)),
             (1, 3, 17, 17, 32, true, false, Some(0.5)),
             (2, 1, 9, 130, 24, false, false, Some(0.9)),
+            (2, 3, 3, 40, 32, true, true, Some(0.3)), // decoding-sized blocks: keys along the lanes
         ];
         let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
         for (b, h, lq, lk, d, causal, masked, p) in cases {

@@ -48,8 +48,8 @@ pub const BQ: usize = 64;
 pub const BK: usize = 128;
 /// Rows of A (keys for Sᵀ, query rows for P·V) per micro-kernel call.
 const MR: usize = 6;
-/// Blocks of at most this many query rows (decoding) compute Sᵀ by dot products.
-const DOT_ROWS: usize = 4;
+/// Blocks of at most this many query rows (decoding) take [`few_rows`]: keys along the lanes.
+const FEW_ROWS: usize = 4;
 
 /// One SIMD vector of f32 lanes and what the kernels do with it. Every method is unsafe: the
 /// caller guarantees that the CPU has the level's features (the entry points check `usable`)
@@ -215,33 +215,82 @@ unsafe fn times_packed<V: Lanes>(rows: *const f32, n: usize, d: usize, packed: *
     unsafe { V::product(Strided { a: rows, rs: d, ts: 1 }, packed, BQ, d, out, BQ, Start::Zero, n, nr) }
 }
 
-/// Sᵀ[j][i] = scale·q_i·k_j for a few query rows (decoding): dot products along head_dim, four
-/// keys at a time, instead of query vectors, which would be mostly empty lanes. Lanes `rows..`
-/// of Sᵀ are left as they were (finite, never used for output).
+/// A block of at most [`FEW_ROWS`] query rows (a decoding step's one new token, or a few):
+/// keys along the vector lanes instead of queries, which would leave all but `rows` lanes of
+/// every vector empty (and zero a BK × BQ tile per head for them). Per row i, over the keys
+/// below `end` (the last row's causal limit):
+///
+/// 1. s[i][j] = scale·q_i·k_j by dot products along head_dim, four keys at a time; −∞ where the
+///    padding mask or causality hides key j, and in the lanes past `end`;
+/// 2. m = max_j s, P = exp(s − m) and l = Σ_j P along the keys (two passes: all scores are in
+///    hand, no online rescaling), dropout on P after the sum;
+/// 3. O = P·V with the tile micro-kernel ([`product`], all rows at once), then O /= l.
+///
+/// Memory traffic: K and V of the head once per row, the scores rows × `end` floats. The op on
+/// a GPT-2-small decoding step's shape (12 heads, one query, 80 cached keys): 6 µs against 11
+/// on the query-vector path, whose lanes were all but one empty and which zeroed a 32 KB tile
+/// per head (`notes/cpu-speed.md`, session 19).
 #[inline(always)]
-unsafe fn qk_dot<V: Lanes>(q: *const f32, rows: usize, k: *const f32, n: usize, d: usize, scale: f32, st: *mut f32) {
-    for i in 0..rows {
-        let qi = unsafe { q.add(i * d) };
-        let mut j = 0;
-        while j < n {
-            let u_n = (n - j).min(4);
-            unsafe {
+unsafe fn few_rows<V: Lanes>(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+    let (d, rows) = (p.d, lse.len());
+    let (q, k, v) = p.block(bh, r0, rows);
+    let keys = p.keys(bh);
+    let end = p.limit(r0 + rows - 1);
+    let ld = end.next_multiple_of(V::N).max(V::N);
+    let mut s = vec![f32::NEG_INFINITY; rows * ld];
+    let mut m = [f32::NEG_INFINITY; FEW_ROWS];
+    let mut l = [0f32; FEW_ROWS];
+    unsafe {
+        for i in 0..rows {
+            let (qi, si) = (q.as_ptr().add(i * d), s.as_mut_ptr().add(i * ld));
+            let limit = p.limit(r0 + i);
+            let mut j = 0;
+            while j < limit {
+                let u_n = (limit - j).min(4);
                 let mut acc = [V::splat(0.0); 4];
                 let mut c = 0;
                 while c < d {
                     let qv = V::load(qi.add(c));
                     for (u, a) in acc.iter_mut().enumerate().take(u_n) {
-                        *a = qv.mul_add(V::load(k.add((j + u) * d + c)), *a);
+                        *a = qv.mul_add(V::load(k.as_ptr().add((j + u) * d + c)), *a);
                     }
                     c += V::N;
                 }
                 for (u, a) in acc.iter().enumerate().take(u_n) {
-                    *st.add((j + u) * BQ + i) = a.sum() * scale;
+                    if keys.is_none_or(|ks| ks[j + u] != 0.0) {
+                        *si.add(j + u) = a.sum() * p.scale;
+                    }
+                }
+                j += u_n;
+            }
+            let mut mx = V::splat(f32::NEG_INFINITY);
+            for c in (0..ld).step_by(V::N) {
+                mx = mx.max(V::load(si.add(c)));
+            }
+            let mut lanes = [0f32; 16];
+            mx.store(lanes.as_mut_ptr());
+            m[i] = lanes[..V::N].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if m[i] == f32::NEG_INFINITY {
+                // sees no key: P = 0 (exp(−∞) = 0 below) and finish_rows gives 0 and lse = +∞
+                m[i] = 0.0;
+            }
+            let (sub, mut sum) = (V::splat(m[i]), V::splat(0.0));
+            for c in (0..ld).step_by(V::N) {
+                let e = V::load(si.add(c)).sub(sub).exp();
+                sum = sum.add(e);
+                e.store(si.add(c));
+            }
+            l[i] = sum.sum();
+            if let Some(dr) = &p.dropout {
+                let first = (bh * p.lq + r0 + i) * p.lk;
+                for j in 0..end {
+                    *si.add(j) *= dr.multiplier((first + j) as u64);
                 }
             }
-            j += u_n;
         }
+        V::product(Strided { a: s.as_ptr(), rs: ld, ts: 1 }, v.as_ptr(), d, end, o.as_mut_ptr(), d, Start::Zero, rows, d / V::N);
     }
+    super::finish_rows(o, d, &m[..rows], &l[..rows], lse);
 }
 
 /// Rows `r0..r0 + lse.len()` (at most [`BQ`]) of head `bh`: writes their output and logsumexp.
@@ -252,13 +301,14 @@ pub(super) unsafe fn forward_block<V: Lanes>(p: &Problem, bh: usize, r0: usize, 
     let rows = lse.len();
     assert!(rows <= BQ && o.len() == rows * d && d.is_multiple_of(V::N));
     let nr = rows.div_ceil(V::N);
+    if rows <= FEW_ROWS {
+        return unsafe { few_rows::<V>(p, bh, r0, o, lse) };
+    }
     let (q, k, v) = p.block(bh, r0, rows);
     let keys = p.keys(bh);
     // scale·Qᵀ, zero in the lanes past `rows`
-    let mut qt = vec![0f32; if rows <= DOT_ROWS { 0 } else { d * BQ }];
-    if rows > DOT_ROWS {
-        p.pack_scaled_t(q, &mut qt, BQ);
-    }
+    let mut qt = vec![0f32; d * BQ];
+    p.pack_scaled_t(q, &mut qt, BQ);
     let mut st = vec![0f32; BK * BQ];
     let mut m = [f32::NEG_INFINITY; BQ];
     let mut l = [0f32; BQ];
@@ -273,11 +323,7 @@ pub(super) unsafe fn forward_block<V: Lanes>(p: &Problem, bh: usize, r0: usize, 
         let (neg_inf, zero, one) = (V::splat(f32::NEG_INFINITY), V::splat(0.0), V::splat(1.0));
         for (j0, n, tile_keys) in super::key_tiles(keys, end, BK) {
             let kt = k[j0 * d..(j0 + n) * d].as_ptr();
-            if rows <= DOT_ROWS {
-                qk_dot::<V>(q.as_ptr(), rows, kt, n, d, p.scale, st.as_mut_ptr());
-            } else {
-                times_packed::<V>(kt, n, d, qt.as_ptr(), st.as_mut_ptr(), nr);
-            }
+            times_packed::<V>(kt, n, d, qt.as_ptr(), st.as_mut_ptr(), nr);
             let diagonal = j0 + n > first_full;
             for t in 0..nr {
                 let lim = V::load_limits(limit.as_ptr().add(V::N * t));
