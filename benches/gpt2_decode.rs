@@ -13,6 +13,11 @@
 //! bench compared decoding with a moment it did not run in. `of_limit` is the median over the
 //! runs of each run's decoding rate over the limit measured just before it.
 //!
+//! Each repetition runs every requested format once, one after another (in alternating order),
+//! so that `decode_vs_f32`, a format's decoding rate over f32's, is the median of ratios taken
+//! from runs next to each other: with the formats run one whole set after another, the same
+//! binary's bf16 over f32 read anywhere from 1.47× to 2.01× (session 18).
+//!
 //! `--dtype q8_0,q4_0,q4_k,q6_k` quantizes every linear layer (LM head included) of the f32
 //! model in memory (`wick::quant`), as `wick quantize` does; the limit then counts the
 //! quantized bytes (scales included).
@@ -24,7 +29,8 @@
 //! {"bench":"gpt2_greedy_b1_p16_n128","impl":"wick","dtype":"f32","batch":1,"threads":2,"tokens_per_s":..}
 //! `tokens_per_s` is batch · new tokens / the median wall time of the generate call (prompt pass
 //! included), as scripts/bench_gpt2.py measures it; `decode_tokens_per_s` leaves the prompt pass
-//! out; `limit_tokens_per_s` = batch · bandwidth / weight bytes per step.
+//! out; `limit_tokens_per_s` = batch · bandwidth / weight bytes per step; `decode_vs_f32` (with
+//! f32 among the formats) as above.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,7 +39,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
-use wick::generate::{generate, GenerationConfig};
+use wick::generate::{generate, GenerationConfig, GenerationOutput};
 use wick::models::gpt2::{Config, GPT2LMHeadModel};
 use wick::quant::{quantize_model, QuantType};
 
@@ -119,42 +125,58 @@ fn main() -> Result<()> {
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let prompts: Vec<Vec<u32>> = (0..max_batch).map(|_| (0..args.prompt).map(|_| rng.random_range(0..50257)).collect()).collect();
     let config = GenerationConfig { max_new_tokens: args.new_tokens, ..GenerationConfig::greedy(args.new_tokens) };
-    eprintln!("{:6} {:>5} {:>10} {:>13} {:>12} {:>9}", "dtype", "batch", "tok/s", "decode tok/s", "limit tok/s", "of limit");
+    // Every format's model is built first, so that each repetition runs them all one after
+    // another (in alternating order): a format's rate over f32's is then taken from runs
+    // minutes apart at most, not from two ends of the bench while the bandwidth drifts.
+    let mut models = vec![];
     for dtype_name in &args.dtypes {
-        let (model, bytes_per_weight) = match model_in(&cfg, dtype_name, &device) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("skipping {dtype_name}: {}", e.to_string().lines().next().unwrap_or_default());
-                continue;
-            }
-        };
-        let bytes = weight_bytes_per_step(&cfg, bytes_per_weight);
-        for &batch in &args.batches {
-            let rows = &prompts[..batch];
+        match model_in(&cfg, dtype_name, &device) {
+            Ok((model, bytes_per_weight)) => models.push((dtype_name.clone(), model, weight_bytes_per_step(&cfg, bytes_per_weight))),
+            Err(e) => eprintln!("skipping {dtype_name}: {}", e.to_string().lines().next().unwrap_or_default()),
+        }
+    }
+    eprintln!("{:6} {:>5} {:>10} {:>13} {:>12} {:>9}", "dtype", "batch", "tok/s", "decode tok/s", "limit tok/s", "of limit");
+    for &batch in &args.batches {
+        let rows = &prompts[..batch];
+        for (_, model, _) in &models {
             // Warm-up (allocator, caches, CUDA kernels).
-            generate(&model, rows, &GenerationConfig { max_new_tokens: 8, ..config.clone() }, None, None)?;
-            let (mut runs, mut bandwidths, mut of_limit) = (vec![], vec![], vec![]);
-            for _ in 0..args.reps {
+            generate(model, rows, &GenerationConfig { max_new_tokens: 8, ..config.clone() }, None, None)?;
+        }
+        // runs[i]: model i's (output, bandwidth just before it), one a repetition.
+        let mut runs: Vec<Vec<(GenerationOutput, f64)>> = models.iter().map(|_| vec![]).collect();
+        for rep in 0..args.reps {
+            let order: Vec<usize> = if rep % 2 == 0 { (0..models.len()).collect() } else { (0..models.len()).rev().collect() };
+            for i in order {
                 let bw = if device.is_cpu() { wick::cpu::read_bandwidth() } else { bandwidth };
-                let out = generate(&model, rows, &config, None, None)?;
+                let out = generate(&models[i].1, rows, &config, None, None)?;
                 assert_eq!(out.new_tokens, batch * args.new_tokens);
-                of_limit.push(out.decode_tokens_per_s / (batch as f64 * bw / bytes));
-                bandwidths.push(bw);
-                runs.push(out);
+                runs[i].push((out, bw));
             }
-            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-            let median = &runs[runs.len() / 2];
-            let bw = median_of(&mut bandwidths);
+        }
+        let f32_runs = models.iter().position(|(name, _, _)| name == "f32").map(|i| runs[i].clone());
+        for ((dtype_name, _, bytes), runs) in models.iter().zip(&runs) {
+            let mut of_limit: Vec<f64> = runs.iter().map(|(out, bw)| out.decode_tokens_per_s / (batch as f64 * bw / bytes)).collect();
+            let bandwidths: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            // This format's decoding rate over f32's in the same repetition, the median of those.
+            let vs_f32 = f32_runs.as_ref().filter(|_| dtype_name != "f32").map(|f32_runs| {
+                let mut ratios: Vec<f64> = runs.iter().zip(f32_runs).map(|(a, b)| a.0.decode_tokens_per_s / b.0.decode_tokens_per_s).collect();
+                median_of(&mut ratios)
+            });
+            let mut by_time: Vec<&GenerationOutput> = runs.iter().map(|r| &r.0).collect();
+            by_time.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+            let median = by_time[by_time.len() / 2];
+            let bw = median_of(&mut bandwidths.clone());
             let limit = batch as f64 * bw / bytes;
             let of_limit = median_of(&mut of_limit);
             eprintln!(
-                "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%   (read bandwidth {:.1}–{:.1} GB/s)",
+                "{dtype_name:6} {batch:>5} {:>10.1} {:>13.1} {:>12.1} {:>8.0}%   (read bandwidth {:.1}–{:.1} GB/s){}",
                 median.tokens_per_s,
                 median.decode_tokens_per_s,
                 limit,
                 100.0 * of_limit,
-                bandwidths[0] / 1e9,
-                bandwidths[bandwidths.len() - 1] / 1e9,
+                bandwidths.iter().copied().fold(f64::INFINITY, f64::min) / 1e9,
+                bandwidths.iter().copied().fold(0.0, f64::max) / 1e9,
+                vs_f32.map_or(String::new(), |r| format!("  {r:.2}× f32 (paired runs)")),
             );
             let mut line = serde_json::json!({
                 "bench": format!("gpt2_greedy_b{batch}_p{}_n{}", args.prompt, args.new_tokens),
@@ -166,12 +188,14 @@ fn main() -> Result<()> {
                 "tokens_per_s": median.tokens_per_s,
                 "ms_per_token": median.seconds / (batch * args.new_tokens) as f64 * 1e3,
                 "decode_tokens_per_s": median.decode_tokens_per_s,
+                "decode_tokens_per_s_each_run": runs.iter().map(|r| r.0.decode_tokens_per_s).collect::<Vec<_>>(),
                 "prefill_seconds": median.prefill_seconds,
                 "read_bandwidth_gb_s": bw / 1e9,
                 "read_bandwidth_gb_s_each_run": bandwidths.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
                 "weight_bytes_per_step": bytes,
                 "limit_tokens_per_s": limit,
                 "of_limit": of_limit,
+                "decode_vs_f32": vs_f32,
                 "runs": args.reps,
             });
             if let (Some(o), serde_json::Value::Object(cpu)) = (line.as_object_mut(), wick::cpu::describe_json()) {

@@ -78,5 +78,7 @@ for key in sorted(set(wick) | set(torch), key=lambda k: (k[0], k[1])):
     ratio = f"{w['tokens_per_s'] / t:6.2f}x" if t else f"{'n/a':>7}"
     vs = " (vs PyTorch f32)" if d.startswith("q") else ""
     bw = f"  (bandwidth {min(each):.1f}–{max(each):.1f} GB/s)" if each else ""
-    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}{bw}")
+    # Decoding over wick's f32 in the same repetitions (the bench runs the formats side by side).
+    paired = f"  {w['decode_vs_f32']:.2f}x wick f32" if w.get("decode_vs_f32") else ""
+    print(f"{d:6} {b:5} {w['tokens_per_s']:11.2f} {w['decode_tokens_per_s']:8.1f} {lim:8.1f} {frac} {ts} {ratio}{vs}{bw}{paired}")
 PY
