@@ -74,25 +74,34 @@ pub fn fused_path(device: &Device) -> bool {
     device.is_cpu() && OpsPath::current() == OpsPath::Fused
 }
 
-/// Runs `f` (a whole decoding step: dozens of short parallel products) on a worker of candle's
-/// CPU thread pool, so that the step's products fork from a pool thread (which takes a share of
-/// the work itself) instead of handing each one over from the calling thread and waking it
-/// again: one hand-over a step instead of one a product (GPT-2-small f32 decoding on 2 threads:
-/// 66–68% → 69–72% of the bandwidth limit, three alternating pairs of runs). For the step, the
-/// pool's other threads spin instead of sleeping between its products ([`crate::cpu::KeepPoolAwake`]:
-/// bf16 batch 1 72.1–72.9 tok/s against 66.5–69.5 (a third pair's 44.5 was an outlier), f32
-/// batch 1 41.1–43.7 against 37.3–40.3, batch 8 mostly ahead too; three alternating pairs on
-/// the 2-core Xeon, session 17). Elsewhere `f` runs as it is;
-/// `WICK_STEP_POOL=0` turns both off, for comparing.
+/// Runs `f` (a whole decoding step: dozens of short parallel products) on a worker of a rayon
+/// pool, so that the step's products fork from a pool thread (which takes a share of the work
+/// itself) instead of handing each one over from the calling thread and waking it again: one
+/// hand-over a step instead of one a product (GPT-2-small f32 decoding on 2 threads: 66–68% →
+/// 69–72% of the bandwidth limit, three alternating pairs of runs). A caller that is a pool
+/// worker already (the main thread after [`crate::cpu::join_thread_pool`], as in the `wick`
+/// command) runs the step right there, on its own pool: no hand-over at all (45 µs a step, a
+/// 2-layer bf16 GPT-2 whose weights stay in cache: 1,900 against 1,750 tok/s, ten alternating
+/// pairs in one process on the Zen 5 EPYC, session 19); any other caller (a server's
+/// scheduler thread) hands the step to candle's CPU pool. For the step, the pool's other
+/// threads spin instead of sleeping between its products ([`crate::cpu::KeepPoolAwake`]: bf16
+/// batch 1 72.1–72.9 tok/s against 66.5–69.5 (a third pair's 44.5 was an outlier), f32 batch 1
+/// 41.1–43.7 against 37.3–40.3, batch 8 mostly ahead too; three alternating pairs on the 2-core
+/// Xeon, session 17). Elsewhere `f` runs as it is; `WICK_STEP_POOL=0` turns all of it off, for
+/// comparing.
 pub fn on_cpu_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     static ON: OnceLock<bool> = OnceLock::new();
-    if device.is_cpu() && *ON.get_or_init(|| std::env::var("WICK_STEP_POOL").map_or(true, |v| v != "0")) {
-        device.with_context(|| {
-            let _awake = crate::cpu::KeepPoolAwake::new();
-            f()
-        })
-    } else {
+    if !(device.is_cpu() && *ON.get_or_init(|| std::env::var("WICK_STEP_POOL").map_or(true, |v| v != "0"))) {
+        return f();
+    }
+    let step = || {
+        let _awake = crate::cpu::KeepPoolAwake::new();
         f()
+    };
+    if rayon::current_thread_index().is_some() {
+        step()
+    } else {
+        device.with_context(step)
     }
 }
 
