@@ -371,8 +371,10 @@ fn f16_and_bf16_weights_decode_like_f32() -> Result<()> {
         let logits = model.forward(&ids, Some(&pos), Some(&mask), None, false)?;
         assert_eq!(logits.dtype(), dtype);
         assert_close(&format!("{dtype:?} logits"), &real_only(&logits, &mask)?, &real_only(&fx.get("output.logits")?, &mask)?, tol)?;
-        // Decoding (rows of one: our product) against the full forward pass of the same model.
+        // Decoding (rows of one: our product) against the full forward pass of the same model,
+        // keys and values cached in the model's dtype (read in place by the attention).
         let mut cache = model.new_cache(16);
+        assert_eq!(cache.dtype(), Some(dtype));
         let row = ids.narrow(0, 1, 1)?;
         let mut last = model.forward(&row.narrow(1, 0, 12)?, None, None, Some(&mut cache), false)?.narrow(1, 11, 1)?;
         for c in 12..16 {

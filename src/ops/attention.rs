@@ -37,10 +37,13 @@
 //! five tile products, again without any q_len×kv_len buffer.
 //!
 //! f16 and bf16 inputs are converted to f32 on the CPU (the work is f32 throughout) and the
-//! output converted back. Keys and values are read in place when each head's rows are
-//! contiguous, whatever the distance between heads: a KV cache narrowed to the positions it
-//! holds is not copied per decoding step (which cost ~10% of GPT-2's decoding time, batch 1 and
-//! 16). Other layouts are copied first.
+//! output converted back (to q's dtype). Keys and values are read in place when each head's
+//! rows are contiguous, whatever the distance between heads: a KV cache narrowed to the
+//! positions it holds is not copied per decoding step (which cost ~10% of GPT-2's decoding
+//! time, batch 1 and 16). Other layouts are copied first. Keys and values may be in f16/bf16
+//! while q is f32 (a KV cache kept in the model's dtype): for at most 4 query rows the AVX-512
+//! and AVX2 kernels read them in place, widening as they load; otherwise they are widened
+//! first.
 //!
 //! ## CUDA
 //!
@@ -51,6 +54,7 @@
 //! backward is future work).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use super::matvec::bits_of;
 use super::OpsPath;
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -80,8 +84,15 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) -> Result
     if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit (batch, heads, len, head_dim)", q.dims(), k.dims(), v.dims());
     }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!("attention: q, k, v dtypes differ ({:?}, {:?}, {:?})", q.dtype(), k.dtype(), v.dtype());
+    // Keys and values may be stored in another float dtype than the queries (f32 queries
+    // against a KV cache in f16/bf16); the work is f32 on the CPU either way.
+    if v.dtype() != k.dtype() {
+        candle_core::bail!("attention: k and v dtypes differ ({:?}, {:?})", k.dtype(), v.dtype());
+    }
+    for t in [q, k] {
+        if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            candle_core::bail!("attention: unsupported dtype {:?} (f32, f16, bf16)", t.dtype());
+        }
     }
     if let Some(m) = key_mask {
         if m.dims() != [b, lk] {
@@ -209,24 +220,39 @@ fn fused_attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Te
             let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu, lse: Mutex::new(None), portable, dropout };
             let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
             // Keys and values whose heads are each contiguous are read in place: a decoding
-            // step's KV cache (a view of the positions held so far) is not copied per step.
-            let f32_heads = |t: &Tensor| {
-                let t = t.to_dtype(DType::F32)?;
+            // step's KV cache (a view of the positions held so far) is not copied per step,
+            // nor widened when it is kept in f16/bf16 and the few-rows kernel reads it.
+            let in_place = matches!(k.dtype(), DType::F16 | DType::BF16) && !portable && few_rows_kernel(q.dim(2)?, d);
+            let heads = |t: &Tensor| {
+                let t = if in_place { t.clone() } else { t.to_dtype(DType::F32)? };
                 if head_stride(t.layout()).is_some() { Ok(t) } else { t.contiguous() }
             };
-            let out = f32(q)?.apply_op3(&f32_heads(k)?, &f32_heads(v)?, op)?;
+            let out = f32(q)?.apply_op3(&heads(k)?, &heads(v)?, op)?;
             out.to_dtype(dtype)
         }
         #[cfg(feature = "cuda")]
         // (batch·heads is the grid's y dimension: at most 65535)
         Device::Cuda(_) if matches!(d, 32 | 64 | 128) && b * h <= 65535 && dropout.is_none() => {
             let op = FusedAttention { scale: scale as f32, causal, mask, mask_cpu: None, lse: Mutex::new(None), portable, dropout: None };
-            q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+            let same = |t: &Tensor| t.to_dtype(dtype)?.contiguous();
+            q.contiguous()?.apply_op3(&same(k)?, &same(v)?, op)
         }
         _ => {
             let _ = (b, h, d);
             reference_attention_with_dropout(q, k, v, key_mask, scale, causal, dropout.as_ref())
         }
+    }
+}
+
+/// Whether `q_len` query rows of head_dim `d` run the few-rows kernel (AVX-512 or AVX2 level),
+/// which reads f16/bf16 keys and values in place.
+fn few_rows_kernel(q_len: usize, d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return q_len <= kernels::FEW_ROWS && (avx512::usable(d) || avx2::usable(d));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q_len, d);
+        false
     }
 }
 
@@ -252,9 +278,17 @@ fn head_stride(l: &Layout) -> Option<usize> {
 /// The f32 data of a (batch, heads, len, head_dim) tensor whose heads are each contiguous
 /// ([`head_stride`]), from its first element, and the distance between its heads.
 fn cpu_f32_heads<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], usize)> {
+    match s {
+        CpuStorage::F32(data) => heads(data, l, op),
+        _ => candle_core::bail!("{op} needs f32 keys and values (or f16/bf16 ones, both alike)"),
+    }
+}
+
+/// [`cpu_f32_heads`] for data of any element type.
+fn heads<'a, E>(data: &'a [E], l: &Layout, op: &str) -> Result<(&'a [E], usize)> {
     let (b, h, len, d) = l.shape().dims4()?;
-    let (CpuStorage::F32(data), Some(stride)) = (s, head_stride(l)) else {
-        candle_core::bail!("{op} needs f32 keys and values, each head's rows contiguous ({l:?})")
+    let Some(stride) = head_stride(l) else {
+        candle_core::bail!("{op} needs keys and values whose heads' rows are each contiguous ({l:?})")
     };
     let end = l.start_offset() + if b * h == 0 { 0 } else { (b * h - 1) * stride + len * d };
     match data.get(l.start_offset()..end) {
@@ -315,6 +349,17 @@ struct Problem<'a> {
     scale: f32,
     causal: bool,
     dropout: Option<DropoutMask>,
+    /// Keys and values kept in 16 bits instead of `k` and `v` (then empty): a KV cache in the
+    /// model's f16/bf16, read by the few-rows kernel with widening loads (same strides).
+    half: Option<HalfKv<'a>>,
+}
+
+/// Keys and values in f16 or bf16 (see [`Problem::half`]).
+#[derive(Clone, Copy)]
+enum HalfKv<'a> {
+    /// (keys, values) as their bits.
+    F16(&'a [u16], &'a [u16]),
+    Bf16(&'a [u16], &'a [u16]),
 }
 
 impl Problem<'_> {
@@ -334,6 +379,12 @@ impl Problem<'_> {
     fn head(&self, bh: usize) -> (&[f32], &[f32], &[f32]) {
         let (d, lq, lk) = (self.d, self.lq, self.lk);
         (&self.q[bh * lq * d..][..lq * d], &self.k[bh * self.k_stride..][..lk * d], &self.v[bh * self.v_stride..][..lk * d])
+    }
+    /// Head `bh`'s part of keys `k` and values `v` laid out as `self.k` and `self.v` are (the
+    /// 16-bit ones of [`Problem::half`]).
+    fn kv_head<'b, E>(&self, k: &'b [E], v: &'b [E], bh: usize) -> (&'b [E], &'b [E]) {
+        let n = self.lk * self.d;
+        (&k[bh * self.k_stride..][..n], &v[bh * self.v_stride..][..n])
     }
     /// Rows `r0..r0 + rows` of head `bh`'s queries, and the head's keys and values.
     fn block(&self, bh: usize, r0: usize, rows: usize) -> (&[f32], &[f32], &[f32]) {
@@ -388,10 +439,24 @@ impl CustomOp3 for FusedAttention {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = "fused attention";
         let q = super::cpu_f32(s1, l1, name)?;
-        let ((k, k_stride), (v, v_stride)) = (cpu_f32_heads(s2, l2, name)?, cpu_f32_heads(s3, l3, name)?);
         let (b, h, lq, d) = l1.shape().dims4()?;
         let lk = l2.shape().dims4()?.2;
-        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), k_stride, v_stride, h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout };
+        let none: &[f32] = &[];
+        let (k, v, half, k_stride, v_stride) = match (s2, s3) {
+            (CpuStorage::BF16(kd), CpuStorage::BF16(vd)) => {
+                let ((k, ks), (v, vs)) = (heads(bits_of(kd), l2, name)?, heads(bits_of(vd), l3, name)?);
+                (none, none, Some(HalfKv::Bf16(k, v)), ks, vs)
+            }
+            (CpuStorage::F16(kd), CpuStorage::F16(vd)) => {
+                let ((k, ks), (v, vs)) = (heads(bits_of(kd), l2, name)?, heads(bits_of(vd), l3, name)?);
+                (none, none, Some(HalfKv::F16(k, v)), ks, vs)
+            }
+            _ => {
+                let ((k, ks), (v, vs)) = (cpu_f32_heads(s2, l2, name)?, cpu_f32_heads(s3, l3, name)?);
+                (k, v, None, ks, vs)
+            }
+        };
+        let p = Problem { q, k, v, mask: self.mask_cpu.as_deref(), k_stride, v_stride, h, lq, lk, d, scale: self.scale, causal: self.causal, dropout: self.dropout, half };
         // Zeroed by the tasks that write them (`super::zeroed`), not in a serial pass first.
         let (mut out, mut lse) = (Vec::with_capacity(b * h * lq * d), Vec::with_capacity(b * h * lq));
         let (out_chunks, lse_chunks) = (&mut out.spare_capacity_mut()[..b * h * lq * d], &mut lse.spare_capacity_mut()[..b * h * lq]);
@@ -409,6 +474,9 @@ impl CustomOp3 for FusedAttention {
                 let _ = self.portable;
                 (false, false)
             };
+            if half.is_some() && !((fast512 || fast2) && lq <= kernels::FEW_ROWS) {
+                candle_core::bail!("{name}: f16/bf16 keys and values are read in place only for at most {} query rows on the AVX-512 and AVX2 levels (the op's caller widens them otherwise)", kernels::FEW_ROWS);
+            }
             let br = if fast512 || fast2 { kernels::BQ } else { BR };
             out_chunks.par_chunks_mut(lq * d).zip(lse_chunks.par_chunks_mut(lq)).enumerate().for_each(|(bh, (o, l))| {
                 o.par_chunks_mut(br * d).zip(l.par_chunks_mut(br)).enumerate().for_each(|(qb, (o, l))| {
@@ -523,7 +591,7 @@ fn cpu_backward(op: &FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
         }
     }
     let (qv, kv, vv, ov, gv) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
-    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout };
+    let p = Problem { q: qv, k: kv, v: vv, mask: op.mask_cpu.as_deref(), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: op.scale, causal: op.causal, dropout: op.dropout, half: None };
     // Zeroed by the tasks that accumulate into them (`super::zeroed`), not in a serial pass first.
     let (nq, nk) = (b * h * lq * d, b * h * lk * d);
     let (mut dq, mut dk, mut dv) = (Vec::with_capacity(nq), Vec::with_capacity(nk), Vec::with_capacity(nk));
@@ -932,7 +1000,7 @@ mod tests {
                 let (q, k, v) = (rand(lq)?, rand(lk)?, rand(lk)?);
                 // batch 1: keys past lk/2 padded, and key 2 as a hole
                 let mask: Vec<f32> = (0..b * lk).map(|i| (i < lk || (i % lk <= lk / 2 && i % lk != 2)) as u8 as f32).collect();
-                let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: 0.3, causal, dropout: None };
+                let p = Problem { q: &q, k: &k, v: &v, mask: masked.then_some(&mask[..]), k_stride: lk * d, v_stride: lk * d, h, lq, lk, d, scale: 0.3, causal, dropout: None, half: None };
                 let (mut o, mut lse) = (vec![0f32; b * h * lq * d], vec![0f32; b * h * lq]);
                 for bh in 0..b * h {
                     for r0 in (0..lq).step_by(kernels::BQ) {
@@ -987,6 +1055,36 @@ mod tests {
     /// reference, forwards and backwards; and dropout inside the fused op (both kernels) against
     /// the reference with the same hashed mask and the plain formula softmax(S)∘M·V, with p up
     /// to 0.9 so that tiles are mostly dropped.
+    /// Keys and values kept in f16/bf16 (a KV cache in the model's dtype, narrowed to the
+    /// positions it holds) against f32 queries: the few-rows kernel reads them in place, and the
+    /// result is the f32 path's on the widened values and the reference's. Head sizes 64/32/16
+    /// take it at both levels, 8 only at AVX2 (AVX-512 widens them first).
+    #[test]
+    fn half_keys_and_values_read_in_place_match_widened() -> Result<()> {
+        let dev = Device::Cpu;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        for dtype in [DType::BF16, DType::F16] {
+            for (lq, lk, d, causal, masked) in [(1, 37, 64, false, false), (1, 80, 32, true, true), (3, 50, 64, true, true), (4, 130, 16, false, true), (2, 5, 8, true, false), (6, 40, 64, true, true)] {
+                let (b, h, capacity) = (2, 3, lk + 7);
+                let q = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+                let cache = |_| -> Result<Tensor> { Tensor::randn(0f32, 1.0, (b, h, capacity, d), &dev)?.to_dtype(dtype)?.narrow(2, 0, lk) };
+                let (k, v) = (cache(0)?, cache(1)?);
+                let lens = [lk, lk / 2 + 1];
+                let mask = Tensor::from_vec((0..b * lk).map(|i| (i % lk < lens[i / lk]) as u8 as f32).collect::<Vec<_>>(), (b, lk), &dev)?;
+                let mask = masked.then_some(mask);
+                let got = fused_attention(&q, &k, &v, mask.as_ref(), 0.125, causal)?;
+                assert_eq!(got.dtype(), DType::F32);
+                let (kw, vw) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                let widened = fused_attention(&q, &kw, &vw, mask.as_ref(), 0.125, causal)?;
+                let reference = reference_attention(&q, &kw, &vw, mask.as_ref(), 0.125, causal)?;
+                let what = format!("{dtype:?} lq {lq} lk {lk} d {d} causal {causal} masked {masked}");
+                assert!(close(&got, &widened)? < 1e-5, "{what}: against the widened values");
+                assert!(close(&got, &reference)? < 1e-5, "{what}: against the reference");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn kernels_and_dropout_match_reference() -> Result<()> {
         for portable in [true, false] {

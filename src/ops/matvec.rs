@@ -123,7 +123,7 @@ pub(crate) enum WeightData<'a> {
 }
 
 /// The 2-byte elements of an f16 or bf16 slice as their bits.
-fn bits_of<T>(v: &[T]) -> &[u16] {
+pub(crate) fn bits_of<T>(v: &[T]) -> &[u16] {
     assert!(std::mem::size_of::<T>() == 2 && std::mem::align_of::<T>() == 2);
     // SAFETY: f16 and bf16 are 2-byte plain-old-data (repr(transparent) over u16).
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) }

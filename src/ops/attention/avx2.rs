@@ -30,6 +30,14 @@ impl Lanes for Avx2 {
         Self(unsafe { _mm256_loadu_ps(p) })
     }
     #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        Self(unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())))) })
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        Self(unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) })
+    }
+    #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
@@ -101,4 +109,4 @@ impl Lanes for Avx2 {
     }
 }
 
-kernels::entry_points!(Avx2, "avx2,fma");
+kernels::entry_points!(Avx2, "avx2,fma,f16c");

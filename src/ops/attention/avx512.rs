@@ -30,6 +30,15 @@ impl Lanes for Avx512 {
         Self(unsafe { _mm512_loadu_ps(p) })
     }
     #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        Self(unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))) })
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        Self(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) })
+    }
+    #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
         unsafe { _mm512_storeu_ps(p, self.0) }
     }

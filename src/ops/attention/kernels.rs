@@ -49,7 +49,7 @@ pub const BK: usize = 128;
 /// Rows of A (keys for Sᵀ, query rows for P·V) per micro-kernel call.
 const MR: usize = 6;
 /// Blocks of at most this many query rows (decoding) take [`few_rows`]: keys along the lanes.
-const FEW_ROWS: usize = 4;
+pub(super) const FEW_ROWS: usize = 4;
 
 /// One SIMD vector of f32 lanes and what the kernels do with it. Every method is unsafe: the
 /// caller guarantees that the CPU has the level's features (the entry points check `usable`)
@@ -65,6 +65,10 @@ pub(super) trait Lanes: Copy {
     type Limits: Copy;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
+    /// N bf16 (raw bits) widened to f32.
+    unsafe fn load_bf16(p: *const u16) -> Self;
+    /// N f16 (raw bits) widened to f32.
+    unsafe fn load_f16(p: *const u16) -> Self;
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
@@ -87,6 +91,51 @@ pub(super) trait Lanes: Copy {
     /// caller: 24 register-block shapes are too much code to repeat five times).
     #[allow(clippy::too_many_arguments)]
     unsafe fn product(a: Strided, b: *const f32, ldb: usize, nt: usize, c: *mut f32, ldc: usize, start: Start, rows: usize, vectors: usize);
+}
+
+/// An element type of keys and values that the few-rows kernel reads: f32, or the f16/bf16 of
+/// a KV cache kept in the model's dtype (widened as it is loaded).
+pub(super) trait KvElem: Copy {
+    /// N elements from `p`, as f32.
+    unsafe fn lanes<V: Lanes>(p: *const Self) -> V;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    unsafe fn lanes<V: Lanes>(p: *const f32) -> V {
+        unsafe { V::load(p) }
+    }
+}
+
+/// The bits of a bf16.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(super) struct Bf16Bits(u16);
+
+/// The bits of an f16.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(super) struct F16Bits(u16);
+
+impl KvElem for Bf16Bits {
+    #[inline(always)]
+    unsafe fn lanes<V: Lanes>(p: *const Self) -> V {
+        unsafe { V::load_bf16(p.cast()) }
+    }
+}
+
+impl KvElem for F16Bits {
+    #[inline(always)]
+    unsafe fn lanes<V: Lanes>(p: *const Self) -> V {
+        unsafe { V::load_f16(p.cast()) }
+    }
+}
+
+/// 16-bit elements as one of the marker types above.
+fn marked<E: KvElem>(bits: &[u16]) -> &[E] {
+    assert_eq!(std::mem::size_of::<E>(), 2);
+    // SAFETY: E is repr(transparent) over u16 (the two marker types).
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
 }
 
 /// A read through strides: A(r, t) = a[r·rs + t·ts].
@@ -231,9 +280,9 @@ unsafe fn times_packed<V: Lanes>(rows: *const f32, n: usize, d: usize, packed: *
 /// on the query-vector path, whose lanes were all but one empty and which zeroed a 32 KB tile
 /// per head (`notes/cpu-speed.md`, session 19).
 #[inline(always)]
-unsafe fn few_rows<V: Lanes>(p: &Problem, bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
+unsafe fn few_rows<V: Lanes, E: KvElem>(p: &Problem, k: &[E], v: &[E], bh: usize, r0: usize, o: &mut [f32], lse: &mut [f32]) {
     let (d, rows) = (p.d, lse.len());
-    let (q, k, v) = p.block(bh, r0, rows);
+    let q = &p.q[(bh * p.lq + r0) * d..][..rows * d];
     let keys = p.keys(bh);
     let end = p.limit(r0 + rows - 1);
     let ld = end.next_multiple_of(V::N).max(V::N);
@@ -252,7 +301,7 @@ unsafe fn few_rows<V: Lanes>(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
                 while c < d {
                     let qv = V::load(qi.add(c));
                     for (u, a) in acc.iter_mut().enumerate().take(u_n) {
-                        *a = qv.mul_add(V::load(k.as_ptr().add((j + u) * d + c)), *a);
+                        *a = qv.mul_add(E::lanes(k.as_ptr().add((j + u) * d + c)), *a);
                     }
                     c += V::N;
                 }
@@ -288,7 +337,28 @@ unsafe fn few_rows<V: Lanes>(p: &Problem, bh: usize, r0: usize, o: &mut [f32], l
                 }
             }
         }
-        V::product(Strided { a: s.as_ptr(), rs: ld, ts: 1 }, v.as_ptr(), d, end, o.as_mut_ptr(), d, Start::Zero, rows, d / V::N);
+        // O = P·V, in column blocks of `BLOCK` vectors: rows × BLOCK accumulators.
+        for c0 in (0..d).step_by(V::N * V::BLOCK) {
+            let nv = ((d - c0) / V::N).min(V::BLOCK);
+            let mut acc = [[V::splat(0.0); 4]; FEW_ROWS];
+            for j in 0..end {
+                let mut vj = [V::splat(0.0); 4];
+                for (u, x) in vj.iter_mut().enumerate().take(nv) {
+                    *x = E::lanes(v.as_ptr().add(j * d + c0 + u * V::N));
+                }
+                for (i, a) in acc.iter_mut().enumerate().take(rows) {
+                    let pij = V::splat(*s.as_ptr().add(i * ld + j));
+                    for u in 0..nv {
+                        a[u] = pij.mul_add(vj[u], a[u]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(rows) {
+                for (u, x) in a.iter().enumerate().take(nv) {
+                    x.store(o.as_mut_ptr().add(i * d + c0 + u * V::N));
+                }
+            }
+        }
     }
     super::finish_rows(o, d, &m[..rows], &l[..rows], lse);
 }
@@ -302,8 +372,24 @@ pub(super) unsafe fn forward_block<V: Lanes>(p: &Problem, bh: usize, r0: usize, 
     assert!(rows <= BQ && o.len() == rows * d && d.is_multiple_of(V::N));
     let nr = rows.div_ceil(V::N);
     if rows <= FEW_ROWS {
-        return unsafe { few_rows::<V>(p, bh, r0, o, lse) };
+        return unsafe {
+            match p.half {
+                None => {
+                    let (_, k, v) = p.head(bh);
+                    few_rows::<V, f32>(p, k, v, bh, r0, o, lse)
+                }
+                Some(super::HalfKv::Bf16(k, v)) => {
+                    let (k, v) = p.kv_head(k, v, bh);
+                    few_rows::<V, Bf16Bits>(p, marked(k), marked(v), bh, r0, o, lse)
+                }
+                Some(super::HalfKv::F16(k, v)) => {
+                    let (k, v) = p.kv_head(k, v, bh);
+                    few_rows::<V, F16Bits>(p, marked(k), marked(v), bh, r0, o, lse)
+                }
+            }
+        };
     }
+    assert!(p.half.is_none(), "16-bit keys and values reach only the few-rows kernel");
     let (q, k, v) = p.block(bh, r0, rows);
     let keys = p.keys(bh);
     // scale·Qᵀ, zero in the lanes past `rows`
