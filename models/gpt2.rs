@@ -32,9 +32,10 @@
 //!
 //! Dtypes: f32, f16 and bf16 on the CPU and on CUDA. On the CPU a model loaded in f16 or bf16
 //! keeps its weight matrices and embeddings in that dtype (half the memory, and half the bytes
-//! decoding reads per token) but computes in f32: the hidden states, the KV cache, LayerNorm and
-//! the biases are f32 (parameters that are training variables are converted per use), and the
-//! outputs (hidden states, logits) come back in the model's dtype. On CUDA everything is in the
+//! decoding reads per token) but computes in f32: the hidden states, LayerNorm and the biases are
+//! f32 (parameters that are training variables are converted per use), and the outputs (hidden
+//! states, logits) come back in the model's dtype. The KV cache keeps keys and values in the
+//! model's dtype, which the attention widens as it reads them. On CUDA everything is in the
 //! model's dtype.
 
 use super::Activation;
@@ -222,7 +223,7 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// The dtype keys and values are kept in (None: as they come). A model in f16/bf16 keeps
     /// them in its dtype, also on the CPU where it computes in f32: half the bytes that every
-    /// decoding step reads back (72 MB a token at 1,000 positions of GPT-2-small in f32),
+    /// decoding step reads back (74 MB a token at 1,000 positions of GPT-2-small in f32),
     /// read by the attention with widening loads.
     dtype: Option<DType>,
     capacity: usize,
