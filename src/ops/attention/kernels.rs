@@ -273,9 +273,12 @@ unsafe fn times_packed<V: Lanes>(rows: *const f32, n: usize, d: usize, packed: *
 ///    padding mask or causality hides key j, and in the lanes past `end`;
 /// 2. m = max_j s, P = exp(s − m) and l = Σ_j P along the keys (two passes: all scores are in
 ///    hand, no online rescaling), dropout on P after the sum;
-/// 3. O = P·V with the tile micro-kernel ([`product`], all rows at once), then O /= l.
+/// 3. O = P·V: each key's row of V is loaded (widened from f16/bf16 when the cache keeps
+///    them so) once for all rows and multiplied by each row's broadcast P, rows × `BLOCK`
+///    accumulators a column block; then O /= l.
 ///
-/// Memory traffic: K and V of the head once per row, the scores rows × `end` floats. The op on
+/// `E` is the element type of K and V (f32, or the bits of f16/bf16: [`KvElem`]). Memory
+/// traffic: K once per row, V once, the scores rows × `end` floats. The op on
 /// a GPT-2-small decoding step's shape (12 heads, one query, 80 cached keys): 6 µs against 11
 /// on the query-vector path, whose lanes were all but one empty and which zeroed a 32 KB tile
 /// per head (`notes/cpu-speed.md`, session 19).
