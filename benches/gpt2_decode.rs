@@ -153,12 +153,12 @@ fn main() -> Result<()> {
                 runs[i].push((out, bw));
             }
         }
-        let f32_runs = models.iter().position(|(name, _, _)| name == "f32").map(|i| runs[i].clone());
+        let f32_runs = models.iter().position(|(name, _, _)| name == "f32").map(|i| &runs[i]);
         for ((dtype_name, _, bytes), runs) in models.iter().zip(&runs) {
             let mut of_limit: Vec<f64> = runs.iter().map(|(out, bw)| out.decode_tokens_per_s / (batch as f64 * bw / bytes)).collect();
             let bandwidths: Vec<f64> = runs.iter().map(|r| r.1).collect();
             // This format's decoding rate over f32's in the same repetition, the median of those.
-            let vs_f32 = f32_runs.as_ref().filter(|_| dtype_name != "f32").map(|f32_runs| {
+            let vs_f32 = f32_runs.filter(|_| dtype_name != "f32").map(|f32_runs| {
                 let mut ratios: Vec<f64> = runs.iter().zip(f32_runs).map(|(a, b)| a.0.decode_tokens_per_s / b.0.decode_tokens_per_s).collect();
                 median_of(&mut ratios)
             });
